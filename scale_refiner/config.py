@@ -1,0 +1,278 @@
+"""Typed configuration: a dataclass tree, loaded from a YAML recipe plus ``key=value`` overrides.
+
+OmegaConf's structured configs reject unknown keys and wrong types; ``validate`` then rejects impossible
+values (crop sizes that do not tile into patches, k larger than the queue, taps beyond the depth, ...).
+Every failure is a ``ConfigError`` naming the key and what is allowed, raised before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be run; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # A registered size (see scale_refiner.models.vit.VIT_SIZES); the fields below override it when set.
+    name: str = "vit_tiny_patch4"
+    arch: str = "prenorm"  # prenorm (MAE) | postnorm (data2vec 2.0)
+    patch_size: Optional[int] = None
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    img_size: int = 224  # the resolution the position embedding grid is stored at
+    in_chans: int = 3
+    # Pre-trained weights: a local file; format auto-detected from its keys unless given.
+    weights: Optional[str] = None
+    weights_format: str = "auto"  # auto | mae | timm | maws | d2v2 | native
+    # The first `freeze_blocks` blocks plus patch embedding, cls token and position embedding stay frozen.
+    freeze_blocks: int = 0
+    # Non-reentrant per-block activation checkpointing of the trainable blocks.
+    checkpointing: bool = False
+
+
+@dataclass
+class HeadsConfig:
+    # Blocks (0-indexed) whose raw CLS token feeds a head; one more head always reads the final norm output.
+    blocks: List[int] = field(default_factory=list)
+    proj_hidden_dim: int = 2048
+    proj_out_dim: int = 256
+    pred_hidden_dim: int = 4096
+    norm: str = "bn"  # bn | syncbn | async
+    temperature: float = 0.2
+    objective: str = "nna"  # nna | nnclr (negatives swapped for their NN as well)
+
+
+@dataclass
+class QueueConfig:
+    size: int = 65536
+
+
+@dataclass
+class AugmentConfig:
+    global_size: int = 224
+    global_scale: List[float] = field(default_factory=lambda: [0.25, 1.0])
+    local_size: int = 96
+    local_scale: List[float] = field(default_factory=lambda: [0.05, 0.25])
+    num_local: int = 10
+    color: bool = True  # False: crop and flip only (the low-shot ablation)
+
+
+@dataclass
+class StageConfig:
+    epochs: float = 20.0
+    warmup_epochs: float = 4.0
+    base_lr: float = 2e-4  # scaled by global batch / 256
+    topk: int = 1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05  # encoder (refine stage only)
+    head_weight_decay: float = 1e-5
+    layer_decay: float = 0.65  # refine stage only
+    ema: float = 0.9999  # refine stage only
+    clip_grad: Optional[float] = None
+
+
+def _heads_stage() -> StageConfig:
+    return StageConfig(epochs=20, warmup_epochs=4, base_lr=2e-4, topk=1)
+
+
+def _refine_stage() -> StageConfig:
+    return StageConfig(epochs=30, warmup_epochs=4, base_lr=4e-4, topk=20)
+
+
+@dataclass
+class StagesConfig:
+    heads: StageConfig = field(default_factory=_heads_stage)
+    refine: StageConfig = field(default_factory=_refine_stage)
+    run: List[str] = field(default_factory=lambda: ["heads", "refine"])
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # the embedded default; see README "Data"
+    train_shards: Optional[str] = None
+    test_shards: Optional[str] = None
+    batch_size: int = 1024  # global, over all ranks
+    num_workers: int = 2
+    # Cap on samples per epoch (0 = the whole split); lets tiny CPU runs finish.
+    samples_per_epoch: int = 0
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "deepspeed"  # deepspeed | fsdp2 | single
+    zero_config: str = "ds_configs/zero3.json"
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # steps; 0 = only at the end of a stage
+    resume: str = "none"  # none | auto | PATH
+    max_steps: int = 0  # per stage; 0 = no cap (used by smoke tests)
+
+
+@dataclass
+class RefineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_CHOICES = {
+    "model.arch": ("prenorm", "postnorm"),
+    "model.weights_format": ("auto", "mae", "timm", "maws", "d2v2", "native"),
+    "heads.norm": ("bn", "syncbn", "async"),
+    "heads.objective": ("nna", "nnclr"),
+    "engine.kind": ("deepspeed", "fsdp2", "single"),
+    "engine.precision": ("auto", "bf16", "fp32"),
+}
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RefineConfig:
+    """Recipe file (optional) + ``key=value`` overrides -> validated ``RefineConfig``."""
+    schema = OmegaConf.structured(RefineConfig)
+    OmegaConf.set_struct(schema, True)
+    merged = schema
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise ConfigError(_describe(err, f"in {path}")) from None
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(_describe(err, f"in override {item!r}")) from None
+    cfg: RefineConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _describe(err: OmegaConfBaseException, where: str) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    where = f" {where}"
+    msg = str(err).splitlines()[0]
+    if "not in" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = _node_at(parent)
+        allowed = ", ".join(f.name for f in dataclasses.fields(node)) if node else ""
+        return f"unknown config key '{key}'{where}; allowed keys here: {allowed}"
+    return f"bad value for config key '{key}'{where}: {msg}"
+
+
+def _node_at(dotted: str):
+    node = RefineConfig
+    for part in filter(None, dotted.split(".")):
+        default = {f.name: f for f in dataclasses.fields(node)}[part].default_factory()
+        node = type(default)
+        if not dataclasses.is_dataclass(node):
+            return None
+    return node
+
+
+def _get(cfg, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: RefineConfig, world_size: Optional[int] = None) -> None:
+    """Reject impossible values with a message naming the key; ``world_size`` adds the batch check."""
+    from scale_refiner.models.vit import resolve_model_dims  # models depend on config, not the reverse
+
+    def fail(key, msg):
+        raise ConfigError(f"config key '{key}': {msg}")
+
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            fail(key, f"{_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    try:
+        dims = resolve_model_dims(cfg.model)
+    except KeyError as err:
+        fail("model.name", str(err.args[0]))
+    depth, patch = dims["depth"], dims["patch_size"]
+    if dims["embed_dim"] % dims["num_heads"]:
+        fail("model.num_heads", f"{dims['num_heads']} does not divide embed_dim {dims['embed_dim']}")
+    if cfg.model.img_size % patch:
+        fail("model.img_size", f"{cfg.model.img_size} is not a multiple of the patch size {patch}")
+    for key in ("augment.global_size", "augment.local_size"):
+        if _get(cfg, key) <= 0 or _get(cfg, key) % patch:
+            fail(key, f"{_get(cfg, key)} must be a positive multiple of the patch size {patch}")
+    for key in ("augment.global_scale", "augment.local_scale"):
+        lo_hi = _get(cfg, key)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            fail(key, f"{list(lo_hi)} must be [low, high] with 0 < low <= high <= 1")
+    if cfg.augment.num_local < 0:
+        fail("augment.num_local", "must be >= 0")
+    if not 0 <= cfg.model.freeze_blocks <= depth:
+        fail("model.freeze_blocks", f"{cfg.model.freeze_blocks} is outside 0..{depth} (the model has {depth} blocks)")
+    for idx in cfg.heads.blocks:
+        if not 0 <= idx < depth:
+            fail("heads.blocks", f"block {idx} is outside 0..{depth - 1} (the model has {depth} blocks)")
+    if len(set(cfg.heads.blocks)) != len(cfg.heads.blocks):
+        fail("heads.blocks", f"{list(cfg.heads.blocks)} lists a block twice")
+    if cfg.heads.temperature <= 0:
+        fail("heads.temperature", "must be > 0")
+    for key in ("heads.proj_hidden_dim", "heads.proj_out_dim", "heads.pred_hidden_dim", "queue.size"):
+        if _get(cfg, key) <= 0:
+            fail(key, "must be > 0")
+    for name in cfg.stages.run:
+        if name not in ("heads", "refine"):
+            fail("stages.run", f"{name!r} is not one of heads, refine")
+    for name in ("heads", "refine"):
+        stage: StageConfig = getattr(cfg.stages, name)
+        prefix = f"stages.{name}"
+        if not 1 <= stage.topk <= cfg.queue.size:
+            fail(f"{prefix}.topk", f"{stage.topk} must be in 1..queue.size ({cfg.queue.size})")
+        if stage.epochs <= 0:
+            fail(f"{prefix}.epochs", "must be > 0")
+        if not 0 <= stage.warmup_epochs <= stage.epochs:
+            fail(f"{prefix}.warmup_epochs", f"{stage.warmup_epochs} must be in 0..epochs ({stage.epochs})")
+        if stage.base_lr < 0:
+            fail(f"{prefix}.base_lr", "must be >= 0")
+        if len(stage.betas) != 2 or not all(0 <= b < 1 for b in stage.betas):
+            fail(f"{prefix}.betas", f"{list(stage.betas)} must be two values in [0, 1)")
+        if not 0 < stage.layer_decay <= 1:
+            fail(f"{prefix}.layer_decay", "must be in (0, 1]")
+        if not 0 <= stage.ema < 1:
+            fail(f"{prefix}.ema", "must be in [0, 1)")
+        if stage.clip_grad is not None and stage.clip_grad <= 0:
+            fail(f"{prefix}.clip_grad", "must be > 0 or null")
+    if cfg.data.batch_size <= 0:
+        fail("data.batch_size", "must be > 0")
+    if world_size is not None and cfg.data.batch_size % world_size:
+        fail("data.batch_size", f"{cfg.data.batch_size} is not divisible by the world size {world_size}")
+    if cfg.data.samples_per_epoch < 0:
+        fail("data.samples_per_epoch", "must be >= 0")
+
+
+def to_yaml(cfg: RefineConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RefineConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

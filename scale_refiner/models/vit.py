@@ -1,0 +1,270 @@
+"""Vision Transformer, pre-norm (MAE) and post-norm (data2vec 2.0), with CLS taps on intermediate blocks.
+
+Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+``blocks.N.{norm1,attn,norm2,mlp}``, ``norm_pre``, ``norm``), so a state dict moves between the two with no
+renaming: the pre-norm form is timm's default ViT, the post-norm form is timm's ViT with ``pre_norm=True``
+(the embedding LayerNorm data2vec 2.0 applies before the first block), ``final_norm=False`` and
+``block_fn=PostNormBlock``.
+
+One ``forward`` takes every crop resolution at once and returns, per resolution, the CLS token after each
+tapped block (raw residual stream) and after the final norm. It is a single module call so that ZeRO-3 and
+FSDP see one forward, and the blocks accept a list of token tensors so each block runs (and, under FSDP2, is
+gathered) once per step for all resolutions.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block
+
+# Registered sizes. mlp_ratio 4 everywhere: ViT-2B/14 is 2560 wide with an MLP of 10240.
+VIT_SIZES: Dict[str, dict] = {
+    "vit_test_patch4": dict(patch_size=4, embed_dim=32, depth=4, num_heads=2, mlp_ratio=4.0),
+    "vit_tiny_patch4": dict(patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0),
+    "vit_small_patch4": dict(patch_size=4, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
+    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4.0),
+    "vit_2b_patch14": dict(patch_size=14, embed_dim=2560, depth=24, num_heads=32, mlp_ratio=4.0),
+}
+
+LN_EPS = 1e-6  # MAE, data2vec 2.0 and timm's ViTs all use 1e-6
+
+
+def resolve_model_dims(model_cfg) -> dict:
+    """Registered size of ``model_cfg.name`` with any explicitly set dimension overriding it."""
+    if model_cfg.name not in VIT_SIZES:
+        raise KeyError(f"{model_cfg.name!r} is not a registered ViT; known: {', '.join(VIT_SIZES)}")
+    dims = dict(VIT_SIZES[model_cfg.name])
+    for key in dims:
+        value = getattr(model_cfg, key, None)
+        if value is not None:
+            dims[key] = value
+    return dims
+
+
+class ListBlock(Block):
+    """timm's pre-norm block that also takes a list of token tensors (one per crop resolution)."""
+
+    def forward(self, x):
+        if isinstance(x, (list, tuple)):
+            return [super(ListBlock, self).forward(t) for t in x]
+        return super().forward(x)
+
+
+class PostNormBlock(nn.Module):
+    """Post-norm block as in data2vec 2.0: x = norm1(x + attn(x)); x = norm2(x + mlp(x)).
+
+    Same submodule names as timm's ``Block`` so weights map one to one; constructor mirrors timm's so it can
+    be passed to timm's ``VisionTransformer`` as ``block_fn`` (extra keyword arguments are accepted and unused).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 norm_layer=None, act_layer=None, **unused):
+        super().__init__()
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.norm1 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer or nn.GELU)
+        self.norm2 = norm_layer(dim)
+
+    def forward(self, x):
+        if isinstance(x, (list, tuple)):
+            return [self.forward(t) for t in x]
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class BiasedPatchEmbed(PatchEmbed):
+    """timm's PatchEmbed that keeps its bias: timm drops it when ``pre_norm=True``, data2vec 2.0 has one."""
+
+    def __init__(self, *args, bias: bool = True, **kwargs):
+        super().__init__(*args, bias=True, **kwargs)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, patch_size: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, img_size: int = 224, in_chans: int = 3, arch: str = "prenorm",
+                 learn_pos_embed: Optional[bool] = None):
+        super().__init__()
+        if arch not in ("prenorm", "postnorm"):
+            raise ValueError(f"arch must be prenorm or postnorm, got {arch!r}")
+        self.arch = arch
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.img_size = img_size
+        self.grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim, strict_img_size=False, dynamic_img_pad=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, embed_dim))
+        # data2vec 2.0 keeps a fixed sin-cos position embedding; MAE's is a parameter (initialised sin-cos).
+        self.learn_pos_embed = (arch == "prenorm") if learn_pos_embed is None else learn_pos_embed
+        block_fn = ListBlock if arch == "prenorm" else PostNormBlock
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=LN_EPS) if arch == "postnorm" else nn.Identity()
+        self.blocks = nn.ModuleList([
+            block_fn(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+                     norm_layer=partial(nn.LayerNorm, eps=LN_EPS))
+            for _ in range(depth)
+        ])
+        # Post-norm blocks end normalised already; data2vec 2.0 has no final norm.
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if arch == "prenorm" else nn.Identity()
+        self.frozen_blocks = 0
+        self.frozen_all = False
+        self.grad_checkpointing = False
+        self._init_weights()
+        if not self.learn_pos_embed:
+            self.pos_embed.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @torch.no_grad()
+    def _init_weights(self):
+        if self.pos_embed.is_meta:
+            return
+        self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid).unsqueeze(0))
+        nn.init.normal_(self.cls_token, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def freeze(self, num_blocks: int, whole: bool = False) -> None:
+        """Freeze patch embedding, cls, pos and the first ``num_blocks`` blocks (or, ``whole``, everything).
+
+        Frozen parts run under ``no_grad``: no activations kept, no backward, and (under ZeRO-3) no gradient
+        partitions. The flags are plain attributes so an engine wrapper sees the same model.
+        """
+        if not 0 <= num_blocks <= self.depth:
+            raise ValueError(f"cannot freeze {num_blocks} blocks of a {self.depth}-block model")
+        self.frozen_all = whole
+        self.frozen_blocks = self.depth if whole else num_blocks
+        for p in self.parameters():
+            p.requires_grad_(True)
+        if not self.learn_pos_embed:
+            self.pos_embed.requires_grad_(False)
+        if whole:
+            self.requires_grad_(False)
+            return
+        if num_blocks > 0:
+            for module in (self.patch_embed, self.norm_pre, *self.blocks[:num_blocks]):
+                module.requires_grad_(False)
+            self.cls_token.requires_grad_(False)
+            self.pos_embed.requires_grad_(False)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    # -------------------------------------------------------------------------------------------- forward
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)  # B, N, D (timm flattens)
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        pos = self.pos_embed
+        if (h, w) != (self.grid, self.grid):
+            # Bicubic without antialiasing, the convention of MAE / DINO for smaller crops.
+            pos = resample_abs_pos_embed(pos, new_size=[h, w], old_size=[self.grid, self.grid],
+                                         num_prefix_tokens=1, interpolation="bicubic", antialias=False)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls + pos[:, :1], x + pos[:, 1:]], dim=1)
+        return self.norm_pre(x)
+
+    def forward(self, crops: Sequence[torch.Tensor], tap_blocks: Sequence[int] = ()) -> List[Dict[str, torch.Tensor]]:
+        """``crops``: one (B, C, H, W) tensor per resolution.
+
+        Returns one dict per resolution: ``final`` (B, D), the CLS token after the final norm, and ``taps``
+        (B, T, D), the raw CLS token after each block in ``tap_blocks`` (in that order).
+        """
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        for images in crops:
+            if images.shape[-1] % self.patch_size or images.shape[-2] % self.patch_size:
+                raise ValueError(f"crop size {tuple(images.shape[-2:])} is not a multiple of the patch size "
+                                 f"{self.patch_size}")
+        tap_set = {i: n for n, i in enumerate(tap_blocks)}
+        taps: List[List[Optional[torch.Tensor]]] = [[None] * len(tap_blocks) for _ in crops]
+
+        def record(block_idx, xs):
+            if block_idx in tap_set:
+                for c, x in enumerate(xs):
+                    taps[c][tap_set[block_idx]] = x[:, 0]
+
+        frozen = self.frozen_blocks
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_all and frozen == 0):
+            xs = [self.embed(images) for images in crops]
+        if frozen:
+            with torch.no_grad():
+                for i in range(frozen):
+                    xs = self.blocks[i](xs)
+                    record(i, xs)
+        for i in range(frozen, self.depth):
+            block = self.blocks[i]
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant only: the reentrant variant drops the gradient of the first trainable block
+                # when its input comes from a frozen (no-grad) prefix (DESIGN §2).
+                xs = checkpoint(block, xs, use_reentrant=False)
+            else:
+                xs = block(xs)
+            record(i, xs)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_all):
+            finals = [self.norm(x[:, 0]) if self.arch == "prenorm" else x[:, 0] for x in xs]
+        out = []
+        for c, final in enumerate(finals):
+            stacked = torch.stack(taps[c], dim=1) if tap_blocks else final.new_zeros(final.shape[0], 0, final.shape[1])
+            out.append({"final": final, "taps": stacked})
+        return out
+
+    def timm_kwargs(self) -> dict:
+        """Keyword arguments for ``timm.models.vision_transformer.VisionTransformer`` that give a model whose
+        state dict is exactly this one's (``num_classes=0``: no classifier)."""
+        kwargs = dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.patch_embed.proj.in_channels,
+                      embed_dim=self.embed_dim, depth=self.depth, num_heads=self.blocks[0].attn.num_heads,
+                      mlp_ratio=self.blocks[0].mlp.fc1.out_features / self.embed_dim, qkv_bias=True,
+                      num_classes=0, global_pool="token")
+        if self.arch == "postnorm":
+            kwargs.update(pre_norm=True, final_norm=False, block_fn=PostNormBlock, embed_layer=BiasedPatchEmbed)
+        return kwargs
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm (B, 1 + N, D), as timm's ``forward_features``."""
+        xs = [self.embed(images)]
+        for block in self.blocks:
+            xs = block(xs)
+        return self.norm(xs[0])
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """2-D sin-cos position embedding (1 + grid^2, dim), zero for the CLS slot, as MAE initialises it."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    coords = torch.arange(grid, dtype=torch.float64)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+
+    def emb(pos):
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    table = torch.cat([emb(xx), emb(yy)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0).float()
+
+
+def build_vit(model_cfg, device=None) -> VisionTransformer:
+    """Build from a ``ModelConfig``; ``device='meta'`` constructs without allocating weights."""
+    dims = resolve_model_dims(model_cfg)
+    kwargs = dict(dims, img_size=model_cfg.img_size, in_chans=model_cfg.in_chans, arch=model_cfg.arch)
+    if device is not None:
+        with torch.device(device):
+            return VisionTransformer(**kwargs)
+    return VisionTransformer(**kwargs)
