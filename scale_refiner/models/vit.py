@@ -26,6 +26,7 @@ from timm.models.vision_transformer import Block
 # Registered sizes. mlp_ratio 4 everywhere: ViT-2B/14 is 2560 wide with an MLP of 10240.
 VIT_SIZES: Dict[str, dict] = {
     "vit_test_patch4": dict(patch_size=4, embed_dim=32, depth=4, num_heads=2, mlp_ratio=4.0),
+    "vit_mini_patch4": dict(patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0),
     "vit_tiny_patch4": dict(patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0),
     "vit_small_patch4": dict(patch_size=4, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
     "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),

@@ -1,0 +1,80 @@
+"""The nearest-neighbour queue: a FIFO of L2-normalised projections with their dataset index, label and step.
+
+In-process form (every rank holds the whole global queue); the sharded form builds on the same semantics:
+- empty slots are masked until filled (no random initialisation): index -1;
+- entries with the query's own dataset index are excluded;
+- cosine top-k, then one of the k picked uniformly, independently per query, from the queue's own generator
+  (its state is part of ``state_dict``, so a resumed run picks the same neighbours);
+- while fewer than k valid entries exist, the pick is uniform among the valid ones; a query with no valid
+  entry at all (the very first step) is its own neighbour, which turns that term into plain contrastive.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+class NNQueue(nn.Module):
+    def __init__(self, size: int, dim: int, seed: int = 0):
+        super().__init__()
+        if size <= 0 or dim <= 0:
+            raise ValueError(f"queue size and dim must be positive, got {size} and {dim}")
+        self.size = size
+        self.register_buffer("vectors", torch.zeros(size, dim))
+        self.register_buffer("indices", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("steps", torch.zeros(size, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # The generator's state travels with the buffers.
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state):
+        self.generator.set_state(state["generator"])
+
+    @property
+    def num_filled(self) -> int:
+        return int((self.indices >= 0).sum())
+
+    @torch.no_grad()
+    def lookup(self, query: torch.Tensor, query_index: torch.Tensor, k: int,
+               query_label: Optional[torch.Tensor] = None, step: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """query: (Q, d) L2-normalised. Returns the picked neighbours (Q, d) and per-query metrics."""
+        if not 1 <= k <= self.size:
+            raise ValueError(f"k={k} must be in 1..{self.size} (the queue size)")
+        sims = query @ self.vectors.T
+        invalid = (self.indices.unsqueeze(0) < 0) | (self.indices.unsqueeze(0) == query_index.unsqueeze(1))
+        sims = sims.masked_fill(invalid, float("-inf"))
+        top_sim, top_slot = sims.topk(k, dim=1)  # sorted, invalid entries last
+        num_valid = torch.isfinite(top_sim).sum(1)
+        uniform = torch.rand(query.shape[0], generator=self.generator).to(query.device, non_blocking=True)
+        pick = (uniform * num_valid.clamp(min=1)).long().clamp(max=k - 1)
+        slot = top_slot.gather(1, pick.unsqueeze(1)).squeeze(1)
+        found = num_valid > 0
+        neighbours = torch.where(found.unsqueeze(1), self.vectors[slot], query)
+        sim = torch.where(found, top_sim.gather(1, pick.unsqueeze(1)).squeeze(1), torch.ones_like(num_valid, dtype=query.dtype))
+        metrics = {"similarity": sim, "age": torch.where(found, step - self.steps[slot], torch.zeros_like(slot)),
+                   "found": found}
+        if query_label is not None:
+            metrics["accuracy"] = (self.labels[slot] == query_label) & found
+        return neighbours, metrics
+
+    @torch.no_grad()
+    def enqueue(self, vectors: torch.Tensor, indices: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                step: int = 0) -> None:
+        """Append (n, d) L2-normalised vectors FIFO, overwriting the oldest entries."""
+        n = vectors.shape[0]
+        if n > self.size:  # only the newest `size` survive
+            vectors, indices = vectors[-self.size:], indices[-self.size:]
+            labels = labels[-self.size:] if labels is not None else None
+            n = self.size
+        slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
+        self.vectors[slots] = vectors.to(self.vectors.dtype)
+        self.indices[slots] = indices
+        self.labels[slots] = labels if labels is not None else -1
+        self.steps[slots] = step
+        self.ptr.copy_((self.ptr + n) % self.size)

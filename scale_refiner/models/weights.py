@@ -1,0 +1,475 @@
+"""Pre-trained ViT weights in (from local files, through explicit key tables) and timm-loadable weights out.
+
+Each supported checkpoint layout is described by a ``CheckpointLayout``: regex rules that rename a source key
+onto one of our parameter names, a table of source module paths that are known and deliberately dropped
+(decoders, classifier heads, EMA teachers, text towers), and value converters for tensors whose shape differs
+from ours. A source key that matches neither a rule nor the drop table is reported as unexpected: nothing is
+ignored silently, and every problem of a file is listed in one ``WeightsError``.
+
+Where the layouts come from (read in the public code; the tables below are written from these facts):
+
+``mae`` -- facebookresearch/mae
+    ``models_mae.py``: the pre-training model is a timm-named encoder (``cls_token``, ``pos_embed`` of shape
+    (1, 1 + N, D) whose first row is the zero CLS slot, ``patch_embed.proj``, ``blocks.N`` built from timm's
+    ``Block``, ``norm``) plus a decoder: ``mask_token``, ``decoder_embed``, ``decoder_pos_embed``,
+    ``decoder_blocks.N``, ``decoder_norm``, ``decoder_pred``. ``util/misc.py`` saves ``{'model': state_dict,
+    'optimizer', 'epoch', 'scaler', 'args'}``; the released encoder files keep the ``'model'`` entry only.
+    ``models_vit.py``: fine-tuned models are timm's ``VisionTransformer`` with a ``head``; with global pooling
+    an ``fc_norm`` replaces ``norm``.
+``timm`` -- huggingface/pytorch-image-models ``timm/models/vision_transformer.py``
+    Our names verbatim, a plain state dict (safetensors on the hub). The ``vit_*.mae`` tags are built with
+    ``num_classes=0`` (no head); classifier tags carry ``head.*`` and, with ``global_pool='avg'``, ``fc_norm.*``.
+``maws`` -- facebookresearch/maws ``maws/model_builder.py``, ``maws/model.py``
+    Not torchvision naming: ``build_model`` constructs timm's ``VisionTransformer(patch_size, embed_dim,
+    depth, num_heads, num_classes=0[, img_size])`` (ViT-2B/14: 14, 2560, 24, 32) and passes the downloaded
+    ``.pt`` object straight to ``load_state_dict``, so the MAE and MAWS files are flat timm state dicts with no
+    wrapper and no prefix -- key-for-key our pre-norm layout, which ``detect_format`` therefore reports as
+    ``'native'`` (loading is identical). The ``*_ft_in1k`` files add ``head.*`` (1000 classes) at 512/518 px.
+    The ``maws_clip`` files are the ``CLIP`` module of ``maws/model.py``: ``vision_encoder.*`` (the timm ViT),
+    ``text_encoder.*``, ``vision_projection``, ``text_projection``, ``logit_scale``.
+``d2v2`` -- facebookresearch/fairseq ``examples/data2vec/models/``: ``data2vec2.py`` (``Data2VecMultiModel``),
+    ``modalities/base.py``, ``modalities/images.py``, ``modalities/modules.py``, ``mae_image_classification.py``
+    Under ``modality_encoders.IMAGE.``: ``local_encoder.proj`` is timm's ``PatchEmbed`` conv (with bias);
+    ``fixed_positional_encoder.positions`` is the fixed sin-cos table for the N patches only (no CLS slot);
+    ``extra_tokens`` (1, num_extra_tokens=1, D) is the CLS token, prepended *after* the positions are added
+    (so it carries none: our zero CLS row reproduces that); ``context_encoder`` is a ``BlockEncoder`` whose
+    ``norm`` runs first (``layer_norm_first=False``) -> our ``norm_pre``, followed by ``prenet_depth`` blocks
+    ``context_encoder.blocks.i`` (2 in the base config, 0 for large/huge); ``decoder`` is the conv decoder.
+    Top level: ``blocks.j`` are ``AltBlock`` s with timm's submodule names (``norm1``, ``attn.qkv`` packed as
+    (3, heads, head_dim) like timm, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``) run post-norm
+    (x = norm1(x + attn(x)); x = norm2(x + mlp(x))), so ours are ``blocks.(prenet_depth + j)``; there is no
+    final norm. ``state_dict`` adds ``_ema``, a nested dict with the EMA teacher's parameters. The classifier
+    (``mae_image_classification.py``) nests the model under ``model.`` and adds ``fc_norm``, ``head``.
+    ml-jku/MIM-Refiner ``src/initializers/pretrained_initializer.py`` renames the same five embedding keys and
+    drops the decoder and ``_ema``; ``src/models/vit/data2vec2_vit.py`` runs the same post-norm forward.
+    Full fairseq checkpoints also pickle an omegaconf ``cfg``, which ``weights_only=True`` refuses: extract
+    their ``'model'`` entry to safetensors (or a tensors-only ``.pt``) in a trusted environment first.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+PathLike = Union[str, os.PathLike]
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".th")
+SAFETENSORS_SUFFIX = ".safetensors"
+# Wrappers a training script puts around the state dict: MAE / fairseq ('model'), Lightning and MLPlayground
+# ('state_dict'), DeepSpeed ('module').
+WRAPPER_KEYS = ("model", "state_dict", "module")
+TIMM_ARCHITECTURE = "timm.models.vision_transformer:VisionTransformer"
+# load_timm_export imports the callables an export names; only these packages may be named, so a config file
+# cannot make it import arbitrary modules.
+EXPORT_IMPORT_ROOTS = ("scale_refiner", "timm", "torch")
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and lists
+    every offending key."""
+
+
+# --------------------------------------------------------------------------------------- key tables
+class KeyRule(NamedTuple):
+    """``source``: regex on a source key (after the layout's wrapper prefix is removed); ``target``: our
+    name, a ``str.format`` template over the match's named groups. ``shift_blocks``: add the number of
+    data2vec 2.0 prenet blocks to the ``index`` group (top-level blocks follow the prenet blocks)."""
+
+    source: str
+    target: str
+    shift_blocks: bool = False
+
+
+def _prepend_zero_cls_position(positions: torch.Tensor) -> torch.Tensor:
+    """data2vec 2.0 keeps positions for the patches only and adds none to the CLS token; our ``pos_embed``
+    has a CLS slot, so a zero row there reproduces that."""
+    if positions.ndim != 3 or positions.shape[0] != 1:
+        raise WeightsError(f"expected data2vec 2.0 positions of shape (1, N, D), got {tuple(positions.shape)}")
+    return torch.cat([positions.new_zeros(1, 1, positions.shape[-1]), positions], dim=1)
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    name: str
+    rules: Tuple[KeyRule, ...]
+    # Source module paths that exist in such files and are deliberately not loaded: a key is dropped when it
+    # equals an entry or starts with the entry plus a dot.
+    dropped: Tuple[str, ...]
+    # Prefixes removed from a source key before the rules and the drop table are consulted.
+    strip_prefixes: Tuple[str, ...] = ()
+    # Our name -> conversion of the renamed tensor.
+    value_converters: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+
+_WB = r"(?:weight|bias)"
+_BLOCK_PARAM = rf"(?:norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.{_WB}"
+# Our parameter names (timm's); layouts that already use them map each onto itself.
+_OUR_NAMES = (r"cls_token", r"pos_embed", rf"patch_embed\.proj\.{_WB}", rf"blocks\.\d+\.{_BLOCK_PARAM}",
+              rf"norm_pre\.{_WB}", rf"norm\.{_WB}")
+_IDENTITY_RULES = tuple(KeyRule(rf"^(?P<name>{pattern})$", "{name}") for pattern in _OUR_NAMES)
+
+_D2V2_IMAGE = r"modality_encoders\.IMAGE\."
+_D2V2_RULES = (
+    KeyRule(rf"^{_D2V2_IMAGE}local_encoder\.proj\.(?P<p>{_WB})$", "patch_embed.proj.{p}"),
+    KeyRule(rf"^{_D2V2_IMAGE}fixed_positional_encoder\.positions$", "pos_embed"),
+    KeyRule(rf"^{_D2V2_IMAGE}extra_tokens$", "cls_token"),
+    KeyRule(rf"^{_D2V2_IMAGE}context_encoder\.norm\.(?P<p>{_WB})$", "norm_pre.{p}"),
+    KeyRule(rf"^{_D2V2_IMAGE}context_encoder\.blocks\.(?P<index>\d+)\.(?P<p>{_BLOCK_PARAM})$", "blocks.{index}.{p}"),
+    KeyRule(rf"^blocks\.(?P<index>\d+)\.(?P<p>{_BLOCK_PARAM})$", "blocks.{index}.{p}", shift_blocks=True),
+)
+_D2V2_PRENET_BLOCK = re.compile(rf"^{_D2V2_IMAGE}context_encoder\.blocks\.(\d+)\.")
+
+LAYOUTS: Dict[str, CheckpointLayout] = {
+    # Our own exports and every file already in our names (MAWS MAE / MAWS pre-training files included).
+    "native": CheckpointLayout("native", _IDENTITY_RULES, dropped=()),
+    "timm": CheckpointLayout("timm", _IDENTITY_RULES, dropped=("head", "fc_norm")),
+    "mae": CheckpointLayout(
+        "mae", _IDENTITY_RULES,
+        dropped=("mask_token", "decoder_embed", "decoder_pos_embed", "decoder_blocks", "decoder_norm",
+                 "decoder_pred", "head", "fc_norm")),
+    "maws": CheckpointLayout(
+        "maws", _IDENTITY_RULES, strip_prefixes=("vision_encoder.",),
+        dropped=("head", "text_encoder", "text_projection", "vision_projection", "logit_scale")),
+    "d2v2": CheckpointLayout(
+        "d2v2", _D2V2_RULES, strip_prefixes=("model.",),
+        dropped=("modality_encoders.IMAGE.decoder", "_ema", "shared_decoder", "recon_proj", "fc_norm", "head"),
+        value_converters={"pos_embed": _prepend_zero_cls_position}),
+}
+FORMATS = tuple(LAYOUTS)
+
+
+def _is_dropped(key: str, dropped: Tuple[str, ...]) -> bool:
+    return any(key == entry or key.startswith(entry + ".") for entry in dropped)
+
+
+def _strip_prefix(key: str, prefixes: Tuple[str, ...]) -> str:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+# ------------------------------------------------------------------------------------- reading files
+def load_checkpoint_file(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Flat state dict of a local ``.safetensors`` or torch file (``.pth``, ``.pt``, ``.bin``, ``.th``).
+
+    Torch files are read with ``weights_only=True`` only: a pickle may run code, and a weights file has no
+    reason to. ``'model'`` / ``'state_dict'`` / ``'module'`` wrappers are removed; nested dicts of tensors
+    (fairseq's ``_ema``) become dotted keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for a corrupt header
+            raise WeightsError(f"cannot read safetensors file {path}: {exc}") from exc
+    if suffix not in TORCH_SUFFIXES:
+        raise WeightsError(f"unknown checkpoint type {path}: expected {SAFETENSORS_SUFFIX} or one of "
+                           f"{', '.join(TORCH_SUFFIXES)}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(
+            f"cannot read {path} with torch.load(weights_only=True): {exc}. If it pickles objects other than "
+            f"tensors (e.g. a fairseq 'cfg' or argparse 'args'), extract its state dict in a trusted "
+            f"environment and save that as safetensors.") from exc
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    while True:
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        obj = obj[wrapper]
+    flat: Dict[str, torch.Tensor] = {}
+    not_tensors: List[str] = []
+
+    def flatten(mapping: Mapping, prefix: str) -> None:
+        for key, value in mapping.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, torch.Tensor):
+                flat[name] = value
+            elif isinstance(value, Mapping):
+                flatten(value, name + ".")
+            else:
+                not_tensors.append(f"{name} ({type(value).__name__})")
+
+    flatten(obj, "")
+    if not_tensors:
+        raise WeightsError(f"{path}: state dict entries that are not tensors ({len(not_tensors)}): "
+                           f"{', '.join(not_tensors)}")
+    if not flat:
+        raise WeightsError(f"{path} holds no tensors")
+    return flat
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Layout of a flat (unwrapped) state dict, one of ``FORMATS``, from keys only one layout has.
+
+    Files already in our names come out as ``'native'``: that includes the MAWS MAE / MAWS pre-training files,
+    which are plain timm state dicts without a head (see the module docstring). A MAWS fine-tuned file (timm
+    names plus ``head``) comes out as ``'timm'``; both load the same way as under ``'maws'``.
+    """
+    keys = list(state_dict)
+    if any(_strip_prefix(k, ("model.",)).startswith("modality_encoders.") for k in keys):
+        return "d2v2"
+    if any(k.startswith("vision_encoder.") for k in keys):
+        return "maws"  # the MAWS CLIP module: timm ViT under vision_encoder. next to a text tower
+    if any(_is_dropped(k, ("mask_token", "decoder_embed", "decoder_pos_embed", "decoder_blocks", "decoder_norm",
+                           "decoder_pred")) for k in keys):
+        return "mae"
+    if any(_is_dropped(k, ("head", "fc_norm")) for k in keys):
+        return "timm"
+    return "native"
+
+
+# ------------------------------------------------------------------------------------------ converting
+@dataclass
+class Conversion:
+    """``convert_state_dict``'s result: the renamed tensors and what happened to every source key."""
+
+    state_dict: Dict[str, torch.Tensor]
+    renamed: Dict[str, str]  # source key -> our name, where they differ
+    dropped: List[str]  # source keys in the layout's drop table
+    unknown: List[str]  # source keys no rule and no drop entry covers
+    conflicts: List[str]  # our names that two source keys map onto
+    notes: List[str]  # value conversions applied
+
+
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor], fmt: str) -> Conversion:
+    """Rename ``state_dict`` from layout ``fmt`` into our names through ``LAYOUTS[fmt]``; no checks against
+    a model (``load_pretrained`` does those)."""
+    if fmt not in LAYOUTS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
+    layout = LAYOUTS[fmt]
+    rules = [(re.compile(rule.source), rule) for rule in layout.rules]
+    stripped = {key: _strip_prefix(key, layout.strip_prefixes) for key in state_dict}
+    prenet_depth = 0
+    if fmt == "d2v2":
+        prenet = {int(m.group(1)) for m in map(_D2V2_PRENET_BLOCK.match, stripped.values()) if m}
+        prenet_depth = max(prenet) + 1 if prenet else 0
+    out: Dict[str, torch.Tensor] = {}
+    source_of: Dict[str, str] = {}
+    renamed: Dict[str, str] = {}
+    dropped, unknown, conflicts, notes = [], [], [], []
+    for key, value in state_dict.items():
+        name = stripped[key]
+        target = None
+        for pattern, rule in rules:
+            match = pattern.match(name)
+            if match:
+                groups = match.groupdict()
+                if rule.shift_blocks:
+                    groups["index"] = int(groups["index"]) + prenet_depth
+                target = rule.target.format(**groups)
+                break
+        if target is None:
+            (dropped if _is_dropped(name, layout.dropped) else unknown).append(key)
+            continue
+        if target in out:
+            conflicts.append(f"{target} (from {source_of[target]} and {key})")
+            continue
+        converter = layout.value_converters.get(target)
+        if converter is not None:
+            before = tuple(value.shape)
+            value = converter(value)
+            notes.append(f"{key} -> {target}: {converter.__name__.strip('_')} {before} -> {tuple(value.shape)}")
+        out[target] = value
+        source_of[target] = key
+        if target != key:
+            renamed[key] = target
+    if prenet_depth:
+        notes.append(f"{prenet_depth} data2vec 2.0 prenet blocks become blocks 0..{prenet_depth - 1}; "
+                     f"top-level blocks are shifted by {prenet_depth}")
+    return Conversion(out, renamed, sorted(dropped), sorted(unknown), conflicts, notes)
+
+
+def _square_grid(num_patches: int) -> Optional[int]:
+    side = math.isqrt(num_patches)
+    return side if side * side == num_patches else None
+
+
+def _describe(model: nn.Module) -> str:
+    arch = getattr(model, "arch", None)
+    dims = [f"{k} {getattr(model, k)}" for k in ("embed_dim", "depth", "img_size") if hasattr(model, k)]
+    return f"{type(model).__name__}({', '.join(([arch] if arch else []) + dims)})"
+
+
+def load_pretrained(model: nn.Module, path: PathLike, fmt: str = "auto") -> dict:
+    """Load a local checkpoint into ``model`` (CPU tensors) and return a report of what was done.
+
+    ``fmt``: one of ``FORMATS`` or ``'auto'`` (``detect_format``). The converted tensors must match
+    ``model.state_dict()`` exactly -- missing keys, unexpected keys, shape mismatches and name conflicts raise
+    one ``WeightsError`` listing all of them, before the model is touched. A ``pos_embed`` for another square
+    grid (a checkpoint at another resolution) is resampled bicubically and the report says so.
+
+    Report keys: ``file``, ``format``, ``loaded`` (number of tensors), ``renamed`` (source -> ours),
+    ``dropped`` (source keys from the drop table), ``conversions`` (notes), ``resampled_pos_embed``
+    (``None`` or ``{'from': [h, w], 'to': [h, w]}``).
+    """
+    path = Path(path)
+    source = load_checkpoint_file(path)
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    if fmt not in LAYOUTS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; known: auto, {', '.join(FORMATS)}")
+    conv = convert_state_dict(source, fmt)
+    state = conv.state_dict
+    expected = model.state_dict()
+
+    resampled = None
+    pos, target_pos = state.get("pos_embed"), expected.get("pos_embed")
+    if (pos is not None and target_pos is not None and pos.shape != target_pos.shape and pos.ndim == 3
+            and pos.shape[0] == 1 and pos.shape[-1] == target_pos.shape[-1]):
+        old_grid, new_grid = _square_grid(pos.shape[1] - 1), _square_grid(target_pos.shape[1] - 1)
+        if old_grid and new_grid:
+            # Bicubic without antialiasing, as MAE's interpolate_pos_embed (and our crop resampling) do it;
+            # timm keeps the CLS slot as is and the dtype of the checkpoint.
+            state["pos_embed"] = resample_abs_pos_embed(
+                pos, new_size=[new_grid, new_grid], old_size=[old_grid, old_grid], num_prefix_tokens=1,
+                interpolation="bicubic", antialias=False)
+            resampled = {"from": [old_grid, old_grid], "to": [new_grid, new_grid]}
+
+    source_name = {target: src for src, target in conv.renamed.items()}
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = [f"{k} (no rule in the {fmt!r} table)" for k in conv.unknown]
+    unexpected += [f"{k}" + (f" (from {source_name[k]})" if k in source_name else "")
+                   for k in sorted(state) if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(state) if k in expected and state[k].shape != expected[k].shape]
+    problems = [(title, items) for title, items in (
+        ("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
+        ("two source keys for one parameter", conv.conflicts)) if items]
+    if problems:
+        lines = [f"cannot load {path} (format {fmt!r}) into {_describe(model)}:"]
+        for title, items in problems:
+            lines.append(f"  {title} ({len(items)}):")
+            lines.extend(f"    {item}" for item in items)
+        raise WeightsError("\n".join(lines))
+
+    model.load_state_dict(state, strict=True)
+    return {
+        "file": str(path),
+        "format": fmt,
+        "loaded": len(state),
+        "renamed": conv.renamed,
+        "dropped": conv.dropped,
+        "conversions": conv.notes,
+        "resampled_pos_embed": resampled,
+    }
+
+
+# -------------------------------------------------------------------------------------------- export
+def _callable_path(value) -> str:
+    path = f"{value.__module__}:{value.__qualname__}"
+    if _resolve_callable(path, check_root=False) is not value:
+        raise ValueError(f"{value!r} cannot be written as an import path ({path} does not resolve to it)")
+    return path
+
+
+def _resolve_callable(path: str, check_root: bool = True):
+    module_name, _, qualname = path.partition(":")
+    if not module_name or not qualname:
+        raise WeightsError(f"{path!r} is not a 'module:qualname' import path")
+    if check_root and module_name.split(".")[0] not in EXPORT_IMPORT_ROOTS:
+        raise WeightsError(f"refusing to import {module_name!r} for {path!r}: exports may only name callables "
+                           f"from {', '.join(EXPORT_IMPORT_ROOTS)}")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise WeightsError(f"cannot resolve {path!r}: {exc}") from exc
+    return obj
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into a temporary file next to ``path``, then rename it over ``path``: a reader never
+    sees a half-written file, and a failed write leaves nothing behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def export_timm(model: nn.Module, out_dir: PathLike, name: str,
+                extra_config: Optional[dict] = None) -> Tuple[Path, Path]:
+    """Write ``<out_dir>/<name>.safetensors`` (the state dict, contiguous CPU tensors) and
+    ``<out_dir>/<name>.json`` (``model.timm_kwargs()`` with callables as ``"module:qualname"`` strings, named
+    in ``callable_kwargs``, plus ``extra_config``). Each file is written atomically; the json goes last, so its
+    presence means the weights are complete. Returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kwargs, callables = {}, []
+    for key, value in model.timm_kwargs().items():
+        if inspect.isclass(value) or inspect.isfunction(value):
+            kwargs[key] = _callable_path(value)
+            callables.append(key)
+        else:
+            kwargs[key] = value
+    config = {"architecture": TIMM_ARCHITECTURE, "timm_kwargs": kwargs, "callable_kwargs": callables,
+              "extra_config": dict(extra_config or {})}
+    text = json.dumps(config, indent=2, sort_keys=True)  # fails here, before any file is written
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights_path, config_path = out_dir / f"{name}.safetensors", out_dir / f"{name}.json"
+    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+    _atomic_write(config_path, write_json)
+    return weights_path, config_path
+
+
+def load_timm_export(path: PathLike) -> nn.Module:
+    """Rebuild the timm ``VisionTransformer`` of an ``export_timm`` pair (``path``: its .json or .safetensors)
+    and load the weights with ``strict=True``; the model takes the weights' dtype when they share one."""
+    path = Path(path)
+    config_path, weights_path = path.with_suffix(".json"), path.with_suffix(SAFETENSORS_SUFFIX)
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"export file not found: {p}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        architecture, kwargs = config["architecture"], dict(config["timm_kwargs"])
+        callables = config.get("callable_kwargs", [])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"{config_path} is not an export_timm config: {exc!r}") from exc
+    if architecture != TIMM_ARCHITECTURE:
+        raise WeightsError(f"{config_path}: architecture {architecture!r}, expected {TIMM_ARCHITECTURE!r}")
+    for key in callables:
+        kwargs[key] = _resolve_callable(kwargs[key])
+    model = _resolve_callable(architecture)(**kwargs)
+    state = load_checkpoint_file(weights_path)
+    float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(float_dtypes) == 1:
+        # Keep the exported precision: loading float64 (or bf16) weights into timm's float32 model would round.
+        model.to(float_dtypes.pop())
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{weights_path} does not fit the model of {config_path}: {exc}") from exc
+    return model

@@ -1,0 +1,74 @@
+"""Nearest-neighbour alignment (NNA) and the NNCLR ("swap negatives") variant, for multi-crop views.
+
+For an anchor global view i and a predicted view v, with B samples per rank and predictions gathered over
+all W ranks (with gradient), row b of the logits is
+
+    positive  (j = own sample):  NN(z_i[b]) . p_v[j] / tau
+    negatives (j != own sample): z_i[b] . p_v[j] / tau     (NNA: negatives are not swapped)
+                                 NN(z_i[b]) . p_v[j] / tau (NNCLR: swapped as well)
+
+and the loss is the cross-entropy with the own sample as target. z and NN(z) carry no gradient; p does.
+Pairs: each global view with the other global view, and each global view with every local view
+(2 + 2 * n_local terms), averaged. All vectors are L2-normalised before any product.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+VARIANTS = ("nna", "nnclr")
+
+
+def view_pairs(num_local: int) -> List[Tuple[int, int]]:
+    """(anchor global view, predicted view) pairs: views 0, 1 are global, 2.. are local.
+
+    The authors' code indexes the local views wrongly (views g1, g2, l1..l8, a self-pair included); this is
+    the intended pairing: no self-pairs, every local view used.
+    """
+    pairs = []
+    for i in (0, 1):
+        pairs.append((i, 1 - i))
+        pairs.extend((i, 2 + l) for l in range(num_local))
+    return pairs
+
+
+def gather_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> Tuple[torch.Tensor, int]:
+    """Concatenate ``x`` (dim 1 is the batch) over ranks, keeping the gradient; returns (gathered, offset)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x, 0
+    parts = dist_fn.all_gather(x.contiguous(), group=group)
+    return torch.cat(parts, dim=1), dist.get_rank(group) * x.shape[1]
+
+
+def nna_loss(z: torch.Tensor, nn_z: torch.Tensor, p: torch.Tensor, temperature: float,
+             variant: str = "nna", group: Optional[dist.ProcessGroup] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """z: (2, B, d) projector outputs of the global views; nn_z: (2, B, d) their neighbours from the queue;
+    p: (V, B, d) predictor outputs of every view (V = 2 + n_local). Unnormalised inputs are fine.
+
+    Returns the loss (mean over the 2 + 2 n_local pairs and the local batch) and detached metrics.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"objective variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    num_views, batch = p.shape[0], p.shape[1]
+    z = F.normalize(z.detach(), dim=-1)
+    nn_z = F.normalize(nn_z.detach(), dim=-1)
+    p = F.normalize(p, dim=-1)
+    p_all, offset = gather_with_grad(p, group)  # (V, W*B, d)
+    own = torch.arange(batch, device=p.device) + offset
+
+    anchors = torch.tensor([i for i, _ in view_pairs(num_views - 2)], device=p.device)
+    targets = torch.tensor([v for _, v in view_pairs(num_views - 2)], device=p.device)
+    neg_query = nn_z if variant == "nnclr" else z
+    # logits for every pair at once: (pairs, B, W*B)
+    logits = torch.einsum("pbd,pjd->pbj", neg_query[anchors], p_all[targets]) / temperature
+    positive = (nn_z[anchors] * p[targets]).sum(-1) / temperature  # (pairs, B), the own-sample column
+    index = own.view(1, batch, 1).expand(len(anchors), batch, 1)
+    logits = logits.scatter(2, index, positive.unsqueeze(-1))
+    loss = F.cross_entropy(logits.flatten(0, 1), index.flatten())
+    with torch.no_grad():
+        prob = logits.softmax(-1).gather(2, index).mean()
+    return loss, {"positive_prob": prob}

@@ -1,0 +1,129 @@
+"""MIM-Refiner, one training step, in one readable place.
+
+    crops (2 global + n local) --encoder--> CLS after each tapped block, and after the final norm
+        --per head--> projector z (global crops) and predictor p (every crop), one head call for all crops
+        --queue--> NN(z) among the queued projections of global view g1 (top-k, uniform pick)
+        --objective--> NNA loss per head, summed over heads with weight 1
+    then the (gathered) g1 projections of this step are enqueued.
+
+The module holds the encoder, one ID head per tap and one queue per head. It knows a process-group
+handle and nothing else of distribution: predictions are gathered with gradient inside the objective, and
+projections are gathered (no gradient) before they are enqueued so every rank holds the same queue.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from scale_refiner.heads.id_head import IDHead
+from scale_refiner.memory.queue import NNQueue
+from scale_refiner.models.vit import VisionTransformer, build_vit
+from scale_refiner.objective.nna import nna_loss
+
+
+class MIMRefiner(nn.Module):
+    def __init__(self, encoder: VisionTransformer, tap_blocks: Sequence[int], temperature: float,
+                 objective: str = "nna", proj_hidden_dim: int = 2048, proj_out_dim: int = 256,
+                 pred_hidden_dim: int = 4096, norm: str = "bn", queue_size: int = 65536, seed: int = 0):
+        super().__init__()
+        self.encoder = encoder
+        self.tap_blocks = list(tap_blocks)
+        self.temperature = temperature
+        self.objective = objective
+        # Head 0 reads the final-norm output; heads 1.. read the raw residual stream after tap_blocks[h-1].
+        self.head_names = ["final"] + [f"block{b}" for b in self.tap_blocks]
+        self.heads = nn.ModuleList(
+            IDHead(encoder.embed_dim, proj_hidden_dim, proj_out_dim, pred_hidden_dim, norm)
+            for _ in self.head_names
+        )
+        self.queues = nn.ModuleList(NNQueue(queue_size, proj_out_dim, seed=seed + 1000 * h)
+                                    for h in range(len(self.head_names)))
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, index: torch.Tensor,
+                label: Optional[torch.Tensor] = None, topk: int = 20, step: int = 0,
+                group: Optional[dist.ProcessGroup] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """global_crops: (2, B, C, H, W); local_crops: (n, B, C, h, w), n may be 0; index: dataset indices (B,).
+
+        Returns the loss (summed over heads) and detached scalar metrics named "<head>/<metric>". A plain
+        tuple, so engine hooks (ZeRO-3, FSDP2) can walk the outputs.
+        """
+        num_global, batch = global_crops.shape[:2]
+        num_local = local_crops.shape[0]
+        if num_global != 2:
+            raise ValueError(f"MIM-Refiner needs exactly 2 global crops, got {num_global}")
+        crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if num_local else [])
+        outs = self.encoder(crops, self.tap_blocks)
+
+        losses, metrics = [], {}
+        g1_projections = []
+        for h, head in enumerate(self.heads):
+            feats = [out["final"] if h == 0 else out["taps"][:, h - 1] for out in outs]
+            z_all, p_all = head(torch.cat(feats))  # one call: BN statistics mix all crops
+            z = z_all[: 2 * batch].view(2, batch, -1)
+            p = p_all.view(2 + num_local, batch, -1)
+            z_unit = F.normalize(z.detach().float(), dim=-1)
+            neighbours = []
+            for view in (0, 1):  # independent picks per view
+                nn_z, info = self.queues[h].lookup(z_unit[view], index, topk, label, step)
+                neighbours.append(nn_z)
+                for key, value in info.items():
+                    if key != "found":
+                        metrics[f"{self.head_names[h]}/nn_{key}"] = metrics.get(
+                            f"{self.head_names[h]}/nn_{key}", 0.0) + value.float().mean() / 2
+            loss, extra = nna_loss(z, torch.stack(neighbours), p.float(), self.temperature, self.objective, group)
+            losses.append(loss)
+            metrics[f"{self.head_names[h]}/loss"] = loss.detach()
+            metrics[f"{self.head_names[h]}/positive_prob"] = extra["positive_prob"]
+            g1_projections.append(z_unit[0])
+        self._enqueue(g1_projections, index, label, step, group)
+        total = torch.stack(losses).sum()
+        metrics["loss"] = total.detach()
+        return total, metrics
+
+    @torch.no_grad()
+    def _enqueue(self, projections: List[torch.Tensor], index, label, step, group) -> None:
+        stacked = torch.stack(projections)  # (heads, B, d): one gather for every head
+        label = label if label is not None else torch.full_like(index, -1)
+        if group is not None and dist.get_world_size(group) > 1:
+            world = dist.get_world_size(group)
+            gathered = [torch.empty_like(stacked) for _ in range(world)]
+            dist.all_gather(gathered, stacked.contiguous(), group=group)
+            stacked = torch.cat(gathered, dim=1)
+            meta = torch.stack([index, label])
+            metas = [torch.empty_like(meta) for _ in range(world)]
+            dist.all_gather(metas, meta, group=group)
+            index, label = torch.cat(metas, dim=1)
+        for h, queue in enumerate(self.queues):
+            queue.enqueue(stacked[h], index, label, step)
+
+    def set_stage(self, stage: str, freeze_blocks: int) -> None:
+        """``heads``: encoder frozen whole and kept in eval mode. ``refine``: the configured prefix frozen."""
+        if stage == "heads":
+            self.encoder.freeze(0, whole=True)
+        elif stage == "refine":
+            self.encoder.freeze(freeze_blocks)
+        else:
+            raise ValueError(f"stage {stage!r} is not one of heads, refine")
+        self.stage = stage
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "stage", None) == "heads":
+            self.encoder.eval()  # frozen encoder: no dropout / stochastic behaviour, as in the paper
+        return self
+
+
+def build_refiner(cfg) -> MIMRefiner:
+    """Encoder (with pre-trained weights when configured) + heads + queues from a ``RefineConfig``."""
+    encoder = build_vit(cfg.model)
+    if cfg.model.weights:
+        from scale_refiner.models.weights import load_pretrained
+        load_pretrained(encoder, cfg.model.weights, cfg.model.weights_format)
+    encoder.set_grad_checkpointing(cfg.model.checkpointing)
+    return MIMRefiner(encoder, cfg.heads.blocks, cfg.heads.temperature, cfg.heads.objective,
+                      cfg.heads.proj_hidden_dim, cfg.heads.proj_out_dim, cfg.heads.pred_hidden_dim,
+                      cfg.heads.norm, cfg.queue.size, seed=cfg.run.seed)

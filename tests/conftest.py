@@ -1,0 +1,41 @@
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank, world, port, fn, args):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn, world: int = 2, *args):
+    """Run ``fn(rank, world, *args)`` in ``world`` real processes joined by a gloo process group.
+
+    ``fn`` must be a module-level function; assertions inside it fail the spawn and so the test.
+    """
+    torch.multiprocessing.spawn(_gloo_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+@pytest.fixture
+def gloo():
+    return run_gloo
