@@ -58,6 +58,8 @@ class MIMRefiner(nn.Module):
         crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if num_local else [])
         outs = self.encoder(crops, self.tap_blocks)
 
+        world = dist.get_world_size(group) if group is not None else 1
+        offset = dist.get_rank(group) * batch if group is not None else 0
         losses, metrics = [], {}
         g1_projections = []
         for h, head in enumerate(self.heads):
@@ -68,7 +70,8 @@ class MIMRefiner(nn.Module):
             z_unit = F.normalize(z.detach().float(), dim=-1)
             neighbours = []
             for view in (0, 1):  # independent picks per view
-                nn_z, info = self.queues[h].lookup(z_unit[view], index, topk, label, step)
+                nn_z, info = self.queues[h].lookup(z_unit[view], index, topk, label, step,
+                                                   global_queries=world * batch, offset=offset)
                 neighbours.append(nn_z)
                 for key, value in info.items():
                     if key != "found":

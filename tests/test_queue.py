@@ -72,3 +72,14 @@ def test_state_dict_roundtrip_gives_same_picks():
     b, _ = r.lookup(query, torch.arange(50), 4)
     assert torch.equal(a, b)
     assert torch.equal(q.indices, r.indices) and int(q.ptr) == int(r.ptr)
+
+
+def test_picks_do_not_depend_on_how_the_batch_is_split():
+    bank, query = unit_rows(40, 8, 1), unit_rows(12, 8, 2)
+    whole, halves = NNQueue(64, 8, seed=5), NNQueue(64, 8, seed=5)
+    for q in (whole, halves):
+        q.enqueue(bank, torch.arange(40))
+    a, _ = whole.lookup(query, torch.arange(100, 112), 6)
+    # a "rank" holding rows 6..11 of the same global batch of 12 draws all 12 uniforms and takes its slice
+    b, _ = halves.lookup(query[6:], torch.arange(106, 112), 6, global_queries=12, offset=6)
+    assert torch.equal(a[6:], b)

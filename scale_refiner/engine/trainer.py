@@ -64,7 +64,7 @@ def run_stage(refiner: MIMRefiner, cfg: RefineConfig, name: str, batches: Callab
     log.info("stage %s: %d steps (%d per epoch, %d warm-up), peak lr %.3g, %d trainable tensors",
              name, plan.total_steps, plan.steps_per_epoch, plan.warmup_steps, plan.peak_lr, len(trainable))
 
-    step, last = 0, {}
+    step, last, logged_at = 0, {}, 0
     progress = tqdm(total=plan.total_steps, desc=name, dynamic_ncols=True, disable=None)
     epoch = 0
     tick = time.perf_counter()
@@ -91,8 +91,8 @@ def run_stage(refiner: MIMRefiner, cfg: RefineConfig, name: str, batches: Callab
                 elapsed = time.perf_counter() - tick
                 last = {k: float(v) for k, v in metrics.items()}
                 last.update(lr=lr, grad_norm=float(grad_norm),
-                            images_per_s=cfg.run.log_every * cfg.data.batch_size / max(elapsed, 1e-9))
-                tick = time.perf_counter()
+                            images_per_s=(step - logged_at) * cfg.data.batch_size / max(elapsed, 1e-9))
+                tick, logged_at = time.perf_counter(), step
                 progress.set_postfix(loss=f"{last['loss']:.3f}", nn_acc=f"{last.get('final/nn_accuracy', 0):.2f}")
                 log.info("%s step %d/%d loss %.4f final nn-acc %.3f lr %.3g %.1f img/s", name, step,
                          plan.total_steps, last["loss"], last.get("final/nn_accuracy", float("nan")), lr,

@@ -2,7 +2,7 @@
 
 Projector: Linear(D, H) N GELU, Linear(H, H) N GELU, Linear(H, d) N.
 Predictor: Linear(d, H') N GELU, Linear(H', d) N, fed the un-normalised projector output.
-Linears have no bias (the following norm has one); N is BatchNorm1d with affine parameters, or SyncBN.
+Linears have no bias (the following norm has one); N is BatchNorm1d with affine parameters, or its global-batch form (heads/norms.py).
 """
 from __future__ import annotations
 
@@ -11,15 +11,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-NORM_KINDS = ("bn", "syncbn")
-
-
-def make_norm(kind: str, dim: int) -> nn.Module:
-    if kind == "bn":
-        return nn.BatchNorm1d(dim)
-    if kind == "syncbn":
-        return nn.SyncBatchNorm(dim)
-    raise ValueError(f"head norm {kind!r} is not one of {', '.join(NORM_KINDS)}")
+from scale_refiner.heads.norms import make_norm
 
 
 def _mlp(dims, norm: str, last_act: bool) -> nn.Sequential:

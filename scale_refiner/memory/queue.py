@@ -4,7 +4,9 @@ In-process form (every rank holds the whole global queue); the sharded form buil
 - empty slots are masked until filled (no random initialisation): index -1;
 - entries with the query's own dataset index are excluded;
 - cosine top-k, then one of the k picked uniformly, independently per query, from the queue's own generator
-  (its state is part of ``state_dict``, so a resumed run picks the same neighbours);
+  (its state is part of ``state_dict``, so a resumed run picks the same neighbours). Every rank draws the
+  uniforms of the whole global batch and uses its slice, so the picks do not depend on how the global
+  batch is split over ranks (a 2-rank run picks what a 1-process run on the same global batch picks);
 - while fewer than k valid entries exist, the pick is uniform among the valid ones; a query with no valid
   entry at all (the very first step) is its own neighbour, which turns that term into plain contrastive.
 """
@@ -42,8 +44,12 @@ class NNQueue(nn.Module):
 
     @torch.no_grad()
     def lookup(self, query: torch.Tensor, query_index: torch.Tensor, k: int,
-               query_label: Optional[torch.Tensor] = None, step: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """query: (Q, d) L2-normalised. Returns the picked neighbours (Q, d) and per-query metrics."""
+               query_label: Optional[torch.Tensor] = None, step: int = 0, global_queries: Optional[int] = None,
+               offset: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """query: (Q, d) L2-normalised, rows ``offset .. offset + Q`` of a global batch of ``global_queries``.
+
+        Returns the picked neighbours (Q, d) and per-query metrics.
+        """
         if not 1 <= k <= self.size:
             raise ValueError(f"k={k} must be in 1..{self.size} (the queue size)")
         sims = query @ self.vectors.T
@@ -51,7 +57,8 @@ class NNQueue(nn.Module):
         sims = sims.masked_fill(invalid, float("-inf"))
         top_sim, top_slot = sims.topk(k, dim=1)  # sorted, invalid entries last
         num_valid = torch.isfinite(top_sim).sum(1)
-        uniform = torch.rand(query.shape[0], generator=self.generator).to(query.device, non_blocking=True)
+        draws = torch.rand(global_queries or query.shape[0], generator=self.generator)
+        uniform = draws[offset:offset + query.shape[0]].to(query.device, non_blocking=True)
         pick = (uniform * num_valid.clamp(min=1)).long().clamp(max=k - 1)
         slot = top_slot.gather(1, pick.unsqueeze(1)).squeeze(1)
         found = num_valid > 0
