@@ -1,15 +1,16 @@
 """Refine a pre-trained MIM ViT with MIM-Refiner: the heads stage, then the refine stage.
 
-    python launch/refine.py --config configs/demo.yaml [key=value ...]
+    python launch/refine.py --config configs/demo.yaml [key=value ...]                      # one process
+    deepspeed --num_gpus N launch/refine.py --config configs/mae_l16.yaml                  # ZeRO-3
+    torchrun --nproc_per_node N launch/refine.py --config configs/mae_l16.yaml engine.kind=fsdp2
 
-See the README for the recipes and the multi-node launch.
+Without a GPU the ranks run on the CPU with gloo. See the README for multi-node launches and the recipes.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,84 +18,158 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from scale_refiner.config import ConfigError, load_config, to_dict  # noqa: E402
-from scale_refiner.data.loaders import eval_arrays, train_batches  # noqa: E402
-from scale_refiner.engine.checkpoint import atomic_save, check_out_dir  # noqa: E402
-from scale_refiner.engine.trainer import run_stage  # noqa: E402
-from scale_refiner.eval.features import extract_cls  # noqa: E402
-from scale_refiner.eval.knn import knn_accuracy  # noqa: E402
-from scale_refiner.models.weights import export_timm  # noqa: E402
+from scale_refiner.config import ConfigError, load_config, to_dict, validate  # noqa: E402
+from scale_refiner.engine.checkpoint import CheckpointDir, check_out_dir  # noqa: E402
+from scale_refiner.engine.distributed import init_distributed  # noqa: E402
+from scale_refiner.engine.trainer import build_engine, restore_client, run_stage  # noqa: E402
 from scale_refiner.refiner import build_refiner  # noqa: E402
 
 log = logging.getLogger("scale_refiner")
 
 
-def knn_of(encoder, cfg, train, test):
-    train_feats = extract_cls(encoder, train[0])
-    test_feats = extract_cls(encoder, test[0])
-    return knn_accuracy(train_feats, train[1], test_feats, test[1], ks=(10, 20))
-
-
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe YAML in configs/")
     parser.add_argument("--eval-samples", type=int, default=10000,
-                        help="train / test images used by the before/after k-NN (0 = all)")
+                        help="train / test images of the before/after k-NN (0 skips it)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. queue.size=4096")
     args, unknown = parser.parse_known_args(argv)
-    # deepspeed / torchrun append --local_rank; it is read from the environment instead.
+    # deepspeed's launcher appends --local_rank=N; the rank is read from the environment instead.
     unknown = [u for u in unknown if not u.startswith("--local_rank")]
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return args
+
+
+def knn_of(encoder_state, cfg, eval_data):
+    """Weighted k-NN (k 10, 20) of an encoder given as a full state dict, on rank 0."""
+    from scale_refiner.eval.features import extract_cls
+    from scale_refiner.eval.knn import knn_accuracy
+    from scale_refiner.models.vit import build_vit
+    encoder = build_vit(cfg.model)
+    encoder.load_state_dict(encoder_state)
+    (train_x, train_y), (test_x, test_y) = eval_data
+    accuracy = knn_accuracy(extract_cls(encoder, train_x), train_y, extract_cls(encoder, test_x), test_y, ks=(10, 20))
+    return {str(k): v for k, v in accuracy.items()}
+
+
+def export(encoder_state, cfg, out_dir: Path, name: str):
+    from scale_refiner.models.vit import build_vit
+    from scale_refiner.models.weights import export_timm
+    encoder = build_vit(cfg.model)
+    encoder.load_state_dict(encoder_state)
+    export_timm(encoder, out_dir / "export", name, extra_config={"recipe": to_dict(cfg)})
+
+
+def resume_point(cfg, checkpoints: CheckpointDir):
+    if cfg.run.resume == "none":
+        return None
+    if cfg.run.resume == "auto":
+        return checkpoints.latest()
+    path = Path(cfg.run.resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"config key 'run.resume': {path} is not a complete checkpoint directory")
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if cfg.engine.kind != "single":
-        print(f"error: config key 'engine.kind': {cfg.engine.kind!r} is not available yet in this build; "
-              f"use engine.kind=single (the sharded engines arrive with the engine issue)", file=sys.stderr)
+    ctx = init_distributed(use_deepspeed=cfg.engine.kind == "deepspeed")
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        validate(cfg, world_size=ctx.world)
+        if cfg.engine.kind == "single" and ctx.world > 1:
+            raise ConfigError(f"config key 'engine.kind': single runs in one process, launched with {ctx.world} "
+                              f"ranks; use deepspeed or fsdp2")
+        if cfg.model.weights and not Path(cfg.model.weights).is_file():
+            raise ConfigError(f"config key 'model.weights': {cfg.model.weights} does not exist")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     out_dir = Path(cfg.run.out_dir)
-    check_out_dir(out_dir)
-    torch.manual_seed(cfg.run.seed)
-    device = torch.device("cpu")
+    if ctx.is_main:
+        check_out_dir(out_dir)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    ctx.barrier()
 
-    refiner = build_refiner(cfg).to(device)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    writer = SummaryWriter(str(out_dir / "tensorboard"))
-    batches, samples = train_batches(cfg)
-    train = eval_arrays(cfg, "train", args.eval_samples)
-    test = eval_arrays(cfg, "test", args.eval_samples)
-    results = {"before": knn_of(refiner.encoder, cfg, train, test)}
-    log.info("k-NN before refinement: %s", results["before"])
+    torch.manual_seed(cfg.run.seed)  # identical initial weights (heads, non-loaded parts) on every rank
+    refiner = build_refiner(cfg)
+    checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints)
+    stages = list(cfg.stages.run)
+    first, resume_from, global_step = 0, None, 0
+    point = resume_point(cfg, checkpoints)
+    if point is not None:
+        state = CheckpointDir.read_state(point)
+        if state["stage"] not in stages:
+            print(f"error: checkpoint {point} is of stage {state['stage']!r}, not in stages.run {stages}",
+                  file=sys.stderr)
+            return 2
+        first = stages.index(state["stage"])
+        if state["stage_done"]:  # start the next stage from this one's end state
+            refiner.load_state_dict(torch.load(point / "model_state.pt", map_location="cpu", weights_only=True))
+            restore_client(refiner, checkpoints.load_client(point))
+            first, global_step = first + 1, state["global_step"]
+        else:
+            resume_from = point
+        log.info("resuming from %s (stage %s, step %d)", point, state["stage"], state["step"])
 
-    offset, started = 0, time.time()
-    for stage in cfg.stages.run:
-        last = run_stage(refiner, cfg, stage, batches, samples, writer, device, global_step_offset=offset)
-        offset += last["steps"]
-        atomic_save({"model": refiner.state_dict(),
-                     "ema": refiner.ema.state_dict() if refiner.ema is not None else None,
-                     "stage": stage, "step": offset, "config": to_dict(cfg)}, out_dir / f"stage_{stage}.pt")
+    writer, eval_data, results = None, None, {}
+    if ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        if args.eval_samples:
+            from scale_refiner.data.loaders import eval_arrays
+            eval_data = (eval_arrays(cfg, "train", args.eval_samples), eval_arrays(cfg, "test", args.eval_samples))
+            if point is None:
+                results["before"] = knn_of(refiner.encoder.state_dict(), cfg, eval_data)
+                log.info("k-NN before refinement: %s", results["before"])
+
+    from scale_refiner.data.loaders import train_batches
+    batches, samples = train_batches(cfg, ctx.rank, ctx.world)
+    started = time.time()
+    ema_state = None
+    for stage in stages[first:]:
+        engine = build_engine(refiner, cfg, stage, ctx)
+        last = run_stage(engine, cfg, stage, batches, samples, ctx, writer, checkpoints, resume_from, global_step,
+                         metrics_file=out_dir / "metrics.jsonl")
+        resume_from, global_step = None, last["global_step"]
         results[f"{stage}_last"] = last
-    results["online"] = knn_of(refiner.encoder, cfg, train, test)
-    export_timm(refiner.encoder, out_dir / "export", "online", extra_config={"recipe": to_dict(cfg)})
-    if refiner.ema is not None:
-        refiner.ema.copy_to(refiner.encoder)
-        results["ema"] = knn_of(refiner.encoder, cfg, train, test)
-        export_timm(refiner.encoder, out_dir / "export", "ema", extra_config={"recipe": to_dict(cfg)})
-    results["minutes"] = (time.time() - started) / 60
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    writer.close()
+        if last["stopped"]:
+            ctx.barrier()
+            return 0
+        full = engine.full_state()
+        ema_state = engine.ema.encoder_state() if engine.ema is not None else ema_state
+        # A fresh, unwrapped refiner for the next stage: the engine's sharding is not undone in place.
+        del engine
+        refiner = build_refiner(cfg, load_weights=False)
+        refiner.load_state_dict(full)
 
-    print("\n| encoder | k-NN@10 | k-NN@20 |\n|---|---|---|")
-    for name in ("before", "online", "ema"):
-        if name in results:
-            print(f"| {name} | {100 * results[name][10]:.1f} | {100 * results[name][20]:.1f} |")
-    print(f"\nTensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}   exports: {out_dir / 'export'}")
+    if ctx.is_main:
+        online = refiner.encoder.state_dict()
+        export(online, cfg, out_dir, "online")
+        if ema_state is not None:
+            export(ema_state, cfg, out_dir, "ema")
+        if eval_data is not None:
+            results["online"] = knn_of(online, cfg, eval_data)
+            if ema_state is not None:
+                results["ema"] = knn_of(ema_state, cfg, eval_data)
+        results["minutes"] = (time.time() - started) / 60
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        writer.close()
+        print("\n| encoder | k-NN@10 | k-NN@20 |\n|---|---|---|")
+        for name in ("before", "online", "ema"):
+            if name in results:
+                print(f"| {name} | {100 * results[name]['10']:.1f} | {100 * results[name]['20']:.1f} |")
+        print(f"\nTensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}   exports: {out_dir / 'export'}")
+    ctx.barrier()
     return 0
 
 

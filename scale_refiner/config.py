@@ -121,7 +121,9 @@ class RunConfig:
     log_every: int = 10
     save_every: int = 0  # steps; 0 = only at the end of a stage
     resume: str = "none"  # none | auto | PATH
-    max_steps: int = 0  # per stage; 0 = no cap (used by smoke tests)
+    max_steps: int = 0  # caps each stage's length, schedule included; 0 = no cap (smoke tests)
+    stop_after: int = 0  # stop after this many steps of a stage, saving a checkpoint to resume from; 0 = never
+    keep_checkpoints: int = 2  # periodic checkpoints kept (stage ends are always kept)
 
 
 @dataclass
@@ -266,6 +268,9 @@ def validate(cfg: RefineConfig, world_size: Optional[int] = None) -> None:
         fail("data.batch_size", "must be > 0")
     if world_size is not None and cfg.data.batch_size % world_size:
         fail("data.batch_size", f"{cfg.data.batch_size} is not divisible by the world size {world_size}")
+    for key in ("run.max_steps", "run.stop_after", "run.save_every", "run.log_every", "run.keep_checkpoints"):
+        if _get(cfg, key) < 0 or (key == "run.log_every" and _get(cfg, key) == 0):
+            fail(key, "must be >= 0" if key != "run.log_every" else "must be > 0")
     if cfg.data.samples_per_epoch < 0:
         fail("data.samples_per_epoch", "must be >= 0")
 

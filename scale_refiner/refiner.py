@@ -120,10 +120,10 @@ class MIMRefiner(nn.Module):
         return self
 
 
-def build_refiner(cfg) -> MIMRefiner:
+def build_refiner(cfg, load_weights: bool = True) -> MIMRefiner:
     """Encoder (with pre-trained weights when configured) + heads + queues from a ``RefineConfig``."""
     encoder = build_vit(cfg.model)
-    if cfg.model.weights:
+    if cfg.model.weights and load_weights:
         from scale_refiner.models.weights import load_pretrained
         load_pretrained(encoder, cfg.model.weights, cfg.model.weights_format)
     encoder.set_grad_checkpointing(cfg.model.checkpointing)

@@ -10,7 +10,8 @@ from scale_refiner.models.vit import VisionTransformer
 
 
 def groups_by_param(groups):
-    return {name: g for g in groups for name in g["param_names"]}
+    return {name.split(".", 1)[1] if name.startswith("encoder.") else name.replace("heads.", "", 1): g
+            for g in groups for name in g["param_names"]}
 
 
 def test_layer_decay_multipliers_for_24_blocks():

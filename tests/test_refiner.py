@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from scale_refiner.config import load_config
+from scale_refiner.engine.distributed import DistContext
 from scale_refiner.engine.ema import EncoderEMA
-from scale_refiner.engine.trainer import run_stage
+from scale_refiner.engine.trainer import build_engine, run_stage
 from scale_refiner.refiner import build_refiner
+
+CTX = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.name=vit_test_patch4", "heads.blocks=[1,2]", "heads.proj_hidden_dim=64", "heads.proj_out_dim=16",
@@ -19,9 +22,9 @@ TINY = ["model.name=vit_test_patch4", "heads.blocks=[1,2]", "heads.proj_hidden_d
 
 
 def synthetic_batches(num_local=2, batch=8):
-    def batches(epoch):
+    def batches(epoch, start_batch=0):
         g = torch.Generator().manual_seed(epoch)
-        for i in range(4):
+        for i in range(start_batch, 4):
             yield {"global": torch.randn(2, batch, 3, 32, 32, generator=g),
                    "local": torch.randn(num_local, batch, 3, 16, 16, generator=g),
                    "index": torch.arange(batch) + batch * i, "label": torch.arange(batch) % 3}
@@ -38,7 +41,7 @@ def test_heads_stage_leaves_encoder_bit_identical_and_trains_heads():
     refiner = build_refiner(cfg)
     enc_before, heads_before = snapshot(refiner.encoder), snapshot(refiner.heads)
     bn_before = refiner.encoder.state_dict()
-    run_stage(refiner, cfg, "heads", synthetic_batches(), 32, None, torch.device("cpu"))
+    run_stage(build_engine(refiner, cfg, "heads", CTX), cfg, "heads", synthetic_batches(), 32, CTX)
     assert all(torch.equal(p, enc_before[n]) for n, p in refiner.encoder.named_parameters())
     assert all(torch.equal(v, bn_before[k]) for k, v in refiner.encoder.state_dict().items())
     assert not refiner.encoder.training  # frozen encoder stays in eval mode during the heads stage
@@ -54,31 +57,36 @@ def test_refine_stage_keeps_frozen_prefix_and_trains_the_rest(checkpointing):
     torch.manual_seed(0)
     refiner = build_refiner(cfg)
     before = snapshot(refiner.encoder)
-    run_stage(refiner, cfg, "refine", synthetic_batches(), 32, None, torch.device("cpu"))
+    engine = build_engine(refiner, cfg, "refine", CTX)
+    run_stage(engine, cfg, "refine", synthetic_batches(), 32, CTX)
     for name, p in refiner.encoder.named_parameters():
         frozen = name.startswith(("patch_embed", "cls_token", "pos_embed", "blocks.0.", "blocks.1."))
         assert torch.equal(p, before[name]) == frozen, name
-    assert refiner.ema is not None
+    assert engine.ema is not None and set(engine.ema.shadow) == {
+        n for n, p in refiner.encoder.named_parameters() if p.requires_grad}
 
 
 def test_ema_matches_a_naive_full_parameter_ema():
     torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs/demo.yaml", TINY)
-    encoder = build_refiner(cfg).encoder
-    encoder.freeze(1)
-    ema = EncoderEMA(encoder, decay=0.9)
+    cfg = load_config(ROOT / "configs/demo.yaml", TINY + ["model.freeze_blocks=1"])
+    refiner = build_refiner(cfg)
+    encoder = refiner.encoder
+    engine = build_engine(refiner, cfg, "refine", CTX)
+    ema = EncoderEMA(engine, decay=0.9)
     naive = {n: p.detach().double().clone() for n, p in encoder.named_parameters()}
     for _ in range(3):
         with torch.no_grad():
             for p in encoder.parameters():
                 if p.requires_grad:
                     p.add_(torch.randn_like(p))
-        ema.update(encoder)
+        ema.update()
         for n, p in encoder.named_parameters():
             naive[n] = 0.9 * naive[n] + 0.1 * p.detach().double()
+    full = ema.encoder_state()
     for n in naive:
-        assert torch.allclose(ema.shadow[n].double(), naive[n], atol=1e-6), n
-    assert torch.equal(ema.shadow["blocks.0.attn.qkv.weight"], encoder.blocks[0].attn.qkv.weight)
+        assert torch.allclose(full[n].double(), naive[n], atol=1e-6), n
+    assert "blocks.0.attn.qkv.weight" not in ema.shadow  # frozen: its EMA is the parameter itself
+    assert torch.equal(full["blocks.0.attn.qkv.weight"], encoder.blocks[0].attn.qkv.weight)
 
 
 def test_main_job_runs_end_to_end_and_exports_load_in_timm(tmp_path):
@@ -93,12 +101,14 @@ def test_main_job_runs_end_to_end_and_exports_load_in_timm(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {"before", "online", "ema"} <= set(results)
     assert all(0 <= results["ema"][k] <= 1 for k in ("10", "20"))
-    assert (out / "stage_heads.pt").is_file() and (out / "stage_refine.pt").is_file()
+    assert (out / "checkpoints/heads-end/state.json").is_file()
+    assert (out / "checkpoints/latest").read_text() == "refine-end"
     assert any((out / "tensorboard").iterdir())
     model = load_timm_export(out / "export/ema.safetensors")
-    state = torch.load(out / "stage_refine.pt", weights_only=True)
-    ema = state["ema"]
+    ema = torch.load(out / "checkpoints/refine-end/ema.pt", weights_only=True)
     assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["stage"] == "refine"
 
 
 def test_bad_config_fails_before_work(tmp_path):

@@ -38,3 +38,112 @@ def check_out_dir(path: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise SystemExit(f"error: output directory {path} (config key 'run.out_dir') is not writable: {err}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training checkpoints: one directory per tag under <out_dir>/checkpoints, written atomically.
+#
+#   checkpoints/<tag>/          the engine's files (sharded), plus
+#       client_rank<r>.pt       this rank's queues, RNG states
+#       ema.pt                  the EMA as full tensors (refine stage)
+#       model_state.pt          at the end of a stage: the full refiner state, what the next stage starts from
+#       state.json              stage, step, data position; written last inside the directory
+#   checkpoints/latest          the tag of the newest complete checkpoint; moved last
+#
+# Everything is written into checkpoints/.tmp-<tag>, which rank 0 renames to <tag> once every rank is done
+# (os.replace of a directory is atomic), and only then is `latest` replaced. A save killed at any point
+# leaves the previous checkpoint and pointer untouched.
+# ----------------------------------------------------------------------------------------------------------
+import json  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+from typing import Dict, Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def rng_state() -> Dict:
+    """Every RNG this process uses, as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointDir:
+    def __init__(self, out_dir: Path, ctx, keep: int = 2):
+        self.root = Path(out_dir) / "checkpoints"
+        self.ctx = ctx
+        self.keep = keep
+
+    def latest(self) -> Optional[Path]:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"checkpoint pointer {pointer} names {path}, which is incomplete or missing")
+        return path
+
+    def save(self, tag: str, engine, state: Dict, client: Dict, ema=None, model_state: Optional[Dict] = None) -> Path:
+        """Collective. ``client`` is this rank's own state (queues, RNG); ``state`` is shared (JSON)."""
+        tmp = self.root / f".tmp-{tag}"
+        if self.ctx.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left over from a killed save
+            tmp.mkdir(parents=True)
+        self.ctx.barrier()
+        engine.save(tmp)
+        atomic_save(client, tmp / f"client_rank{self.ctx.rank}.pt")
+        ema_state = ema.full_state() if ema is not None else None  # collective
+        if self.ctx.is_main:
+            if ema_state is not None:
+                atomic_save(ema_state, tmp / "ema.pt")
+            if model_state is not None:
+                atomic_save(model_state, tmp / "model_state.pt")
+            (tmp / "state.json").write_text(json.dumps(dict(state, world_size=self.ctx.world), indent=2))
+        self.ctx.barrier()
+        final = self.root / tag
+        if self.ctx.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer_tmp = self.root / ".latest.tmp"
+            pointer_tmp.write_text(tag)
+            os.replace(pointer_tmp, self.root / "latest")
+            self._prune(keep_tag=tag)
+        self.ctx.barrier()
+        return final
+
+    def _prune(self, keep_tag: str) -> None:
+        """Drop periodic checkpoints beyond the newest ``keep``; stage ends (tags ending -end) stay."""
+        periodic = sorted(p for p in self.root.iterdir()
+                          if p.is_dir() and not p.name.startswith(".") and not p.name.endswith("-end"))
+        for old in periodic[:-self.keep] if self.keep else []:
+            if old.name != keep_tag:
+                shutil.rmtree(old)
+
+    @staticmethod
+    def read_state(path: Path) -> Dict:
+        return json.loads((Path(path) / "state.json").read_text())
+
+    def load_client(self, path: Path) -> Dict:
+        saved_world = self.read_state(path).get("world_size")
+        if saved_world != self.ctx.world:
+            raise ValueError(f"checkpoint {path} was written by {saved_world} ranks and this run has "
+                             f"{self.ctx.world}: resuming at another world size is not supported (the data "
+                             f"order and RNG streams are per rank); relaunch with {saved_world} ranks")
+        return torch.load(Path(path) / f"client_rank{self.ctx.rank}.pt", map_location="cpu", weights_only=True)

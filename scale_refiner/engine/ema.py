@@ -1,41 +1,45 @@
-"""EMA of the encoder, kept in fp32 and updated with one fused ``_foreach_lerp_`` per step.
+"""EMA of the encoder's trainable parameters, kept in fp32 on each rank's local storage.
 
-It tracks every encoder parameter so the exported EMA is a complete model; frozen ones never change, so only
-the trainable ones are lerped. ``ema = decay * ema + (1 - decay) * online`` is ``lerp(ema, online, 1 - decay)``.
+Under ZeRO-3 the local storage is the rank's fp32 partition, under FSDP2 its shard, in one process the
+parameter itself (``Engine.local_views``): the update is one fused ``_foreach_lerp_`` with no communication,
+and equals a full-parameter EMA element by element. Frozen parameters never change, so their EMA is the
+parameter. ``ema = decay * ema + (1 - decay) * online`` is ``lerp(ema, online, 1 - decay)``.
+
+Saved as full tensors (``Engine.to_full``) so a checkpoint restores at any world size.
 """
 from __future__ import annotations
 
 from typing import Dict
 
 import torch
-from torch import nn
 
 
 class EncoderEMA:
-    def __init__(self, encoder: nn.Module, decay: float):
+    def __init__(self, engine, decay: float):
+        self.engine = engine
         self.decay = decay
-        self.names = [n for n, _ in encoder.named_parameters()]
-        self.shadow: Dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in encoder.named_parameters()}
-        self.trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
+        self.shadow: Dict[str, torch.Tensor] = {n: t.detach().float().clone()
+                                                for n, t in engine.local_views().items()}
 
     @torch.no_grad()
-    def update(self, encoder: nn.Module) -> None:
-        params = dict(encoder.named_parameters())
-        online = [params[n].detach().float() for n in self.trainable]
-        torch._foreach_lerp_([self.shadow[n] for n in self.trainable], online, 1.0 - self.decay)
+    def update(self) -> None:
+        views = self.engine.local_views()
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [views[n].float() for n in names], 1.0 - self.decay)
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return dict(self.shadow)
+    def full_state(self) -> Dict[str, torch.Tensor]:
+        """Full fp32 CPU tensors of the trainable parameters' EMA (collective)."""
+        return {n: self.engine.to_full(n, t).float().cpu() for n, t in self.shadow.items()}
 
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+    def load_full_state(self, state: Dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
-            raise KeyError(f"EMA state lacks {sorted(missing)}")
+            raise KeyError(f"the checkpoint's EMA lacks {sorted(missing)}")
         for n in self.shadow:
-            self.shadow[n].copy_(state[n])
+            self.shadow[n].copy_(self.engine.to_local(n, state[n].to(self.shadow[n].device)))
 
-    def copy_to(self, encoder: nn.Module) -> None:
-        """Load the EMA weights into ``encoder`` (buffers untouched)."""
-        with torch.no_grad():
-            for n, p in encoder.named_parameters():
-                p.copy_(self.shadow[n].to(p.dtype))
+    def encoder_state(self) -> Dict[str, torch.Tensor]:
+        """The full encoder state dict with the EMA in place of the trainable parameters (collective)."""
+        state = self.engine.encoder_state()
+        state.update(self.full_state())
+        return state

@@ -30,7 +30,11 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 def param_groups(encoder: nn.Module, heads: nn.Module, depth: int, weight_decay: float,
                  head_weight_decay: float, layer_decay: float) -> List[Dict]:
-    """Groups with ``lr_scale`` (multiplied into the scheduled lr) and ``weight_decay``, named for logs."""
+    """Groups with ``lr_scale`` (multiplied into the scheduled lr) and ``weight_decay``, named for logs.
+
+    ``param_names`` are relative to the refiner (``encoder.…``, ``heads.…``), so an engine that replaces the
+    parameters (FSDP2's sharding) can rebuild the same groups by name.
+    """
     groups: Dict[tuple, Dict] = {}
 
     def add(group_name, name, param, lr_scale, wd):
@@ -47,12 +51,13 @@ def param_groups(encoder: nn.Module, heads: nn.Module, depth: int, weight_decay:
         layer = encoder_layer_id(name, depth)
         scale = layer_decay ** (depth + 1 - layer)
         decay = "no_decay" if _no_decay(name, param) else "decay"
-        add(f"encoder.layer{layer}.{decay}", name, param, scale, 0.0 if decay == "no_decay" else weight_decay)
+        add(f"encoder.layer{layer}.{decay}", f"encoder.{name}", param, scale,
+            0.0 if decay == "no_decay" else weight_decay)
     for name, param in heads.named_parameters():
         if not param.requires_grad:
             continue
         decay = "no_decay" if _no_decay(name, param) else "decay"
-        add(f"heads.{decay}", name, param, 1.0, 0.0 if decay == "no_decay" else head_weight_decay)
+        add(f"heads.{decay}", f"heads.{name}", param, 1.0, 0.0 if decay == "no_decay" else head_weight_decay)
     return list(groups.values())
 
 

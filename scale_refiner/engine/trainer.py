@@ -1,20 +1,23 @@
-"""The training loop of one stage, top to bottom: schedule -> forward -> backward -> step -> EMA -> log.
-
-This is the single-process engine (``engine.kind=single``); the sharded engines wrap the same refiner.
-"""
+"""One stage, top to bottom: build the engine -> (resume) -> schedule -> forward -> backward -> step -> EMA
+-> log -> checkpoint. The same loop drives every engine (single process, DeepSpeed ZeRO, FSDP2)."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
+import torch.distributed as dist
 from tqdm import tqdm
 
 from scale_refiner.config import RefineConfig, StageConfig
+from scale_refiner.engine.base import Engine
+from scale_refiner.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
+from scale_refiner.engine.distributed import DistContext, resolve_precision
 from scale_refiner.engine.ema import EncoderEMA
 from scale_refiner.engine.optim import param_groups, scaled_lr, warmup_cosine
 from scale_refiner.refiner import MIMRefiner
@@ -30,78 +33,147 @@ class StagePlan:
     peak_lr: float
 
 
-def plan_stage(stage: StageConfig, samples_per_epoch: int, global_batch: int) -> StagePlan:
+def plan_stage(stage: StageConfig, samples_per_epoch: int, global_batch: int, max_steps: int = 0) -> StagePlan:
     steps_per_epoch = samples_per_epoch // global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch of {samples_per_epoch} samples is smaller than one global batch "
                          f"({global_batch}); lower data.batch_size")
-    return StagePlan(steps_per_epoch, max(1, math.ceil(stage.epochs * steps_per_epoch)),
-                     int(stage.warmup_epochs * steps_per_epoch), scaled_lr(stage.base_lr, global_batch))
+    total = max(1, math.ceil(stage.epochs * steps_per_epoch))
+    if max_steps:
+        total = min(total, max_steps)
+    return StagePlan(steps_per_epoch, total, int(stage.warmup_epochs * steps_per_epoch),
+                     scaled_lr(stage.base_lr, global_batch))
 
 
-def build_optimizer(refiner: MIMRefiner, stage: StageConfig) -> torch.optim.Optimizer:
-    groups = param_groups(refiner.encoder, refiner.heads, refiner.encoder.depth, stage.weight_decay,
-                          stage.head_weight_decay, stage.layer_decay)
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(stage.betas))
-
-
-def run_stage(refiner: MIMRefiner, cfg: RefineConfig, name: str, batches: Callable[[int], Iterator[Dict]],
-              samples_per_epoch: int, writer: Optional[SummaryWriter], device: torch.device,
-              global_step_offset: int = 0) -> Dict[str, float]:
-    """Train one stage (``heads`` or ``refine``). ``batches(epoch)`` yields collated multi-crop batches.
-
-    Returns the last logged metrics. The EMA (refine stage) is left on ``refiner.ema``.
-    """
+def build_engine(refiner: MIMRefiner, cfg: RefineConfig, name: str, ctx: DistContext) -> Engine:
+    """Freeze for the stage, build the stage's parameter groups, wrap in the configured engine."""
     stage: StageConfig = getattr(cfg.stages, name)
     refiner.set_stage(name, cfg.model.freeze_blocks)
-    refiner.train()
-    plan = plan_stage(stage, samples_per_epoch, cfg.data.batch_size)
-    if cfg.run.max_steps:
-        plan.total_steps = min(plan.total_steps, cfg.run.max_steps)
-    optimizer = build_optimizer(refiner, stage)
-    ema = EncoderEMA(refiner.encoder, stage.ema) if name == "refine" else None
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    log.info("stage %s: %d steps (%d per epoch, %d warm-up), peak lr %.3g, %d trainable tensors",
-             name, plan.total_steps, plan.steps_per_epoch, plan.warmup_steps, plan.peak_lr, len(trainable))
+    groups = param_groups(refiner.encoder, refiner.heads, refiner.encoder.depth, stage.weight_decay,
+                          stage.head_weight_decay, stage.layer_decay)
+    dtype = resolve_precision(cfg.engine.precision, ctx.device)
+    if cfg.engine.kind == "single":
+        from scale_refiner.engine.single import SingleEngine
+        return SingleEngine(refiner.to(ctx.device), groups, stage.betas, ctx, dtype)
+    if cfg.engine.kind == "deepspeed":
+        from scale_refiner.engine.zero import ZeroEngine, load_ds_config
+        return ZeroEngine(refiner, groups, stage.betas, ctx, dtype, load_ds_config(cfg.engine.zero_config),
+                          micro_batch=cfg.data.batch_size // ctx.world, clip_grad=stage.clip_grad)
+    from scale_refiner.engine.fsdp import FSDPEngine
+    return FSDPEngine(refiner, groups, stage.betas, ctx, dtype)
 
-    step, last, logged_at = 0, {}, 0
-    progress = tqdm(total=plan.total_steps, desc=name, dynamic_ncols=True, disable=None)
-    epoch = 0
-    tick = time.perf_counter()
+
+def client_state(refiner: MIMRefiner) -> Dict:
+    """What each rank keeps for itself: its buffers (BN statistics differ per rank with plain BN), the queues
+    with their pick generators, and every RNG state."""
+    return {"buffers": {n: b.detach().cpu().clone() for n, b in refiner.named_buffers()},
+            "queues": {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                       for k, v in refiner.queues.state_dict().items()},
+            "rng": rng_state()}
+
+
+def restore_client(refiner: MIMRefiner, client: Dict) -> None:
+    with torch.no_grad():
+        for n, b in refiner.named_buffers():
+            b.copy_(client["buffers"][n])
+    refiner.queues.load_state_dict(client["queues"])
+    set_rng_state(client["rng"])
+
+
+def _mean_over_ranks(metrics: Dict[str, torch.Tensor], ctx: DistContext) -> Dict[str, float]:
+    names = sorted(metrics)
+    values = torch.stack([metrics[n].detach().float().reshape(()) for n in names])
+    if ctx.world > 1:
+        dist.all_reduce(values)
+        values /= ctx.world
+    return dict(zip(names, values.tolist()))
+
+
+def run_stage(engine: Engine, cfg: RefineConfig, name: str, batches: Callable[..., Iterator[Dict]],
+              samples_per_epoch: int, ctx: DistContext, writer=None, checkpoints: Optional[CheckpointDir] = None,
+              resume_from: Optional[Path] = None, global_offset: int = 0,
+              metrics_file: Optional[Path] = None) -> Dict[str, float]:
+    """Train one stage (``heads`` or ``refine``); ``batches(epoch, start_batch)`` yields this rank's batches.
+    Rank 0 appends every logged step's metrics (averaged over ranks) to ``metrics_file`` as JSON lines.
+
+    Returns the last logged metrics plus ``steps``; the EMA (refine stage) is left on ``engine.ema``.
+    """
+    stage: StageConfig = getattr(cfg.stages, name)
+    refiner = engine.refiner
+    engine.module.train()
+    plan = plan_stage(stage, samples_per_epoch, cfg.data.batch_size, cfg.run.max_steps)
+    engine.ema = EncoderEMA(engine, stage.ema) if name == "refine" else None
+    step = 0
+    if resume_from is not None:
+        state = CheckpointDir.read_state(resume_from)
+        engine.load(resume_from)
+        restore_client(refiner, checkpoints.load_client(resume_from))
+        if engine.ema is not None:
+            engine.ema.load_full_state(torch.load(resume_from / "ema.pt", map_location="cpu", weights_only=True))
+        step, global_offset = state["step"], state["global_step"] - state["step"]
+        log.info("resumed stage %s at step %d from %s", name, step, resume_from)
+    log.info("stage %s on %s (%d ranks, %s): %d steps (%d per epoch, %d warm-up), peak lr %.3g", name,
+             engine.kind, ctx.world, engine.dtype, plan.total_steps, plan.steps_per_epoch, plan.warmup_steps,
+             plan.peak_lr)
+
+    def save(tag: str, model_state=None):
+        checkpoints.save(tag, engine, {"stage": name, "step": step, "global_step": global_offset + step,
+                                       "stage_done": step >= plan.total_steps},
+                         client_state(refiner), engine.ema, model_state)
+
+    last: Dict[str, float] = {}
+    progress = tqdm(total=plan.total_steps, initial=step, desc=name, dynamic_ncols=True,
+                    disable=not ctx.is_main or None)
+    tick, logged_at = time.perf_counter(), step
+    device = ctx.device
     while step < plan.total_steps:
-        for batch in batches(epoch):
-            if step >= plan.total_steps:
-                break
+        epoch, start_batch = divmod(step, plan.steps_per_epoch)
+        for batch in batches(epoch, start_batch):
             lr = warmup_cosine(step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            loss, metrics = refiner(batch["global"].to(device, non_blocking=True),
-                                    batch["local"].to(device, non_blocking=True),
-                                    batch["index"].to(device), batch["label"].to(device),
-                                    topk=stage.topk, step=global_step_offset + step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.clip_grad or float("inf"))
-            optimizer.step()
-            if ema is not None:
-                ema.update(refiner.encoder)
+            engine.set_lr(lr)
+            loss, metrics = engine.forward(batch["global"].to(device, non_blocking=True),
+                                           batch["local"].to(device, non_blocking=True),
+                                           batch["index"].to(device), batch["label"].to(device),
+                                           topk=stage.topk, step=global_offset + step)
+            engine.backward(loss)
+            grad_norm = engine.step(stage.clip_grad)
+            if engine.ema is not None:
+                engine.ema.update()
             step += 1
             progress.update(1)
             if step % cfg.run.log_every == 0 or step == plan.total_steps:
+                last = _mean_over_ranks(metrics, ctx)
                 elapsed = time.perf_counter() - tick
-                last = {k: float(v) for k, v in metrics.items()}
-                last.update(lr=lr, grad_norm=float(grad_norm),
+                last.update(lr=lr, grad_norm=grad_norm,
                             images_per_s=(step - logged_at) * cfg.data.batch_size / max(elapsed, 1e-9))
                 tick, logged_at = time.perf_counter(), step
-                progress.set_postfix(loss=f"{last['loss']:.3f}", nn_acc=f"{last.get('final/nn_accuracy', 0):.2f}")
-                log.info("%s step %d/%d loss %.4f final nn-acc %.3f lr %.3g %.1f img/s", name, step,
-                         plan.total_steps, last["loss"], last.get("final/nn_accuracy", float("nan")), lr,
-                         last["images_per_s"])
-                if writer is not None:
-                    for key, value in last.items():
-                        writer.add_scalar(f"{name}/{key}", value, global_step_offset + step)
-        epoch += 1
+                if ctx.is_main:
+                    progress.set_postfix(loss=f"{last['loss']:.3f}", nn_acc=f"{last.get('final/nn_accuracy', 0):.2f}")
+                    log.info("%s step %d/%d loss %.4f final nn-acc %.3f lr %.3g %.1f img/s", name, step,
+                             plan.total_steps, last["loss"], last.get("final/nn_accuracy", float("nan")), lr,
+                             last["images_per_s"])
+                    if writer is not None:
+                        for key, value in last.items():
+                            writer.add_scalar(f"{name}/{key}", value, global_offset + step)
+                    if metrics_file is not None:
+                        with open(metrics_file, "a") as handle:
+                            handle.write(json.dumps(dict(last, stage=name, step=step)) + "\n")
+            stopping = step == cfg.run.stop_after and step < plan.total_steps
+            if checkpoints is not None and step < plan.total_steps and (
+                    stopping or (cfg.run.save_every and step % cfg.run.save_every == 0)):
+                save(f"{name}-{step:07d}")
+            if stopping or step >= plan.total_steps or step % plan.steps_per_epoch == 0:
+                break
+        if step == cfg.run.stop_after:
+            break
     progress.close()
-    refiner.ema = ema
     last["steps"] = step
+    last["global_step"] = global_offset + step
+    last["stopped"] = step < plan.total_steps
+    if last["stopped"]:
+        log.info("stopped after step %d of stage %s (run.stop_after); resume with run.resume=auto", step, name)
+    elif checkpoints is not None:
+        save(f"{name}-end", model_state=engine.full_state())
+    last["steps"] = step
+    last["global_step"] = global_offset + step
     return last

@@ -1,0 +1,104 @@
+"""One small interface over the single-process, DeepSpeed ZeRO and FSDP2 engines.
+
+The stage loop (engine/trainer.py) sees only this: forward, backward, step, the local fp32 storage of the
+trainable encoder parameters (for the EMA), conversions between that local layout and full tensors (to save
+the EMA as full tensors and restore it at any world size), the full encoder state (for export), and sharded
+save / load of model and optimiser.
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from scale_refiner.engine.distributed import DistContext
+from scale_refiner.refiner import MIMRefiner
+
+
+def cpu_state_copy(state: Dict) -> Dict:
+    """fp32 CPU copies of floating tensors (others copied as they are): a state that outlives the engine."""
+    def copy(v):
+        if not torch.is_tensor(v):
+            return v
+        v = v.detach().cpu().clone()
+        return v.float() if v.is_floating_point() else v
+    return {k: copy(v) for k, v in state.items()}
+
+
+class Engine(ABC):
+    kind: str = "?"
+
+    def __init__(self, refiner: MIMRefiner, groups: List[Dict], betas, ctx: DistContext, dtype: torch.dtype):
+        self.refiner = refiner  # unwrapped, for attribute access (encoder, heads, queues)
+        self.ctx = ctx
+        self.dtype = dtype
+        self.trainable_encoder = [n for n, p in refiner.encoder.named_parameters() if p.requires_grad]
+
+    # -------------------------------------------------------------------------------------------- a step
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.dtype)
+
+    def forward(self, global_crops, local_crops, index, label, topk: int, step: int) -> Tuple[torch.Tensor, Dict]:
+        with self.autocast():
+            return self.module(global_crops, local_crops, index, label, topk=topk, step=step,
+                               group=self.ctx.group)
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The callable (wrapped) model."""
+
+    @property
+    @abstractmethod
+    def param_groups(self) -> List[Dict]:
+        """The optimiser's groups, each with its ``lr_scale``."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self, clip_grad: Optional[float]) -> float:
+        """Clip (when set), optimiser step, zero gradients; returns the gradient norm before clipping."""
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+
+    # ------------------------------------------------------------------------------ EMA / export support
+    @abstractmethod
+    def local_views(self) -> Dict[str, torch.Tensor]:
+        """name -> this rank's fp32 storage of each trainable encoder parameter (full tensor, ZeRO partition or
+        FSDP shard), as updated in place by ``step``."""
+
+    @abstractmethod
+    def to_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """Assemble the full tensor of parameter ``name`` from tensors laid out like ``local_views()[name]``
+        (collective: every rank calls it)."""
+
+    @abstractmethod
+    def to_local(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full tensor of parameter ``name``, laid out like ``local_views()[name]``."""
+
+    @abstractmethod
+    def full_state(self) -> Dict[str, torch.Tensor]:
+        """The refiner's full state dict (parameters gathered, this rank's buffers and queues), fp32 CPU, on
+        every rank (collective). What the next stage, an export or an evaluation starts from."""
+
+    def encoder_state(self) -> Dict[str, torch.Tensor]:
+        """The encoder's full state dict (fp32, CPU) on every rank (collective)."""
+        return {k[len("encoder."):]: v for k, v in self.full_state().items() if k.startswith("encoder.")}
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write model and optimiser state into ``directory`` (collective; sharded where the engine shards)."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Restore what ``save`` wrote (collective)."""

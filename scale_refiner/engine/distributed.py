@@ -1,0 +1,66 @@
+"""Process-group set-up from the launcher's environment (deepspeed, torchrun, or none).
+
+Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. With a GPU the backend is
+NCCL and each rank takes cuda:LOCAL_RANK; without one it is gloo on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        """The process group the method gathers over; None in a single process."""
+        return dist.group.WORLD if self.world > 1 else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(use_deepspeed: bool = False) -> DistContext:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 or use_deepspeed:
+        if use_deepspeed:
+            import deepspeed
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        elif not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    device_id=device if device.type == "cuda" else None)
+        world, rank = dist.get_world_size(), dist.get_rank()
+    return DistContext(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU that supports it, fp32 on the CPU (CPU bf16 matmuls are slow and not the
+    production path)."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32

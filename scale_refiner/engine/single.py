@@ -1,0 +1,63 @@
+"""Single-process engine: plain AdamW over the parameter groups, the model as it is."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from scale_refiner.engine.base import Engine, cpu_state_copy
+from scale_refiner.engine.checkpoint import atomic_save
+
+
+class SingleEngine(Engine):
+    kind = "single"
+
+    def __init__(self, refiner, groups, betas, ctx, dtype):
+        super().__init__(refiner, groups, betas, ctx, dtype)
+        if ctx.world > 1:
+            raise ValueError("engine.kind=single runs in one process; launched with "
+                             f"{ctx.world} ranks use engine.kind=deepspeed or fsdp2")
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas),
+                                           fused=ctx.device.type == "cuda")
+        self.trainable = [p for g in groups for p in g["params"]]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.refiner
+
+    @property
+    def param_groups(self) -> List[Dict]:
+        return self.optimizer.param_groups
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self, clip_grad: Optional[float]) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip_grad or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def local_views(self):
+        params = dict(self.refiner.encoder.named_parameters())
+        return {n: params[n].detach() for n in self.trainable_encoder}
+
+    def to_full(self, name, local):
+        return local
+
+    def to_local(self, name, full):
+        return full
+
+    def full_state(self):
+        return cpu_state_copy(self.refiner.state_dict())
+
+    def save(self, directory: Path) -> None:
+        atomic_save({"model": self.refiner.state_dict(), "optimizer": self.optimizer.state_dict()},
+                    Path(directory) / "engine.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(Path(directory) / "engine.pt", map_location=self.ctx.device, weights_only=True)
+        self.refiner.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
