@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from scale_refiner.config import ConfigError, load_config, to_dict, validate  # noqa: E402
 from scale_refiner.engine.checkpoint import CheckpointDir, check_out_dir  # noqa: E402
 from scale_refiner.engine.distributed import init_distributed  # noqa: E402
-from scale_refiner.engine.trainer import build_engine, restore_client, run_stage  # noqa: E402
+from scale_refiner.engine.trainer import build_engine, model_signature, restore_client, run_stage  # noqa: E402
 from scale_refiner.refiner import build_refiner  # noqa: E402
 
 log = logging.getLogger("scale_refiner")
@@ -105,9 +105,17 @@ def main(argv=None) -> int:
     checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints)
     stages = list(cfg.stages.run)
     first, resume_from, global_step = 0, None, 0
-    point = resume_point(cfg, checkpoints)
+    try:
+        point = resume_point(cfg, checkpoints)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if point is not None:
         state = CheckpointDir.read_state(point)
+        if state.get("model") != model_signature(cfg):
+            print(f"error: checkpoint {point} was written for model {state.get('model')}, but this config builds "
+                  f"{model_signature(cfg)}", file=sys.stderr)
+            return 2
         if state["stage"] not in stages:
             print(f"error: checkpoint {point} is of stage {state['stage']!r}, not in stages.run {stages}",
                   file=sys.stderr)

@@ -63,6 +63,13 @@ def build_engine(refiner: MIMRefiner, cfg: RefineConfig, name: str, ctx: DistCon
     return FSDPEngine(refiner, groups, stage.betas, ctx, dtype)
 
 
+def model_signature(cfg: RefineConfig) -> Dict:
+    """What a checkpoint must match to be resumed: architecture, dimensions, taps and head sizes."""
+    from scale_refiner.models.vit import resolve_model_dims
+    return dict(resolve_model_dims(cfg.model), arch=cfg.model.arch, img_size=cfg.model.img_size,
+                heads=list(cfg.heads.blocks), proj_out_dim=cfg.heads.proj_out_dim, queue_size=cfg.queue.size)
+
+
 def client_state(refiner: MIMRefiner) -> Dict:
     """What each rank keeps for itself: its buffers (BN statistics differ per rank with plain BN), the queues
     with their pick generators, and every RNG state."""
@@ -118,7 +125,7 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, batches: Callable[..
 
     def save(tag: str, model_state=None):
         checkpoints.save(tag, engine, {"stage": name, "step": step, "global_step": global_offset + step,
-                                       "stage_done": step >= plan.total_steps},
+                                       "stage_done": step >= plan.total_steps, "model": model_signature(cfg)},
                          client_state(refiner), engine.ema, model_state)
 
     last: Dict[str, float] = {}

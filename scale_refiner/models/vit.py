@@ -127,7 +127,9 @@ class VisionTransformer(nn.Module):
     # ----------------------------------------------------------------------------------------------- set-up
     @torch.no_grad()
     def _init_weights(self):
-        if self.pos_embed.is_meta:
+        # On the meta device, or partitioned at construction by deepspeed.zero.Init, there is nothing here to
+        # initialise: such models get their weights from a checkpoint (layers keep their own default init).
+        if self.pos_embed.is_meta or any(hasattr(p, "ds_id") for p in self.parameters()):
             return
         self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid).unsqueeze(0))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -261,10 +263,18 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0).float()
 
 
-def build_vit(model_cfg, device=None) -> VisionTransformer:
-    """Build from a ``ModelConfig``; ``device='meta'`` constructs without allocating weights."""
+def build_vit(model_cfg, device=None, zero_init_config: Optional[dict] = None) -> VisionTransformer:
+    """Build from a ``ModelConfig``.
+
+    ``device='meta'`` constructs without allocating weights; ``zero_init_config`` (a DeepSpeed config dict)
+    constructs under ``deepspeed.zero.Init``, so each rank only ever holds its partition of every parameter.
+    """
     dims = resolve_model_dims(model_cfg)
     kwargs = dict(dims, img_size=model_cfg.img_size, in_chans=model_cfg.in_chans, arch=model_cfg.arch)
+    if zero_init_config is not None:
+        import deepspeed
+        with deepspeed.zero.Init(config_dict_or_path=zero_init_config):
+            return VisionTransformer(**kwargs)
     if device is not None:
         with torch.device(device):
             return VisionTransformer(**kwargs)
