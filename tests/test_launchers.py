@@ -38,6 +38,7 @@ def run(cmd, timeout=600):
 
 
 def launch(kind, out, extra, ranks=2):
+    """Run the main job: 1 process, ``deepspeed --num_gpus`` (ZeRO) or ``torchrun`` (FSDP2); CPU ranks."""
     args = [REFINE, "--config", "configs/demo.yaml", "--eval-samples", "0", f"run.out_dir={out}"] + TINY + extra
     if kind == "single":
         cmd = [sys.executable] + args + ["engine.kind=single"]
@@ -94,6 +95,13 @@ def assert_same_weights(run_a, run_b):
             assert diff.max() <= 2 * lr_sum, (key, diff.max(), lr_sum)
             diffs.append(diff.flatten())
     assert torch.cat(diffs).median() < 1e-7
+
+
+def test_zero2_on_two_ranks_equals_one_process(single_run, tmp_path):
+    launch("deepspeed", tmp_path, REFINE_ONLY + ["engine.zero_config=ds_configs/zero2.json"])
+    a, b = losses(single_run), losses(tmp_path)
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4), (a, b)
+    assert_same_weights(single_run, tmp_path)
 
 
 def test_fsdp2_on_two_ranks_equals_one_process(single_run, tmp_path):

@@ -105,6 +105,14 @@ def test_main_job_runs_end_to_end_and_exports_load_in_timm(tmp_path):
     assert (out / "checkpoints/latest").read_text() == "refine-end"
     assert any((out / "tensorboard").iterdir())
     model = load_timm_export(out / "export/ema.safetensors")
+    # and through timm's own factory, loading the file strictly as pretrained weights
+    import timm
+    kwargs = json.loads((out / "export/ema.json").read_text())["timm_kwargs"]
+    created = timm.create_model("vit_base_patch16_224", pretrained=True,
+                                pretrained_cfg_overlay={"file": str(out / "export/ema.safetensors")}, **kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(created.eval().forward_features(x), model.eval().forward_features(x))
     ema = torch.load(out / "checkpoints/refine-end/ema.pt", weights_only=True)
     assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
     lines = (out / "metrics.jsonl").read_text().splitlines()
