@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    ctx = init_distributed(use_deepspeed=cfg.engine.kind == "deepspeed")
+    ctx = init_distributed(use_deepspeed=cfg.engine.kind == "deepspeed", need_group=cfg.engine.kind == "fsdp2")
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:

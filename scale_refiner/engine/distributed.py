@@ -34,7 +34,8 @@ class DistContext:
             dist.barrier()
 
 
-def init_distributed(use_deepspeed: bool = False) -> DistContext:
+def init_distributed(use_deepspeed: bool = False, need_group: bool = False) -> DistContext:
+    """``need_group``: make a process group even for one process (FSDP2 shards over a device mesh)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -51,6 +52,10 @@ def init_distributed(use_deepspeed: bool = False) -> DistContext:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     device_id=device if device.type == "cuda" else None)
         world, rank = dist.get_world_size(), dist.get_rank()
+    elif need_group and not dist.is_initialized():
+        # a plain `python launch/refine.py`: a 1-rank group over an in-memory store, no rendezvous
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
     return DistContext(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
