@@ -153,8 +153,8 @@ def main(argv=None) -> int:
         if last["stopped"]:
             ctx.barrier()
             return 0
-        full = engine.full_state()
-        ema_state = engine.ema.encoder_state() if engine.ema is not None else ema_state
+        full = engine.end_state
+        ema_state = engine.ema.encoder_state(full) if engine.ema is not None else ema_state
         # A fresh, unwrapped refiner for the next stage: the engine's sharding is not undone in place.
         del engine
         refiner = build_refiner(cfg, load_weights=False)

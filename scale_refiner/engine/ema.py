@@ -9,7 +9,7 @@ Saved as full tensors (``Engine.to_full``) so a checkpoint restores at any world
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -38,8 +38,12 @@ class EncoderEMA:
         for n in self.shadow:
             self.shadow[n].copy_(self.engine.to_local(n, state[n].to(self.shadow[n].device)))
 
-    def encoder_state(self) -> Dict[str, torch.Tensor]:
-        """The full encoder state dict with the EMA in place of the trainable parameters (collective)."""
-        state = self.engine.encoder_state()
+    def encoder_state(self, refiner_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The full encoder state dict with the EMA in place of the trainable parameters (collective).
+        ``refiner_state``: an ``Engine.full_state()`` already gathered, to avoid gathering it again."""
+        if refiner_state is None:
+            state = self.engine.encoder_state()
+        else:
+            state = {k[len("encoder."):]: v for k, v in refiner_state.items() if k.startswith("encoder.")}
         state.update(self.full_state())
         return state

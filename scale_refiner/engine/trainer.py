@@ -103,7 +103,8 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, batches: Callable[..
     """Train one stage (``heads`` or ``refine``); ``batches(epoch, start_batch)`` yields this rank's batches.
     Rank 0 appends every logged step's metrics (averaged over ranks) to ``metrics_file`` as JSON lines.
 
-    Returns the last logged metrics plus ``steps``; the EMA (refine stage) is left on ``engine.ema``.
+    Returns the last logged metrics plus ``steps``; the EMA (refine stage) is left on ``engine.ema`` and, when
+    the stage ran to its end, the full refiner state on ``engine.end_state``.
     """
     stage: StageConfig = getattr(cfg.stages, name)
     refiner = engine.refiner
@@ -179,8 +180,11 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, batches: Callable[..
     last["stopped"] = step < plan.total_steps
     if last["stopped"]:
         log.info("stopped after step %d of stage %s (run.stop_after); resume with run.resume=auto", step, name)
-    elif checkpoints is not None:
-        save(f"{name}-end", model_state=engine.full_state())
+    else:
+        # gathered once: the stage-end checkpoint, the next stage and the exports all start from it
+        engine.end_state = engine.full_state()
+        if checkpoints is not None:
+            save(f"{name}-end", model_state=engine.end_state)
     last["steps"] = step
     last["global_step"] = global_offset + step
     return last
