@@ -47,7 +47,7 @@ class HeadsConfig:
     proj_hidden_dim: int = 2048
     proj_out_dim: int = 256
     pred_hidden_dim: int = 4096
-    norm: str = "bn"  # bn | syncbn
+    norm: str = "bn"  # bn | syncbn (global batch) | async (previous steps' global statistics, 1 async reduce)
     temperature: float = 0.2
     objective: str = "nna"  # nna | nnclr (negatives swapped for their NN as well)
 
@@ -141,7 +141,7 @@ class RefineConfig:
 _CHOICES = {
     "model.arch": ("prenorm", "postnorm"),
     "model.weights_format": ("auto", "mae", "timm", "maws", "d2v2", "native"),
-    "heads.norm": ("bn", "syncbn"),  # async statistics: see the async-BN issue
+    "heads.norm": ("bn", "syncbn", "async"),
     "heads.objective": ("nna", "nnclr"),
     "engine.kind": ("deepspeed", "fsdp2", "single"),
     "engine.precision": ("auto", "bf16", "fp32"),

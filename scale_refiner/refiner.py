@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from scale_refiner.heads.async_bn import attach
 from scale_refiner.heads.id_head import IDHead
 from scale_refiner.memory.queue import NNQueue
 from scale_refiner.models.vit import VisionTransformer, build_vit
@@ -40,6 +41,9 @@ class MIMRefiner(nn.Module):
             IDHead(encoder.embed_dim, proj_hidden_dim, proj_out_dim, pred_hidden_dim, norm)
             for _ in self.head_names
         )
+        if norm == "async":
+            # this refiner's async-BN layers share one bucket: one non-blocking all-reduce per step
+            attach(self.heads)
         self.queues = nn.ModuleList(NNQueue(queue_size, proj_out_dim, seed=seed + 1000 * h)
                                     for h in range(len(self.head_names)))
 

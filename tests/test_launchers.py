@@ -112,6 +112,16 @@ def test_fsdp2_on_two_ranks_equals_one_process(single_run, tmp_path):
     assert_same_weights(single_run, tmp_path)
 
 
+def test_async_bn_under_zero3_keeps_rank_buffers_identical(tmp_path):
+    launch("deepspeed", tmp_path, REFINE_ONLY + ["heads.norm=async", "run.max_steps=3"])
+    assert len(losses(tmp_path)) == 3
+    a, b = (torch.load(tmp_path / f"checkpoints/refine-end/client_rank{r}.pt", weights_only=True)["buffers"]
+            for r in (0, 1))
+    running = [k for k in a if k.startswith("heads.") and k.endswith(("running_mean", "running_var"))]
+    assert running and all(torch.equal(a[k], b[k]) for k in running)
+    assert any(a[k].abs().sum() > 0 for k in running if k.endswith("running_mean"))
+
+
 def test_frozen_parameters_bit_identical_after_zero3(zero3_run):
     cfg = load_config(ROOT / "configs/demo.yaml", TINY + REFINE_ONLY)
     torch.manual_seed(cfg.run.seed)

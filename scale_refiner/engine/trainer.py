@@ -20,6 +20,7 @@ from scale_refiner.engine.checkpoint import CheckpointDir, rng_state, set_rng_st
 from scale_refiner.engine.distributed import DistContext, resolve_precision
 from scale_refiner.engine.ema import EncoderEMA
 from scale_refiner.engine.optim import param_groups, scaled_lr, warmup_cosine
+from scale_refiner.heads.async_bn import coordinator_of
 from scale_refiner.refiner import MIMRefiner
 
 log = logging.getLogger("scale_refiner")
@@ -181,6 +182,9 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, batches: Callable[..
     if last["stopped"]:
         log.info("stopped after step %d of stage %s (run.stop_after); resume with run.resume=auto", step, name)
     else:
+        coordinator = coordinator_of(refiner)
+        if coordinator is not None:
+            coordinator.sync()  # fold the last step's async-BN statistics into the running ones
         # gathered once: the stage-end checkpoint, the next stage and the exports all start from it
         engine.end_state = engine.full_state()
         if checkpoints is not None:

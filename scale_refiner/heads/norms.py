@@ -15,7 +15,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
-NORM_KINDS = ("bn", "syncbn")
+NORM_KINDS = ("bn", "syncbn", "async")
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -50,4 +50,7 @@ def make_norm(kind: str, dim: int) -> nn.Module:
         return nn.BatchNorm1d(dim)
     if kind == "syncbn":
         return GlobalBatchNorm1d(dim)
+    if kind == "async":  # previous-step global statistics, one non-blocking bucketed reduce per step
+        from scale_refiner.heads.async_bn import AsyncBatchNorm1d
+        return AsyncBatchNorm1d(dim)
     raise ValueError(f"head norm {kind!r} is not one of {', '.join(NORM_KINDS)}")
