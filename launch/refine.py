@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     refiner = build_refiner(cfg)
     checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints)
     stages = list(cfg.stages.run)
-    first, resume_from, global_step = 0, None, 0
+    first, resume_from, global_step, finished_client = 0, None, 0, None
     try:
         point = resume_point(cfg, checkpoints)
     except FileNotFoundError as err:
@@ -123,7 +123,8 @@ def main(argv=None) -> int:
         first = stages.index(state["stage"])
         if state["stage_done"]:  # start the next stage from this one's end state
             refiner.load_state_dict(torch.load(point / "model_state.pt", map_location="cpu", weights_only=True))
-            restore_client(refiner, checkpoints.load_client(point))
+            finished_client = checkpoints.load_client(point)
+            restore_client(refiner, finished_client)  # the reader position: once the stream exists, below
             first, global_step = first + 1, state["global_step"]
         else:
             resume_from = point
@@ -140,14 +141,26 @@ def main(argv=None) -> int:
                 results["before"] = knn_of(refiner.encoder.state_dict(), cfg, eval_data)
                 log.info("k-NN before refinement: %s", results["before"])
 
-    from scale_refiner.data.loaders import train_batches
-    batches, samples = train_batches(cfg, ctx.rank, ctx.world)
+    from scale_refiner.data.loaders import train_stream
+    stream = train_stream(cfg, ctx.rank, ctx.world)
+    if finished_client is not None:
+        stream.load_state_dict(json.loads(finished_client["data"]))
+    def periodic_knn(engine, stage, step):
+        """k-NN of the online encoder on the held-out (test) split, next to the NN accuracy in TensorBoard."""
+        state = engine.encoder_state()  # collective: every rank gathers, rank 0 evaluates
+        if ctx.is_main and eval_data is not None:
+            accuracy = knn_of(state, cfg, eval_data)
+            for k, value in accuracy.items():
+                writer.add_scalar(f"{stage}/knn_top1_k{k}", value, step)
+            log.info("%s step %d: k-NN %s", stage, step, accuracy)
+        ctx.barrier()
+
     started = time.time()
     ema_state = None
     for stage in stages[first:]:
         engine = build_engine(refiner, cfg, stage, ctx)
-        last = run_stage(engine, cfg, stage, batches, samples, ctx, writer, checkpoints, resume_from, global_step,
-                         metrics_file=out_dir / "metrics.jsonl")
+        last = run_stage(engine, cfg, stage, stream, ctx, writer, checkpoints, resume_from, global_step,
+                         metrics_file=out_dir / "metrics.jsonl", evaluate=periodic_knn)
         resume_from, global_step = None, last["global_step"]
         results[f"{stage}_last"] = last
         if last["stopped"]:

@@ -105,6 +105,11 @@ class DataConfig:
     num_workers: int = 2
     # Cap on samples per epoch (0 = the whole split); lets tiny CPU runs finish.
     samples_per_epoch: int = 0
+    pipeline: str = "auto"  # auto (dali if installed, else wds) | dali | wds | memory (see data/loaders.py)
+    dali_device: str = "auto"  # auto (mixed decoding + GPU ops where a GPU is) | cpu | gpu
+    shuffle_buffer: int = 1024  # DALI initial_fill / webdataset shuffle buffer (about 16384 for ImageNet)
+    verify_shards: str = "size"  # sha256 | size | none: what is checked against the manifest at start
+    on_error: str = "raise"  # raise | skip (wds only: a bad sample is skipped and counted; DALI always raises)
 
 
 @dataclass
@@ -124,6 +129,7 @@ class RunConfig:
     max_steps: int = 0  # caps each stage's length, schedule included; 0 = no cap (smoke tests)
     stop_after: int = 0  # stop after this many steps of a stage, saving a checkpoint to resume from; 0 = never
     keep_checkpoints: int = 2  # periodic checkpoints kept (stage ends are always kept)
+    knn_every: int = 0  # steps between k-NN evaluations of the online encoder on held-out data; 0 = off
 
 
 @dataclass
@@ -144,6 +150,10 @@ _CHOICES = {
     "heads.norm": ("bn", "syncbn", "async"),
     "heads.objective": ("nna", "nnclr"),
     "engine.kind": ("deepspeed", "fsdp2", "single"),
+    "data.pipeline": ("auto", "dali", "wds", "memory"),
+    "data.dali_device": ("auto", "cpu", "gpu"),
+    "data.verify_shards": ("sha256", "size", "none"),
+    "data.on_error": ("raise", "skip"),
     "engine.precision": ("auto", "bf16", "fp32"),
 }
 
@@ -268,9 +278,12 @@ def validate(cfg: RefineConfig, world_size: Optional[int] = None) -> None:
         fail("data.batch_size", "must be > 0")
     if world_size is not None and cfg.data.batch_size % world_size:
         fail("data.batch_size", f"{cfg.data.batch_size} is not divisible by the world size {world_size}")
-    for key in ("run.max_steps", "run.stop_after", "run.save_every", "run.log_every", "run.keep_checkpoints"):
+    for key in ("run.max_steps", "run.stop_after", "run.save_every", "run.log_every", "run.keep_checkpoints",
+                "run.knn_every"):
         if _get(cfg, key) < 0 or (key == "run.log_every" and _get(cfg, key) == 0):
             fail(key, "must be >= 0" if key != "run.log_every" else "must be > 0")
+    if cfg.data.shuffle_buffer < 1:
+        fail("data.shuffle_buffer", "must be >= 1")
     if cfg.data.samples_per_epoch < 0:
         fail("data.samples_per_epoch", "must be >= 0")
 

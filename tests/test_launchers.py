@@ -25,7 +25,7 @@ REFINE = str(ROOT / "launch/refine.py")
 TINY = ["model.name=vit_test_patch4", "heads.blocks=[1,2]", "heads.proj_hidden_dim=64", "heads.proj_out_dim=16",
         "heads.pred_hidden_dim=64", "queue.size=256", "augment.num_local=2", "data.batch_size=16",
         "data.num_workers=0", "run.log_every=1", "heads.norm=syncbn", "model.freeze_blocks=1",
-        "engine.zero_config=ds_configs/cpu_demo.json"]
+        "engine.zero_config=ds_configs/cpu_demo.json", "data.pipeline=memory"]
 # 48 samples / 16 = 3 steps an epoch
 REFINE_ONLY = ["stages.run=[refine]", "data.samples_per_epoch=48", "stages.refine.epochs=2",
                "stages.refine.warmup_epochs=0.5", "stages.refine.ema=0.9"]
@@ -155,6 +155,19 @@ def test_zero3_resume_is_bit_identical(zero3_run, tmp_path):
             assert all(torch.equal(a["queues"][k], b["queues"][k]) for k in a["queues"] if torch.is_tensor(a["queues"][k]))
             assert all(torch.equal(a["buffers"][k], b["buffers"][k]) for k in a["buffers"])
     assert losses(zero3_run)[4:] == losses(tmp_path)[4:]
+
+
+def test_zero3_with_dali_shards_stops_and_resumes(tmp_path):
+    """The default pipeline (DALI's CPU backend here) on the embedded shards, through stop and resume: the
+    reader position travels in the checkpoint, so the run ends after exactly the planned steps."""
+    shard_run = [x for x in REFINE_ONLY if not x.startswith("data.samples")] + [
+        "data.pipeline=dali", "data.samples_per_epoch=48", "data.num_workers=1"]
+    launch("deepspeed", tmp_path, shard_run + ["run.stop_after=2"])
+    client = torch.load(tmp_path / "checkpoints/refine-0000002/client_rank1.pt", weights_only=True)
+    assert json.loads(client["data"])["step"] == 2  # rank 1's DALI reader position
+    launch("deepspeed", tmp_path, shard_run + ["run.resume=auto"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_two_nodes_on_one_machine(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scale_refiner.config import load_config
+from scale_refiner.data.loaders import TrainStream
 from scale_refiner.engine.distributed import DistContext
 from scale_refiner.engine.ema import EncoderEMA
 from scale_refiner.engine.trainer import build_engine, run_stage
@@ -21,14 +22,16 @@ TINY = ["model.name=vit_test_patch4", "heads.blocks=[1,2]", "heads.proj_hidden_d
         "data.samples_per_epoch=32", "run.log_every=1"]
 
 
-def synthetic_batches(num_local=2, batch=8):
-    def batches(epoch, start_batch=0):
+class SyntheticStream(TrainStream):
+    """4 batches of 8 random crops an epoch."""
+    samples_per_epoch = 32
+
+    def batches(self, epoch, start_batch=0):
         g = torch.Generator().manual_seed(epoch)
         for i in range(start_batch, 4):
-            yield {"global": torch.randn(2, batch, 3, 32, 32, generator=g),
-                   "local": torch.randn(num_local, batch, 3, 16, 16, generator=g),
-                   "index": torch.arange(batch) + batch * i, "label": torch.arange(batch) % 3}
-    return batches
+            yield {"global": torch.randn(2, 8, 3, 32, 32, generator=g),
+                   "local": torch.randn(2, 8, 3, 16, 16, generator=g),
+                   "index": torch.arange(8) + 8 * i, "label": torch.arange(8) % 3}
 
 
 def snapshot(module):
@@ -41,7 +44,7 @@ def test_heads_stage_leaves_encoder_bit_identical_and_trains_heads():
     refiner = build_refiner(cfg)
     enc_before, heads_before = snapshot(refiner.encoder), snapshot(refiner.heads)
     bn_before = refiner.encoder.state_dict()
-    run_stage(build_engine(refiner, cfg, "heads", CTX), cfg, "heads", synthetic_batches(), 32, CTX)
+    run_stage(build_engine(refiner, cfg, "heads", CTX), cfg, "heads", SyntheticStream(), CTX)
     assert all(torch.equal(p, enc_before[n]) for n, p in refiner.encoder.named_parameters())
     assert all(torch.equal(v, bn_before[k]) for k, v in refiner.encoder.state_dict().items())
     assert not refiner.encoder.training  # frozen encoder stays in eval mode during the heads stage
@@ -58,7 +61,7 @@ def test_refine_stage_keeps_frozen_prefix_and_trains_the_rest(checkpointing):
     refiner = build_refiner(cfg)
     before = snapshot(refiner.encoder)
     engine = build_engine(refiner, cfg, "refine", CTX)
-    run_stage(engine, cfg, "refine", synthetic_batches(), 32, CTX)
+    run_stage(engine, cfg, "refine", SyntheticStream(), CTX)
     for name, p in refiner.encoder.named_parameters():
         frozen = name.startswith(("patch_embed", "cls_token", "pos_embed", "blocks.0.", "blocks.1."))
         assert torch.equal(p, before[name]) == frozen, name
@@ -94,10 +97,13 @@ def test_main_job_runs_end_to_end_and_exports_load_in_timm(tmp_path):
     from scale_refiner.models.weights import load_timm_export
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch/refine.py"), "--config", str(ROOT / "configs/demo.yaml"),
-           "--eval-samples", "200", f"run.out_dir={out}", "data.num_workers=0"] + TINY + ["data.batch_size=16"]
+           "--eval-samples", "200", f"run.out_dir={out}", "data.num_workers=0"] + TINY + ["data.batch_size=16",
+                                                                                    "data.pipeline=memory",
+                                                                                    "run.knn_every=4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ema |" in proc.stdout
+    assert "refine step 4: k-NN {'10':" in proc.stderr  # the periodic held-out k-NN
     results = json.loads((out / "results.json").read_text())
     assert {"before", "online", "ema"} <= set(results)
     assert all(0 <= results["ema"][k] <= 1 for k in ("10", "20"))

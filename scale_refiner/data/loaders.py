@@ -1,22 +1,54 @@
-"""Loaders over the embedded Fashion-MNIST (the reference torch pipeline: in-memory arrays, torchvision
-augmentation, a DataLoader). Webdataset shards and DALI replace this path in the data issue."""
+"""Training and evaluation data for the main job, behind one small stream interface.
+
+``data.pipeline`` picks the reader:
+- ``dali``: webdataset shards decoded by DALI (``mixed`` on a GPU, the CPU backend otherwise);
+- ``wds``: webdataset shards through the torchvision augmentation in a DataLoader (the reference, and the
+  fallback where DALI is missing);
+- ``memory``: the embedded Fashion-MNIST arrays in memory, with per-sample seeded views and each rank taking a
+  fixed part of every global batch: the pipeline whose runs do not depend on the rank layout, the number of
+  workers or a resume point, which is what the equivalence and bit-identical-resume tests use;
+- ``auto``: ``dali`` when DALI imports, else ``wds``.
+With ``data.train_shards`` unset and ``data.dataset=fashion-mnist``, the shard pipelines use the embedded
+Fashion-MNIST shards, written under shards/fashion-mnist on first use.
+"""
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from scale_refiner.config import RefineConfig
 from scale_refiner.data.augment import ArrayDataset, EvalTransform, MultiCropAugment
 from scale_refiner.data.fashion_mnist import load_fashion_mnist
 
 
+def resolve_pipeline(cfg: RefineConfig) -> str:
+    if cfg.data.pipeline != "auto":
+        return cfg.data.pipeline
+    try:
+        import nvidia.dali  # noqa: F401
+        return "dali"
+    except ImportError:
+        return "wds"
+
+
 def _arrays(cfg: RefineConfig, split: str):
     if cfg.data.dataset != "fashion-mnist":
-        raise ValueError(f"data.dataset={cfg.data.dataset!r}: only the embedded 'fashion-mnist' has a loader "
-                         f"so far (webdataset shards arrive with the data pipeline)")
+        raise ValueError(f"config key 'data.pipeline': the memory pipeline reads only the embedded "
+                         f"fashion-mnist, not {cfg.data.dataset!r}; use data.pipeline=dali or wds with shards")
     return load_fashion_mnist(split)
+
+
+def _shard_split(cfg: RefineConfig, split: str, key: str):
+    from scale_refiner.data.shards import ensure_fashion_mnist_shards, load_manifest
+    root = getattr(cfg.data, key)
+    if root is None:
+        if cfg.data.dataset != "fashion-mnist":
+            raise ValueError(f"config key 'data.{key}' is not set and data.dataset={cfg.data.dataset!r} has no "
+                             f"embedded shards: write them with launch/make_shards.py and point data.{key} at them")
+        root = ensure_fashion_mnist_shards()
+    return load_manifest(root, verify=cfg.data.verify_shards).split(split)
 
 
 class SeededViews(torch.utils.data.Dataset):
@@ -36,46 +68,126 @@ class SeededViews(torch.utils.data.Dataset):
             return self.base[index]
 
 
-def train_batches(cfg: RefineConfig, rank: int = 0, world: int = 1):
-    """Returns (batches(epoch, start_batch) -> iterator of collated multi-crop batches, samples per epoch).
+class TrainStream:
+    """``batches(epoch, start_batch)`` yields this rank's collated multi-crop batches of one epoch;
+    ``samples_per_epoch`` is global; ``state_dict`` / ``load_state_dict`` carry the reader position."""
 
-    Every rank computes the same permutation of the epoch (seeded by run seed and epoch) and takes its part of
-    each global batch, so each sample is seen once per epoch across ranks; ``start_batch`` skips batches
-    already trained on (resume).
-    """
-    images, labels = _arrays(cfg, "train")
-    aug = cfg.augment
-    transform = MultiCropAugment(aug.global_size, aug.global_scale, aug.local_size, aug.local_scale,
-                                 aug.num_local, color=aug.color)
-    dataset = SeededViews(ArrayDataset(images, labels, transform), cfg.run.seed)
-    samples = cfg.data.samples_per_epoch or len(dataset)
-    samples = min(samples, len(dataset))
-    per_rank_batch = cfg.data.batch_size // world
+    samples_per_epoch: int
 
-    def batches(epoch: int, start_batch: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + epoch)
-        steps = samples // cfg.data.batch_size
-        order = torch.randperm(len(dataset), generator=generator)[:steps * cfg.data.batch_size]
-        # Global batch s is order[s*G:(s+1)*G]; rank r takes its r-th contiguous part, so the gathered batch
-        # is in the same order as a 1-process batch (NN picks are drawn by global position).
-        mine = order.view(steps, world, per_rank_batch)[:, rank].reshape(-1)[start_batch * per_rank_batch:].tolist()
-        dataset.epoch = epoch
-        loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=mine, drop_last=True,
-                            num_workers=cfg.data.num_workers, collate_fn=transform.collate,
-                            persistent_workers=False)
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict:
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        pass
+
+
+class MemoryStream(TrainStream):
+    """Every rank computes the same permutation of the epoch (seeded by run seed and epoch) and takes its part
+    of each global batch, so each sample is seen once per epoch across ranks and the gathered batch is in the
+    same order as a 1-process batch (NN picks are drawn by global position); ``start_batch`` skips batches
+    already trained on (resume)."""
+
+    def __init__(self, cfg: RefineConfig, rank: int, world: int):
+        images, labels = _arrays(cfg, "train")
+        aug = cfg.augment
+        self.transform = MultiCropAugment(aug.global_size, aug.global_scale, aug.local_size, aug.local_scale,
+                                          aug.num_local, color=aug.color)
+        self.dataset = SeededViews(ArrayDataset(images, labels, self.transform), cfg.run.seed)
+        self.samples_per_epoch = min(cfg.data.samples_per_epoch or len(self.dataset), len(self.dataset))
+        self.cfg, self.rank, self.world = cfg, rank, world
+
+    def batches(self, epoch, start_batch=0):
+        global_batch = self.cfg.data.batch_size
+        per_rank = global_batch // self.world
+        steps = self.samples_per_epoch // global_batch
+        generator = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator)[:steps * global_batch]
+        mine = order.view(steps, self.world, per_rank)[:, self.rank].reshape(-1)[start_batch * per_rank:].tolist()
+        self.dataset.epoch = epoch
+        loader = DataLoader(self.dataset, batch_size=per_rank, sampler=mine, drop_last=True,
+                            num_workers=self.cfg.data.num_workers, collate_fn=self.transform.collate)
         return iter(loader)
 
-    return batches, samples
+
+class ShardStream(TrainStream):
+    """DALI or webdataset shards: each rank reads its own shards; the loader keeps its own epoch and position,
+    restored from ``state_dict`` (DALI's reader checkpoint, or epoch + step for webdataset)."""
+
+    def __init__(self, cfg: RefineConfig, rank: int, world: int, kind: str):
+        split = _shard_split(cfg, "train", "train_shards")
+        self.cfg, self.rank, self.world, self.kind, self.split = cfg, rank, world, kind, split
+        self.loader = self._build(None)
+        self.samples_per_epoch = len(self.loader) * cfg.data.batch_size
+
+    def _build(self, state: Optional[Dict]):
+        cfg, aug = self.cfg, self.cfg.augment
+        per_rank = cfg.data.batch_size // self.world
+        cap = cfg.data.samples_per_epoch // cfg.data.batch_size
+        common = dict(rank=self.rank, world=self.world, global_size=aug.global_size, global_scale=aug.global_scale,
+                      local_size=aug.local_size, local_scale=aug.local_scale, num_local=aug.num_local,
+                      color=aug.color, seed=cfg.run.seed, drop_last=True, max_steps_per_epoch=cap)
+        if self.kind == "dali":
+            from scale_refiner.data.dali_pipeline import DaliMultiCropLoader
+            return DaliMultiCropLoader(self.split.tars, self.split.indexes, self.split.num_samples, per_rank,
+                                       num_threads=max(1, cfg.data.num_workers), initial_fill=cfg.data.shuffle_buffer,
+                                       device=cfg.data.dali_device, state=state, **common)
+        from scale_refiner.data.wds_pipeline import WdsMultiCropLoader
+        loader = WdsMultiCropLoader(self.split.tars, self.split.counts, per_rank, num_workers=cfg.data.num_workers,
+                                    shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error, **common)
+        if state:
+            loader.load_state_dict(state)
+        return loader
+
+    def batches(self, epoch, start_batch=0):
+        # The loader tracks (and after a restore, continues) its own position. A loader left exactly at the end
+        # of its epoch (the consumer stopped at the last batch) rolls over on an empty pass: then read again.
+        for _ in range(2):
+            produced = False
+            for batch in self.loader:
+                produced = True
+                yield batch
+            if produced:
+                return
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        if state:
+            self.loader = self._build(state)
+
+
+def train_stream(cfg: RefineConfig, rank: int = 0, world: int = 1) -> TrainStream:
+    kind = resolve_pipeline(cfg)
+    return MemoryStream(cfg, rank, world) if kind == "memory" else ShardStream(cfg, rank, world, kind)
 
 
 def eval_arrays(cfg: RefineConfig, split: str, limit: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Whole ``split`` as evaluation tensors (resize to global size, centre crop), (N, 3, S, S) and (N,)."""
-    images, labels = _arrays(cfg, split)
-    if limit:
-        images, labels = images[:limit], labels[:limit]
+    """A split as evaluation tensors (resize to the global crop size, centre crop): (N, 3, S, S) and (N,).
+
+    Reads the embedded arrays for fashion-mnist (the same images the shards hold), the test shards otherwise.
+    """
     size = cfg.augment.global_size
-    transform = EvalTransform(size, size)
-    dataset = ArrayDataset(images, labels, transform)
-    loader = DataLoader(dataset, batch_size=512, num_workers=cfg.data.num_workers)
-    xs, ys = zip(*[(x, y) for x, y, _ in loader])
-    return torch.cat(xs), torch.cat(ys)
+    if cfg.data.dataset == "fashion-mnist":
+        images, labels = _arrays(cfg, split)
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        dataset = ArrayDataset(images, labels, EvalTransform(size, size))
+        loader = DataLoader(dataset, batch_size=512, num_workers=cfg.data.num_workers)
+        xs, ys = zip(*[(x, y) for x, y, _ in loader])
+        return torch.cat(xs), torch.cat(ys)
+    from scale_refiner.data.wds_pipeline import WdsEvalLoader
+    shards = _shard_split(cfg, split, "train_shards" if split == "train" else "test_shards")
+    xs, ys, seen = [], [], 0
+    for batch in WdsEvalLoader(shards.tars, 512, resize=size, crop=size):
+        x, y = batch[0], batch[1]
+        xs.append(x)
+        ys.append(y)
+        seen += len(y)
+        if limit and seen >= limit:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:limit], y[:limit]) if limit else (x, y)

@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -71,21 +71,23 @@ def model_signature(cfg: RefineConfig) -> Dict:
                 heads=list(cfg.heads.blocks), proj_out_dim=cfg.heads.proj_out_dim, queue_size=cfg.queue.size)
 
 
-def client_state(refiner: MIMRefiner) -> Dict:
+def client_state(refiner: MIMRefiner, stream=None) -> Dict:
     """What each rank keeps for itself: its buffers (BN statistics differ per rank with plain BN), the queues
-    with their pick generators, and every RNG state."""
+    with their pick generators, every RNG state and its reader position."""
     return {"buffers": {n: b.detach().cpu().clone() for n, b in refiner.named_buffers()},
             "queues": {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
                        for k, v in refiner.queues.state_dict().items()},
-            "rng": rng_state()}
+            "rng": rng_state(), "data": json.dumps(stream.state_dict() if stream is not None else {})}
 
 
-def restore_client(refiner: MIMRefiner, client: Dict) -> None:
+def restore_client(refiner: MIMRefiner, client: Dict, stream=None) -> None:
     with torch.no_grad():
         for n, b in refiner.named_buffers():
             b.copy_(client["buffers"][n])
     refiner.queues.load_state_dict(client["queues"])
     set_rng_state(client["rng"])
+    if stream is not None:
+        stream.load_state_dict(json.loads(client.get("data", "{}")))
 
 
 def _mean_over_ranks(metrics: Dict[str, torch.Tensor], ctx: DistContext) -> Dict[str, float]:
@@ -97,12 +99,14 @@ def _mean_over_ranks(metrics: Dict[str, torch.Tensor], ctx: DistContext) -> Dict
     return dict(zip(names, values.tolist()))
 
 
-def run_stage(engine: Engine, cfg: RefineConfig, name: str, batches: Callable[..., Iterator[Dict]],
-              samples_per_epoch: int, ctx: DistContext, writer=None, checkpoints: Optional[CheckpointDir] = None,
+def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistContext, writer=None,
+              checkpoints: Optional[CheckpointDir] = None,
               resume_from: Optional[Path] = None, global_offset: int = 0,
-              metrics_file: Optional[Path] = None) -> Dict[str, float]:
-    """Train one stage (``heads`` or ``refine``); ``batches(epoch, start_batch)`` yields this rank's batches.
+              metrics_file: Optional[Path] = None, evaluate=None) -> Dict[str, float]:
+    """Train one stage (``heads`` or ``refine``) on ``stream`` (data/loaders.py: ``batches(epoch, start_batch)``
+    yields this rank's batches, ``samples_per_epoch`` is global).
     Rank 0 appends every logged step's metrics (averaged over ranks) to ``metrics_file`` as JSON lines.
+    ``evaluate(engine, name, global_step)`` (collective) runs every ``run.knn_every`` steps.
 
     Returns the last logged metrics plus ``steps``; the EMA (refine stage) is left on ``engine.ema`` and, when
     the stage ran to its end, the full refiner state on ``engine.end_state``.
@@ -110,13 +114,13 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, batches: Callable[..
     stage: StageConfig = getattr(cfg.stages, name)
     refiner = engine.refiner
     engine.module.train()
-    plan = plan_stage(stage, samples_per_epoch, cfg.data.batch_size, cfg.run.max_steps)
+    plan = plan_stage(stage, stream.samples_per_epoch, cfg.data.batch_size, cfg.run.max_steps)
     engine.ema = EncoderEMA(engine, stage.ema) if name == "refine" else None
     step = 0
     if resume_from is not None:
         state = CheckpointDir.read_state(resume_from)
         engine.load(resume_from)
-        restore_client(refiner, checkpoints.load_client(resume_from))
+        restore_client(refiner, checkpoints.load_client(resume_from), stream)
         if engine.ema is not None:
             engine.ema.load_full_state(torch.load(resume_from / "ema.pt", map_location="cpu", weights_only=True))
         step, global_offset = state["step"], state["global_step"] - state["step"]
@@ -128,7 +132,7 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, batches: Callable[..
     def save(tag: str, model_state=None):
         checkpoints.save(tag, engine, {"stage": name, "step": step, "global_step": global_offset + step,
                                        "stage_done": step >= plan.total_steps, "model": model_signature(cfg)},
-                         client_state(refiner), engine.ema, model_state)
+                         client_state(refiner, stream), engine.ema, model_state)
 
     last: Dict[str, float] = {}
     progress = tqdm(total=plan.total_steps, initial=step, desc=name, dynamic_ncols=True,
@@ -137,7 +141,8 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, batches: Callable[..
     device = ctx.device
     while step < plan.total_steps:
         epoch, start_batch = divmod(step, plan.steps_per_epoch)
-        for batch in batches(epoch, start_batch):
+        step_at_epoch_start = step
+        for batch in stream.batches(epoch, start_batch):
             lr = warmup_cosine(step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
             engine.set_lr(lr)
             loss, metrics = engine.forward(batch["global"].to(device, non_blocking=True),
@@ -167,13 +172,17 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, batches: Callable[..
                     if metrics_file is not None:
                         with open(metrics_file, "a") as handle:
                             handle.write(json.dumps(dict(last, stage=name, step=step)) + "\n")
+            if evaluate is not None and cfg.run.knn_every and step % cfg.run.knn_every == 0:
+                evaluate(engine, name, global_offset + step)
             stopping = step == cfg.run.stop_after and step < plan.total_steps
             if checkpoints is not None and step < plan.total_steps and (
                     stopping or (cfg.run.save_every and step % cfg.run.save_every == 0)):
                 save(f"{name}-{step:07d}")
-            if stopping or step >= plan.total_steps or step % plan.steps_per_epoch == 0:
+            if stopping or step >= plan.total_steps:
                 break
-        if step == cfg.run.stop_after:
+        if step == step_at_epoch_start:
+            raise RuntimeError(f"the {type(stream).__name__} yielded no batch in epoch {epoch} of stage {name}")
+        if cfg.run.stop_after and step == cfg.run.stop_after:
             break
     progress.close()
     last["steps"] = step

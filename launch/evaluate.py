@@ -1,0 +1,154 @@
+"""Evaluate a refined (or any registered) ViT: k-NN, per-block k-NN, linear probe, low-shot, k-means.
+
+    python launch/evaluate.py --checkpoint runs/demo --out runs/demo/eval                      # EMA encoder
+    python launch/evaluate.py --checkpoint runs/demo/checkpoints/refine-end --encoder online --out DIR
+    python launch/evaluate.py --model vit_large_patch16 --weights mae_large.pth --out DIR
+    python launch/evaluate.py --weights runs/demo/export/ema.safetensors --out DIR            # an export
+    torchrun --nproc_per_node 2 launch/evaluate.py --checkpoint runs/demo --out DIR            # extraction on 2 ranks
+
+Writes DIR/metrics.json, DIR/metrics.md, DIR/knn_per_block.png (and DIR/tsne.png with --tsne N).
+Under torchrun / deepspeed (WORLD_SIZE > 1) each rank extracts a contiguous part of the features, rank 0
+gathers them in order and runs the protocols; the metrics equal a one-process run's.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+log = logging.getLogger("scale_refiner.eval")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("what to evaluate (one of)")
+    src.add_argument("--checkpoint", help="a refine run directory or one of its checkpoints/<tag> directories")
+    src.add_argument("--model", help="registered ViT name (with --weights)")
+    src.add_argument("--weights", help="weights file (load_pretrained formats) or an export_timm .safetensors/.json")
+    p.add_argument("--weights-format", default="auto", help="auto, mae, timm, maws, d2v2, native")
+    p.add_argument("--encoder", default="ema", choices=("ema", "online"), help="with --checkpoint (default ema)")
+    p.add_argument("--img-size", type=int, default=0,
+                   help="evaluation resolution (default: the run's augment.global_size, else the weights' own)")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--train-shards", help="webdataset shards of the train split (not available yet)")
+    p.add_argument("--test-shards", help="webdataset shards of the test split (not available yet)")
+    p.add_argument("--limit", type=int, default=0, help="first N images of each split (0: all)")
+    p.add_argument("--protocols", default="knn,blocks,linear,lowshot,kmeans",
+                   help="comma-separated subset of knn,blocks,linear,lowshot,kmeans (or all)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch per rank")
+    p.add_argument("--linear-epochs", type=int, default=10)
+    p.add_argument("--linear-batch-size", type=int, default=256)
+    p.add_argument("--linear-val-fraction", type=float, default=0.1,
+                   help="held-out part of train for choosing the learning rate (0: choose on test)")
+    p.add_argument("--kmeans-runs", type=int, default=3, help="k-means restarts (the paper: 100)")
+    p.add_argument("--kmeans-split", default="test", choices=("train", "test"))
+    p.add_argument("--tsne", type=int, default=0, help="t-SNE plot of N test samples (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    args, unknown = p.parse_known_args(argv)
+    unknown = [u for u in unknown if not u.startswith("--local_rank")]  # deepspeed's launcher adds it
+    if unknown:
+        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    if bool(args.checkpoint) == bool(args.weights):
+        p.error("give either --checkpoint RUN_OR_CHECKPOINT_DIR or --weights FILE (with --model NAME)")
+    if args.checkpoint and args.model:
+        p.error("--model goes with --weights; a --checkpoint's model comes from its config.json")
+    if args.limit < 0:
+        p.error("--limit must be >= 0")
+    return args
+
+
+def load_data(args, cfg, split: str):
+    from scale_refiner.data.loaders import eval_arrays
+    shards = args.train_shards if split == "train" else args.test_shards
+    if shards or args.train_shards or args.test_shards:
+        raise NotImplementedError("--train-shards / --test-shards: reading webdataset shards is not available "
+                                  "yet (it arrives with the data pipeline); use --dataset fashion-mnist")
+    if args.dataset != "fashion-mnist":
+        raise ValueError(f"--dataset {args.dataset!r}: only 'fashion-mnist' is available so far")
+    cfg.data.dataset = args.dataset
+    cfg.data.num_workers = 0
+    return eval_arrays(cfg, split, args.limit)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from scale_refiner.engine.distributed import init_distributed
+    from scale_refiner.eval.features import extract_features
+    from scale_refiner.eval.linear import LinearProbeConfig
+    from scale_refiner.eval.loading import EvalInputError, load_from_run, load_from_weights
+    from scale_refiner.eval.suite import (SuiteOptions, feature_keys, options_dict, parse_protocols, plot_tsne,
+                                         run_protocols, write_report)
+    from scale_refiner.models.weights import WeightsError
+
+    try:
+        protocols = parse_protocols(args.protocols)
+        if args.train_shards or args.test_shards:
+            load_data(args, None, "train")  # raises the 'not available yet' error before any work
+        if args.checkpoint:
+            model, cfg, source = load_from_run(args.checkpoint, args.encoder)
+            if args.img_size:
+                cfg.augment.global_size = args.img_size
+        else:
+            model, cfg, source = load_from_weights(args.model, args.weights, args.weights_format,
+                                                   args.img_size or None)
+    except (EvalInputError, WeightsError, FileNotFoundError, NotImplementedError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    ctx = init_distributed()
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    torch.manual_seed(args.seed)
+    model = model.to(ctx.device).eval()
+    started = time.time()
+    try:
+        (train_x, train_y), (test_x, test_y) = load_data(args, cfg, "train"), load_data(args, cfg, "test")
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    data_s, started = time.time() - started, time.time()
+    log.info("extracting features of %d train / %d test images at %d px on %d rank(s)", len(train_x), len(test_x),
+             cfg.augment.global_size, ctx.world)
+    keys = feature_keys(protocols)
+    train = extract_features(model, train_x, args.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device,
+                             keys=keys)
+    test = extract_features(model, test_x, args.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device,
+                            keys=keys)
+    extract_s = time.time() - started
+    if not ctx.is_main:
+        return 0  # rank 0 runs the protocols; nothing collective follows
+
+    opts = SuiteOptions(linear=LinearProbeConfig(epochs=args.linear_epochs, batch_size=args.linear_batch_size,
+                                                 val_fraction=args.linear_val_fraction, seed=args.seed),
+                        kmeans_runs=args.kmeans_runs, kmeans_split=args.kmeans_split, seed=args.seed)
+    try:
+        metrics = run_protocols(train, train_y, test, test_y, protocols, opts)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metrics["seconds"].update(data=round(data_s, 3), extract=round(extract_s, 3))
+    metrics = {"source": source, "model": {"name": cfg.model.name, "arch": model.arch, "depth": model.depth,
+                                           "embed_dim": model.embed_dim, "patch_size": model.patch_size},
+               "dataset": args.dataset, "img_size": cfg.augment.global_size, "limit": args.limit,
+               "world_size": ctx.world, "protocols": protocols, "options": options_dict(opts), **metrics}
+    out = Path(args.out)
+    title = f"{Path(source['path']).as_posix()} ({source.get('encoder', source['kind'])})"
+    written = write_report(metrics, out, title)
+    if args.tsne:
+        plot_tsne(test["final"], test_y, out / "tsne.png", args.tsne, args.seed)
+        written.append(out / "tsne.png")
+    print((out / "metrics.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

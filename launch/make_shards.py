@@ -1,0 +1,58 @@
+"""Write webdataset shards + DALI index files + a JSON manifest (format: shards/README.md).
+
+    python launch/make_shards.py --source fashion-mnist --out shards/fashion-mnist
+    python launch/make_shards.py --source digits --out shards/digits --samples-per-shard 256
+    python launch/make_shards.py --source folder:/data/imagenet --out shards/imagenet --format jpg
+    python launch/make_shards.py --source 'tar:/data/other/*.tar' --out shards/reindexed
+    python launch/make_shards.py --validate shards/fashion-mnist      # decode every sample, report bad ones
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scale_refiner.data.shards import ShardError, load_manifest, make_shards, validate_shards  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", help="fashion-mnist | digits | folder:PATH | tar:GLOB")
+    p.add_argument("--out", help="output directory, e.g. shards/NAME")
+    p.add_argument("--samples-per-shard", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle written into the tars")
+    p.add_argument("--format", default="png", choices=["png", "jpg"], help="image encoding of re-encoded images")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument("--limit", type=int, default=0, help="keep the first N samples of each split (0 = all)")
+    p.add_argument("--upscale", type=int, default=1, help="digits only: enlarge the 8x8 images by this factor")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="folder source without train/ and val/: fraction of each class written as test")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip undecodable images (listed in the manifest's 'skipped') instead of failing")
+    p.add_argument("--validate", metavar="SHARDS", help="validate an existing shard set and exit")
+    a = p.parse_args(argv)
+    try:
+        if a.validate:
+            shard_set = load_manifest(a.validate, verify="sha256")
+            bad = 0
+            for split in shard_set.manifest["splits"]:
+                s = shard_set.split(split)
+                report = validate_shards(s.tars, s.indexes, shard_set.num_classes)
+                print(f"{split}: {report}")
+                bad += len(report.bad)
+            return 1 if bad else 0
+        if not a.source or not a.out:
+            p.error("--source and --out are required (or --validate SHARDS)")
+        t0 = time.time()
+        manifest = make_shards(a.source, a.out, a.samples_per_shard, a.seed, a.format, a.quality, a.limit,
+                               a.skip_bad, a.upscale, a.test_fraction, log=print)
+        print(f"wrote {manifest} in {time.time() - t0:.1f} s")
+        return 0
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Encoders to evaluate: from a refine run (its config.json + a checkpoint or an export) or from a registered
+ViT name + a weights file.
+
+Run directories (``launch/refine.py``'s ``run.out_dir``)::
+
+    config.json                         the run's full config (rebuilds the encoder)
+    checkpoints/<tag>/model_state.pt    full refiner state (``encoder.*``), written at stage ends
+    checkpoints/<tag>/ema.pt            EMA of the trainable encoder parameters (refine stage)
+    export/{ema,online}.safetensors     the final encoders, timm-loadable (+ .json)
+
+``--encoder ema`` is ``ema.pt`` laid over ``model_state.pt``'s encoder (frozen parameters and buffers come
+from the online state: they do not change); ``online`` is the encoder of ``model_state.pt``. For a run
+directory the checkpoint is ``checkpoints/latest`` if it holds ``model_state.pt``, else the newest stage end
+(``refine-end``, then ``heads-end``), else the run's exports.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from scale_refiner.config import RefineConfig
+from scale_refiner.models.vit import VisionTransformer, build_vit
+from scale_refiner.models.weights import WeightsError, load_checkpoint_file, load_pretrained
+
+ENCODER_PREFIX = "encoder."
+
+
+class EvalInputError(ValueError):
+    """Bad evaluation input (paths, checkpoint layout); the message names the file."""
+
+
+def config_from_json(path: Path) -> RefineConfig:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise EvalInputError(f"cannot read the run config {path}: {exc}") from exc
+    schema = OmegaConf.structured(RefineConfig)
+    OmegaConf.set_struct(schema, True)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(schema, data))
+    except OmegaConfBaseException as exc:
+        raise EvalInputError(f"{path} is not a config of this version of scale_refiner: "
+                             f"{str(exc).splitlines()[0]}") from exc
+
+
+def strict_load(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with one ``WeightsError`` listing every missing, unexpected and
+    mis-shaped key (the same report ``load_pretrained`` gives)."""
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(state) if k in expected and state[k].shape != expected[k].shape]
+    problems = [(t, i) for t, i in (("missing", missing), ("unexpected", unexpected),
+                                    ("shape mismatch", mismatched)) if i]
+    if problems:
+        dims = ", ".join(f"{k} {getattr(model, k)}" for k in ("arch", "embed_dim", "depth", "img_size")
+                         if hasattr(model, k))
+        lines = [f"cannot load {source} into {type(model).__name__}({dims}):"]
+        for title, items in problems:
+            lines.append(f"  {title} ({len(items)}):")
+            lines.extend(f"    {item}" for item in items)
+        raise WeightsError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file gets one message naming it
+        raise EvalInputError(f"cannot read {path}: {exc}") from exc
+
+
+def _pick_checkpoint(run_dir: Path) -> Optional[Path]:
+    root = run_dir / "checkpoints"
+    candidates = []
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidates.append(root / pointer.read_text().strip())
+    candidates += [root / "refine-end", root / "heads-end"]
+    for c in candidates:
+        if (c / "model_state.pt").is_file():
+            return c
+    return None
+
+
+def encoder_state_from_checkpoint(ckpt: Path, which: str) -> Dict[str, torch.Tensor]:
+    """The encoder's full state dict from a checkpoint directory (``which``: ``ema`` or ``online``)."""
+    model_state = ckpt / "model_state.pt"
+    if not model_state.is_file():
+        raise EvalInputError(f"{ckpt} holds no model_state.pt (only stage-end checkpoints hold the full state; "
+                             f"pass a '*-end' checkpoint or the run directory)")
+    full = _torch_load(model_state)
+    if not isinstance(full, dict):
+        raise EvalInputError(f"{model_state} holds a {type(full).__name__}, not a state dict")
+    state = {k[len(ENCODER_PREFIX):]: v for k, v in full.items() if k.startswith(ENCODER_PREFIX)}
+    if not state:
+        raise EvalInputError(f"{model_state} has no '{ENCODER_PREFIX}*' keys (is it a refiner state?)")
+    if which == "ema":
+        ema_path = ckpt / "ema.pt"
+        if not ema_path.is_file():
+            raise EvalInputError(f"{ckpt} has no ema.pt (the EMA exists from the refine stage on); "
+                                 f"use --encoder online")
+        ema = _torch_load(ema_path)
+        unknown = sorted(k for k in ema if k not in state)
+        if unknown:
+            raise WeightsError(f"{ema_path}: EMA keys not in the encoder of {model_state} ({len(unknown)}): "
+                               + ", ".join(unknown))
+        state.update(ema)
+    return state
+
+
+def load_from_run(path, which: str = "ema") -> Tuple[VisionTransformer, RefineConfig, dict]:
+    """``path``: a run directory or one of its checkpoint directories. Returns (encoder in eval mode, the run's
+    config, a description of what was loaded)."""
+    if which not in ("ema", "online"):
+        raise EvalInputError(f"--encoder must be ema or online, got {which!r}")
+    path = Path(path)
+    if not path.is_dir():
+        raise EvalInputError(f"checkpoint path {path} is not a directory (pass a run directory or a "
+                             f"checkpoints/<tag> directory)")
+    if (path / "config.json").is_file():
+        run_dir, ckpt = path, _pick_checkpoint(path)
+    elif (path / "model_state.pt").is_file() or (path / "state.json").is_file():
+        run_dir, ckpt = path.parent.parent, path
+    else:
+        raise EvalInputError(f"{path} is neither a run directory (no config.json) nor a checkpoint directory "
+                             f"(no model_state.pt)")
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise EvalInputError(f"no config.json in the run directory {run_dir} of checkpoint {path}")
+    cfg = config_from_json(config_path)
+    model = build_vit(cfg.model)
+    if ckpt is not None:
+        strict_load(model, encoder_state_from_checkpoint(ckpt, which), f"{ckpt} ({which})")
+        source = {"kind": "checkpoint", "path": str(ckpt), "encoder": which}
+    else:
+        export = run_dir / "export" / f"{which}.safetensors"
+        if not export.is_file():
+            raise EvalInputError(f"{run_dir} has no checkpoint with model_state.pt and no export {export}")
+        load_pretrained(model, export, "native")
+        source = {"kind": "export", "path": str(export), "encoder": which}
+    source["config"] = str(config_path)
+    return model.eval(), cfg, source
+
+
+def vit_from_timm(timm_model) -> VisionTransformer:
+    """Our ``VisionTransformer`` with the weights of a timm ViT of the same layout (an ``export_timm``)."""
+    from scale_refiner.models.vit import PostNormBlock
+
+    blocks = timm_model.blocks
+    arch = "postnorm" if isinstance(blocks[0], PostNormBlock) else "prenorm"
+    pe = timm_model.patch_embed
+    model = VisionTransformer(patch_size=pe.patch_size[0], embed_dim=timm_model.embed_dim, depth=len(blocks),
+                              num_heads=blocks[0].attn.num_heads,
+                              mlp_ratio=blocks[0].mlp.fc1.out_features / timm_model.embed_dim,
+                              img_size=pe.img_size[0], in_chans=pe.proj.in_channels, arch=arch)
+    strict_load(model, {k: v.float() for k, v in timm_model.state_dict().items()}, "timm export")
+    return model
+
+
+def _stored_img_size(path: Path, patch_size: int) -> Optional[int]:
+    """Resolution whose grid the file's position embedding is stored at (None when it cannot tell)."""
+    from scale_refiner.models.weights import convert_state_dict, detect_format
+    try:
+        source = load_checkpoint_file(path)
+        pos = convert_state_dict(source, detect_format(source)).state_dict.get("pos_embed")
+    except Exception:  # noqa: BLE001 -- the real load reports the problem
+        return None
+    if pos is None or pos.ndim != 3:
+        return None
+    side = int(round((pos.shape[1] - 1) ** 0.5))
+    return side * patch_size if side * side == pos.shape[1] - 1 else None
+
+
+def load_from_weights(name: Optional[str], weights, fmt: str = "auto",
+                      img_size: Optional[int] = None) -> Tuple[VisionTransformer, RefineConfig, dict]:
+    """``name`` (registered ViT) + ``weights`` (a checkpoint ``load_pretrained`` reads), or ``name=None`` and
+    an ``export_timm`` pair (its .json or .safetensors). The image size is ``img_size`` or the resolution the
+    file's position embedding is stored at. Returns (encoder in eval mode, a config for the data, source)."""
+    from scale_refiner.models.vit import resolve_model_dims
+    from scale_refiner.models.weights import load_timm_export
+
+    weights = Path(weights)
+    cfg = RefineConfig()
+    export_json = weights.with_suffix(".json")
+    if name is None:
+        if not export_json.is_file():
+            raise EvalInputError(f"--weights {weights} without --model must be an export_timm file (with "
+                                 f"{export_json.name} beside it); otherwise name the model with --model")
+        model = vit_from_timm(load_timm_export(weights))
+        source = {"kind": "timm_export", "path": str(weights)}
+        cfg.model.name = "export"
+    else:
+        if weights.suffix == ".json":
+            weights = weights.with_suffix(".safetensors")
+        if not weights.is_file():
+            raise EvalInputError(f"weights file {weights} does not exist")
+        cfg.model.name = name
+        cfg.model.weights, cfg.model.weights_format = str(weights), fmt
+        try:
+            patch = resolve_model_dims(cfg.model)["patch_size"]
+        except KeyError as exc:
+            raise EvalInputError(str(exc.args[0])) from exc
+        cfg.model.img_size = img_size or _stored_img_size(weights, patch) or cfg.model.img_size
+        model = build_vit(cfg.model)
+        report = load_pretrained(model, weights, fmt)
+        source = {"kind": "weights", "path": str(weights), "format": report["format"],
+                  "resampled_pos_embed": report["resampled_pos_embed"]}
+    size = img_size or model.img_size
+    if size % model.patch_size:
+        raise EvalInputError(f"--img-size {size} is not a multiple of the patch size {model.patch_size}")
+    cfg.model.img_size = model.img_size
+    cfg.augment.global_size = size
+    return model.eval(), cfg, source

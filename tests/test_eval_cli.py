@@ -1,0 +1,135 @@
+"""launch/evaluate.py end to end on a tiny model, loading from a run directory, and its bad-input errors."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scale_refiner.config import RefineConfig, to_dict
+from scale_refiner.eval.loading import EvalInputError, load_from_run, load_from_weights
+from scale_refiner.models.vit import build_vit
+from scale_refiner.models.weights import WeightsError
+
+ROOT = Path(__file__).resolve().parents[1]
+EVALUATE = ROOT / "launch/evaluate.py"
+HAS_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
+
+
+def evaluate_main():
+    spec = importlib.util.spec_from_file_location("evaluate_cli", EVALUATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def tiny_weights(tmp_path, name="vit_test_patch4", img_size=32, seed=0):
+    cfg = RefineConfig()
+    cfg.model.name, cfg.model.img_size = name, img_size
+    torch.manual_seed(seed)
+    model = build_vit(cfg.model)
+    path = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="needs dataset-fashion-mnist")
+def test_cli_end_to_end_tiny_model(tmp_path):
+    weights, _ = tiny_weights(tmp_path)
+    out = tmp_path / "eval"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, str(EVALUATE), "--model", "vit_test_patch4", "--weights", str(weights),
+                           "--dataset", "fashion-mnist", "--limit", "300", "--out", str(out), "--linear-epochs", "3",
+                           "--kmeans-runs", "2", "--protocols", "knn,blocks,linear,lowshot,kmeans"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train"] == 300 and metrics["n_test"] == 300 and metrics["img_size"] == 32
+    assert metrics["source"]["kind"] == "weights" and metrics["model"]["depth"] == 4
+    assert set(metrics["knn"]) == {"10", "20"} and all(0.1 < v <= 1 for v in metrics["knn"].values())
+    assert metrics["blocks"]["labels"] == ["block0", "block1", "block2", "block3", "final"]
+    assert metrics["blocks"]["knn10"][-1] == metrics["knn"]["10"]  # the "final" entry is the k-NN feature
+    lin = metrics["linear"]
+    assert len(lin["sweep"]) == 13 * 4 and lin["selected_on"] == "val"
+    assert set(lin["per_set"]) == {"last_cls", "last_cls+mean", "last4_cls", "last4_cls+mean"}
+    assert lin["best"]["val"] == max(p["val"] for p in lin["sweep"])
+    assert set(metrics["lowshot"]) == {"1", "2", "5"} and len(metrics["lowshot"]["5"]["per_seed"]) == 3
+    assert 0 <= metrics["kmeans"]["acc"] <= 1 and metrics["kmeans"]["n_clusters"] == 10
+    table = (out / "metrics.md").read_text()
+    assert "| k-NN | k=10" in table and "linear probe (best)" in table and "k-means ACC" in table
+    png = (out / "knn_per_block.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert "| k-NN | k=10" in proc.stdout
+
+
+def fake_run(tmp_path, with_ema=True):
+    cfg = RefineConfig()
+    cfg.model.name, cfg.model.img_size = "vit_test_patch4", 32
+    cfg.augment.global_size = 32
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "refine-end"
+    ckpt.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    torch.manual_seed(0)
+    online = build_vit(cfg.model)
+    state = {f"encoder.{k}": v for k, v in online.state_dict().items()}
+    state["heads.0.proj.weight"] = torch.zeros(2, 2)  # the refiner's other parts are ignored
+    torch.save(state, ckpt / "model_state.pt")
+    ema = {n: p.detach() + 1.0 for n, p in online.named_parameters() if n.startswith("blocks.")}
+    if with_ema:
+        torch.save(ema, ckpt / "ema.pt")
+    (ckpt / "state.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("refine-end")
+    return run, online, ema
+
+
+def test_load_from_run_ema_over_online(tmp_path):
+    run, online, ema = fake_run(tmp_path)
+    model, cfg, source = load_from_run(run, "ema")
+    assert source["kind"] == "checkpoint" and source["encoder"] == "ema" and cfg.augment.global_size == 32
+    state = model.state_dict()
+    for k, v in online.state_dict().items():
+        torch.testing.assert_close(state[k], ema[k] if k in ema else v, rtol=0, atol=0)
+    model, _, _ = load_from_run(run / "checkpoints" / "refine-end", "online")  # a checkpoint directory
+    for k, v in online.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_bad_checkpoints(tmp_path):
+    run, _, _ = fake_run(tmp_path, with_ema=False)
+    with pytest.raises(EvalInputError, match="no ema.pt.*--encoder online"):
+        load_from_run(run, "ema")
+    with pytest.raises(EvalInputError, match="neither a run directory"):
+        load_from_run(tmp_path, "ema")
+    # a run whose config names another model than its checkpoint holds
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["name"] = "vit_mini_patch4"
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match=r"(?s)shape mismatch.*blocks\.0\.attn\.qkv\.weight: checkpoint \(96, 32\)"):
+        load_from_run(run, "online")
+    weights, _ = tiny_weights(tmp_path, "vit_mini_patch4")
+    with pytest.raises(WeightsError, match=r"missing|unexpected"):
+        load_from_weights("vit_test_patch4", weights)
+
+
+def test_cli_bad_inputs(tmp_path, capsys):
+    main = evaluate_main()
+    weights, _ = tiny_weights(tmp_path, "vit_mini_patch4")
+    out = str(tmp_path / "o")
+    assert main(["--model", "vit_test_patch4", "--weights", str(weights), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot load" in err and "shape mismatch" in err and "blocks.5.norm1.weight" in err
+    assert main(["--model", "vit_mini_patch4", "--weights", str(weights), "--out", out,
+                 "--train-shards", "x-{000..009}.tar"]) == 2
+    assert "not available yet" in capsys.readouterr().err
+    assert main(["--model", "vit_mini_patch4", "--weights", str(weights), "--out", out, "--protocols", "knn,svm"]) == 2
+    assert "unknown protocol" in capsys.readouterr().err
+    assert main(["--model", "vit_nope", "--weights", str(weights), "--out", out]) == 2
+    assert "not a registered ViT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", out])  # neither --checkpoint nor --weights
+    assert not Path(out).exists()  # nothing written on bad input
