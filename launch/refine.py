@@ -152,7 +152,7 @@ def main(argv=None) -> int:
             accuracy = knn_of(state, cfg, eval_data)
             for k, value in accuracy.items():
                 writer.add_scalar(f"{stage}/knn_top1_k{k}", value, step)
-            log.info("%s step %d: k-NN %s", stage, step, accuracy)
+            log.info("%s, global step %d: k-NN %s", stage, step, accuracy)
         ctx.barrier()
 
     started = time.time()

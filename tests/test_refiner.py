@@ -103,7 +103,7 @@ def test_main_job_runs_end_to_end_and_exports_load_in_timm(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ema |" in proc.stdout
-    assert "refine step 4: k-NN {'10':" in proc.stderr  # the periodic held-out k-NN
+    assert "refine, global step 6: k-NN {'10':" in proc.stderr  # refine step 4 of 6 after 2 heads steps
     results = json.loads((out / "results.json").read_text())
     assert {"before", "online", "ema"} <= set(results)
     assert all(0 <= results["ema"][k] <= 1 for k in ("10", "20"))
