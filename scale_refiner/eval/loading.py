@@ -23,7 +23,7 @@ import torch
 
 from scale_refiner.config import RefineConfig
 from scale_refiner.models.vit import VisionTransformer, build_vit
-from scale_refiner.models.weights import WeightsError, load_checkpoint_file, load_pretrained
+from scale_refiner.models.weights import WeightsError, check_state_dict, load_checkpoint_file, load_pretrained
 
 ENCODER_PREFIX = "encoder."
 
@@ -52,21 +52,7 @@ def config_from_json(path: Path) -> RefineConfig:
 def strict_load(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with one ``WeightsError`` listing every missing, unexpected and
     mis-shaped key (the same report ``load_pretrained`` gives)."""
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in sorted(state) if k in expected and state[k].shape != expected[k].shape]
-    problems = [(t, i) for t, i in (("missing", missing), ("unexpected", unexpected),
-                                    ("shape mismatch", mismatched)) if i]
-    if problems:
-        dims = ", ".join(f"{k} {getattr(model, k)}" for k in ("arch", "embed_dim", "depth", "img_size")
-                         if hasattr(model, k))
-        lines = [f"cannot load {source} into {type(model).__name__}({dims}):"]
-        for title, items in problems:
-            lines.append(f"  {title} ({len(items)}):")
-            lines.extend(f"    {item}" for item in items)
-        raise WeightsError("\n".join(lines))
+    check_state_dict(model, state, source)
     model.load_state_dict(state, strict=True)
 
 

@@ -58,7 +58,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -305,6 +305,29 @@ def _square_grid(num_patches: int) -> Optional[int]:
     return side if side * side == num_patches else None
 
 
+def check_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
+                     source_name: Optional[Dict[str, str]] = None, unknown: Sequence[str] = (),
+                     conflicts: Sequence[str] = ()) -> None:
+    """Raise one ``WeightsError`` naming ``source`` and listing every missing, unexpected and mis-shaped key
+    (and what the conversion could not place), before anything is loaded."""
+    expected = model.state_dict()
+    source_name = source_name or {}
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = list(unknown) + [f"{k}" + (f" (from {source_name[k]})" if k in source_name else "")
+                                  for k in sorted(state) if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(state) if k in expected and state[k].shape != expected[k].shape]
+    problems = [(title, items) for title, items in (
+        ("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
+        ("two source keys for one parameter", list(conflicts))) if items]
+    if problems:
+        lines = [f"cannot load {source} into {_describe(model)}:"]
+        for title, items in problems:
+            lines.append(f"  {title} ({len(items)}):")
+            lines.extend(f"    {item}" for item in items)
+        raise WeightsError("\n".join(lines))
+
+
 def _describe(model: nn.Module) -> str:
     arch = getattr(model, "arch", None)
     dims = [f"{k} {getattr(model, k)}" for k in ("embed_dim", "depth", "img_size") if hasattr(model, k)]
@@ -346,22 +369,9 @@ def load_pretrained(model: nn.Module, path: PathLike, fmt: str = "auto") -> dict
             resampled = {"from": [old_grid, old_grid], "to": [new_grid, new_grid]}
 
     source_name = {target: src for src, target in conv.renamed.items()}
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = [f"{k} (no rule in the {fmt!r} table)" for k in conv.unknown]
-    unexpected += [f"{k}" + (f" (from {source_name[k]})" if k in source_name else "")
-                   for k in sorted(state) if k not in expected]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in sorted(state) if k in expected and state[k].shape != expected[k].shape]
-    problems = [(title, items) for title, items in (
-        ("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
-        ("two source keys for one parameter", conv.conflicts)) if items]
-    if problems:
-        lines = [f"cannot load {path} (format {fmt!r}) into {_describe(model)}:"]
-        for title, items in problems:
-            lines.append(f"  {title} ({len(items)}):")
-            lines.extend(f"    {item}" for item in items)
-        raise WeightsError("\n".join(lines))
-
+    check_state_dict(model, state, f"{path} (format {fmt!r})", source_name=source_name,
+                     unknown=[f"{k} (no rule in the {fmt!r} table)" for k in conv.unknown],
+                     conflicts=conv.conflicts)
     model.load_state_dict(state, strict=True)
     return {
         "file": str(path),
