@@ -36,8 +36,9 @@ def parse_args(argv):
     p.add_argument("--img-size", type=int, default=0,
                    help="evaluation resolution (default: the run's augment.global_size, else the weights' own)")
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--train-shards", help="webdataset shards of the train split (not available yet)")
-    p.add_argument("--test-shards", help="webdataset shards of the test split (not available yet)")
+    p.add_argument("--train-shards", help="shard directory (or manifest) whose 'train' split is the k-NN bank / "
+                                           "probe training set (launch/make_shards.py)")
+    p.add_argument("--test-shards", help="shard directory (or manifest) whose 'test' split is evaluated")
     p.add_argument("--limit", type=int, default=0, help="first N images of each split (0: all)")
     p.add_argument("--protocols", default="knn,blocks,linear,lowshot,kmeans",
                    help="comma-separated subset of knn,blocks,linear,lowshot,kmeans (or all)")
@@ -66,13 +67,17 @@ def parse_args(argv):
 
 def load_data(args, cfg, split: str):
     from scale_refiner.data.loaders import eval_arrays
-    shards = args.train_shards if split == "train" else args.test_shards
-    if shards or args.train_shards or args.test_shards:
-        raise NotImplementedError("--train-shards / --test-shards: reading webdataset shards is not available "
-                                  "yet (it arrives with the data pipeline); use --dataset fashion-mnist")
-    if args.dataset != "fashion-mnist":
-        raise ValueError(f"--dataset {args.dataset!r}: only 'fashion-mnist' is available so far")
-    cfg.data.dataset = args.dataset
+    if bool(args.train_shards) != bool(args.test_shards):
+        raise ValueError("give both --train-shards and --test-shards (they may name the same shard directory, "
+                         "whose manifest holds both splits)")
+    if args.train_shards:
+        cfg.data.dataset = "shards"  # read the manifests' train and test splits through the webdataset reader
+        cfg.data.train_shards, cfg.data.test_shards = args.train_shards, args.test_shards
+    elif args.dataset != "fashion-mnist":
+        raise ValueError(f"--dataset {args.dataset!r}: the embedded data is 'fashion-mnist'; other data sets "
+                         f"are read from shards (--train-shards / --test-shards)")
+    else:
+        cfg.data.dataset = args.dataset
     cfg.data.num_workers = 0
     return eval_arrays(cfg, split, args.limit)
 
@@ -90,8 +95,8 @@ def main(argv=None) -> int:
 
     try:
         protocols = parse_protocols(args.protocols)
-        if args.train_shards or args.test_shards:
-            load_data(args, None, "train")  # raises the 'not available yet' error before any work
+        if bool(args.train_shards) != bool(args.test_shards):
+            raise ValueError("give both --train-shards and --test-shards")
         if args.checkpoint:
             model, cfg, source = load_from_run(args.checkpoint, args.encoder)
             if args.img_size:
@@ -137,7 +142,9 @@ def main(argv=None) -> int:
     metrics["seconds"].update(data=round(data_s, 3), extract=round(extract_s, 3))
     metrics = {"source": source, "model": {"name": cfg.model.name, "arch": model.arch, "depth": model.depth,
                                            "embed_dim": model.embed_dim, "patch_size": model.patch_size},
-               "dataset": args.dataset, "img_size": cfg.augment.global_size, "limit": args.limit,
+               "dataset": (f"shards train={args.train_shards} test={args.test_shards}" if args.train_shards
+                           else args.dataset),
+               "img_size": cfg.augment.global_size, "limit": args.limit,
                "world_size": ctx.world, "protocols": protocols, "options": options_dict(opts), **metrics}
     out = Path(args.out)
     title = f"{Path(source['path']).as_posix()} ({source.get('encoder', source['kind'])})"

@@ -125,7 +125,11 @@ def test_cli_bad_inputs(tmp_path, capsys):
     assert "error: cannot load" in err and "shape mismatch" in err and "blocks.5.norm1.weight" in err
     assert main(["--model", "vit_mini_patch4", "--weights", str(weights), "--out", out,
                  "--train-shards", "x-{000..009}.tar"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "give both --train-shards and --test-shards" in capsys.readouterr().err
+    missing = str(tmp_path / "no-shards")
+    assert main(["--model", "vit_mini_patch4", "--weights", str(weights), "--out", out,
+                 "--train-shards", missing, "--test-shards", missing]) == 2
+    assert "no-shards" in capsys.readouterr().err  # the error names the missing manifest
     assert main(["--model", "vit_mini_patch4", "--weights", str(weights), "--out", out, "--protocols", "knn,svm"]) == 2
     assert "unknown protocol" in capsys.readouterr().err
     assert main(["--model", "vit_nope", "--weights", str(weights), "--out", out]) == 2
@@ -133,3 +137,16 @@ def test_cli_bad_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", out])  # neither --checkpoint nor --weights
     assert not Path(out).exists()  # nothing written on bad input
+
+
+def test_cli_on_shards(tmp_path):
+    """k-NN from a shard set's train and test splits (scikit-learn digits, written by make_shards)."""
+    from scale_refiner.data.shards import make_shards
+    shards = make_shards("digits", tmp_path / "digits", samples_per_shard=400)
+    weights, _ = tiny_weights(tmp_path, "vit_test_patch4")
+    out = tmp_path / "eval"
+    assert evaluate_main()(["--model", "vit_test_patch4", "--weights", str(weights), "--out", str(out),
+                            "--train-shards", str(shards), "--test-shards", str(shards), "--protocols", "knn"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train"] == 1437 and metrics["n_test"] == 360  # digits: 80/20 stratified
+    assert metrics["dataset"].startswith("shards") and 0.1 < metrics["knn"]["10"] <= 1
