@@ -1,5 +1,4 @@
 """ViT-2B built under deepspeed.zero.Init on 2 gloo ranks: each rank holds about half of the parameters."""
-import torch
 
 from scale_refiner.config import ModelConfig
 

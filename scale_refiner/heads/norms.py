@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-import torch.nn.functional as F
 from torch import nn
 
 NORM_KINDS = ("bn", "syncbn", "async")
