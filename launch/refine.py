@@ -122,7 +122,13 @@ def main(argv=None) -> int:
             return 2
         first = stages.index(state["stage"])
         if state["stage_done"]:  # start the next stage from this one's end state
-            refiner.load_state_dict(torch.load(point / "model_state.pt", map_location="cpu", weights_only=True))
+            end_state = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True)
+            if cfg.queue.sharded:  # rank 0's shards: each rank's own come from its client file just below
+                # (engine.load on resume may load rank 0's shard too: a warning, then restore_client fixes it)
+                end_state = {k: v for k, v in end_state.items() if not k.startswith("queues.")}
+            missing, unexpected = refiner.load_state_dict(end_state, strict=not cfg.queue.sharded)
+            if unexpected or any(not k.startswith("queues.") for k in missing):
+                raise RuntimeError(f"model_state.pt does not match: missing {missing}, unexpected {unexpected}")
             finished_client = checkpoints.load_client(point)
             restore_client(refiner, finished_client)  # the reader position: once the stream exists, below
             first, global_step = first + 1, state["global_step"]

@@ -55,6 +55,8 @@ class HeadsConfig:
 @dataclass
 class QueueConfig:
     size: int = 65536
+    sharded: bool = False  # each rank stores 1/W of the FIFO (memory/sharded_queue.py); same neighbours
+    search: str = "torch"  # sharded only: torch (matmul + topk) | faiss (flat, exact) | ivf (approximate)
 
 
 @dataclass
@@ -252,6 +254,10 @@ def validate(cfg: RefineConfig, world_size: Optional[int] = None) -> None:
     for key in ("heads.proj_hidden_dim", "heads.proj_out_dim", "heads.pred_hidden_dim", "queue.size"):
         if _get(cfg, key) <= 0:
             fail(key, "must be > 0")
+    if cfg.queue.search not in ("torch", "faiss", "ivf"):
+        fail("queue.search", f"{cfg.queue.search!r} is not one of torch, faiss, ivf")
+    if cfg.queue.search != "torch" and not cfg.queue.sharded:
+        fail("queue.search", f"{cfg.queue.search!r} needs queue.sharded=true (the replicated queue searches with a matmul)")
     for name in cfg.stages.run:
         if name not in ("heads", "refine"):
             fail("stages.run", f"{name!r} is not one of heads, refine")

@@ -22,6 +22,7 @@ from torch import nn
 from scale_refiner.heads.async_bn import attach
 from scale_refiner.heads.id_head import IDHead
 from scale_refiner.memory.queue import NNQueue
+from scale_refiner.memory.sharded_queue import ShardedNNQueue, sharded_enqueue
 from scale_refiner.models.vit import VisionTransformer, build_vit
 from scale_refiner.objective.nna import nna_loss
 
@@ -29,7 +30,9 @@ from scale_refiner.objective.nna import nna_loss
 class MIMRefiner(nn.Module):
     def __init__(self, encoder: VisionTransformer, tap_blocks: Sequence[int], temperature: float,
                  objective: str = "nna", proj_hidden_dim: int = 2048, proj_out_dim: int = 256,
-                 pred_hidden_dim: int = 4096, norm: str = "bn", queue_size: int = 65536, seed: int = 0):
+                 pred_hidden_dim: int = 4096, norm: str = "bn", queue_size: int = 65536, seed: int = 0,
+                 queue_sharded: bool = False, queue_search: str = "torch", world: int = 1, rank: int = 0,
+                 queue_block: int = 1):
         super().__init__()
         self.encoder = encoder
         self.tap_blocks = list(tap_blocks)
@@ -44,8 +47,14 @@ class MIMRefiner(nn.Module):
         if norm == "async":
             # this refiner's async-BN layers share one bucket: one non-blocking all-reduce per step
             attach(self.heads)
-        self.queues = nn.ModuleList(NNQueue(queue_size, proj_out_dim, seed=seed + 1000 * h)
-                                    for h in range(len(self.head_names)))
+        # sharded: rank r stores 1/W of each FIFO (block = per-rank batch keeps the enqueue local); the picks
+        # equal the replicated queue's (same seeds, same global uniforms)
+        self.queue_sharded = queue_sharded
+        self.queues = nn.ModuleList(
+            ShardedNNQueue(queue_size, proj_out_dim, seed=seed + 1000 * h, world=world, rank=rank,
+                           block=queue_block, search=queue_search) if queue_sharded
+            else NNQueue(queue_size, proj_out_dim, seed=seed + 1000 * h)
+            for h in range(len(self.head_names)))
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, index: torch.Tensor,
                 label: Optional[torch.Tensor] = None, topk: int = 20, step: int = 0,
@@ -74,11 +83,12 @@ class MIMRefiner(nn.Module):
             z_unit = F.normalize(z.detach().float(), dim=-1)
             neighbours = []
             for view in (0, 1):  # independent picks per view
+                qkw = {"group": group} if self.queue_sharded else {}
                 nn_z, info = self.queues[h].lookup(z_unit[view], index, topk, label, step,
-                                                   global_queries=world * batch, offset=offset)
+                                                   global_queries=world * batch, offset=offset, **qkw)
                 neighbours.append(nn_z)
                 for key, value in info.items():
-                    if key != "found":
+                    if key not in ("found", "slot", "topk_slots"):
                         metrics[f"{self.head_names[h]}/nn_{key}"] = metrics.get(
                             f"{self.head_names[h]}/nn_{key}", 0.0) + value.float().mean() / 2
             loss, extra = nna_loss(z, torch.stack(neighbours), p.float(), self.temperature, self.objective, group)
@@ -95,6 +105,9 @@ class MIMRefiner(nn.Module):
     def _enqueue(self, projections: List[torch.Tensor], index, label, step, group) -> None:
         stacked = torch.stack(projections)  # (heads, B, d): one gather for every head
         label = label if label is not None else torch.full_like(index, -1)
+        if self.queue_sharded:  # each row goes to the rank owning its slot: no all-gather
+            sharded_enqueue(list(self.queues), stacked, index, label, step, group)
+            return
         if group is not None and dist.get_world_size(group) > 1:
             world = dist.get_world_size(group)
             gathered = [torch.empty_like(stacked) for _ in range(world)]
@@ -131,6 +144,10 @@ def build_refiner(cfg, load_weights: bool = True) -> MIMRefiner:
         from scale_refiner.models.weights import load_pretrained
         load_pretrained(encoder, cfg.model.weights, cfg.model.weights_format)
     encoder.set_grad_checkpointing(cfg.model.checkpointing)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
     return MIMRefiner(encoder, cfg.heads.blocks, cfg.heads.temperature, cfg.heads.objective,
                       cfg.heads.proj_hidden_dim, cfg.heads.proj_out_dim, cfg.heads.pred_hidden_dim,
-                      cfg.heads.norm, cfg.queue.size, seed=cfg.run.seed)
+                      cfg.heads.norm, cfg.queue.size, seed=cfg.run.seed, queue_sharded=cfg.queue.sharded,
+                      queue_search=cfg.queue.search, world=world, rank=rank,
+                      queue_block=max(1, cfg.data.batch_size // world))

@@ -122,6 +122,15 @@ def test_async_bn_under_zero3_keeps_rank_buffers_identical(tmp_path):
     assert any(a[k].abs().sum() > 0 for k in running if k.endswith("running_mean"))
 
 
+def test_sharded_queue_equals_replicated_queue_under_zero3(zero3_run, tmp_path):
+    """Each rank stores half of every queue and searches it with faiss; the run is the replicated-queue run."""
+    launch("deepspeed", tmp_path, REFINE_ONLY + ["queue.sharded=true", "queue.search=faiss"])
+    assert torch.allclose(torch.tensor(losses(zero3_run)), torch.tensor(losses(tmp_path)), rtol=1e-6)
+    shard = torch.load(tmp_path / "checkpoints/refine-end/client_rank1.pt", weights_only=True)["queues"]
+    full = torch.load(zero3_run / "checkpoints/refine-end/client_rank1.pt", weights_only=True)["queues"]
+    assert shard["0.vectors"].shape[0] * 2 == full["0.vectors"].shape[0]  # half the memory per rank
+
+
 def test_frozen_parameters_bit_identical_after_zero3(zero3_run):
     cfg = load_config(ROOT / "configs/demo.yaml", TINY + REFINE_ONLY)
     torch.manual_seed(cfg.run.seed)

@@ -1,0 +1,408 @@
+"""The NN queue sharded across ranks: each rank stores ~1/W of the global FIFO, with the semantics of the
+replicated ``NNQueue`` (queue.py) fed the same enqueue history.
+
+Global slot layout (fixed, independent of the step):
+    the global FIFO has ``size`` slots written exactly as ``NNQueue`` writes them (``ptr`` advances by the
+    global batch, wraps, a global batch larger than the queue keeps its newest ``size`` rows). Slots are cut
+    into blocks of ``block`` consecutive slots dealt round-robin to the ranks:
+        owner(s) = (s // block) % W,   local(s) = (s // (block * W)) * block + s % block
+    so a rank stores ``capacity = ceil(ceil(size / block) / W) * block`` rows (the unused tail rows, when the
+    size is not a multiple of ``block * W``, stay empty). With ``block`` = the per-rank batch and
+    ``W * batch`` dividing ``size`` (the usual case), every rank's own rows land in its own shard and the
+    enqueue needs no communication; otherwise one ``all_to_all`` sends each row to its owner (B rows per
+    rank, against the W*B rows per rank of the replicated all-gather).
+
+Lookup (collective; Q = W * B queries, B per rank, equal on every rank):
+    1. all-gather the queries with their dataset indices (one packed fp32 tensor);
+    2. search the shard for all Q queries (``search.py``: faiss flat by default), only over filled rows; the
+       query's own dataset index is dropped by asking for k + e results and growing e for the rows that
+       lost too many (exact: a row is accepted once it keeps k results or the shard is exhausted);
+    3. ``all_to_all`` the per-shard top-k (score, global slot) to the rank that owns each query;
+    4. merge into the global top-k ordered by score descending, then global slot ascending;
+    5. pick one of them with the uniforms the replicated queue draws (the whole global batch from the
+       queue's own generator, this rank's slice): ``pick = floor(u * num_valid)``;
+    6. fetch the picked vectors with their step and label from their owners (two ``all_to_all``: requests,
+       answers) and return them with the metrics (similarity, age, accuracy, found).
+Warm-up (empty slots masked, fewer than k valid entries: pick among the valid ones, none: the query itself)
+and exclusion behave as in ``NNQueue`` because both work on the same global candidate set.
+
+Equivalence with ``NNQueue``: identical top-k sets, order and picks, except (a) exactly tied scores, whose
+order ``torch.topk`` leaves unspecified (this queue uses the slot order), and (b) dot products that differ
+in the last bit between two BLAS calls and so reorder two candidates within one ulp. Neither happens in the
+tests; for float projections both are measure-zero events and either pick is a valid uniform pick.
+
+Checkpoints: ``state_dict`` holds this rank's shard, the global ``ptr`` and the generator (extra state, with
+the layout). Loading checks the layout; resuming at another world size goes through ``global_state`` (a
+world-independent state identical to ``NNQueue.state_dict``) and ``reshard_states`` / ``from_global_state``;
+``load_state_dict`` also accepts a replicated ``NNQueue`` state and takes this rank's slots from it.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from scale_refiner.memory.search import Search, make_search
+
+
+def _world(group) -> Tuple[int, int]:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _pack_long(t: torch.Tensor) -> torch.Tensor:
+    """int64 (..., n) -> float32 (..., 2n) by reinterpreting the bytes (exact through any copy collective)."""
+    return t.long().contiguous().view(torch.float32)
+
+
+def _unpack_long(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int64)
+
+
+def _all_gather(t: torch.Tensor, group, world: int) -> torch.Tensor:
+    if world == 1:
+        return t.unsqueeze(0)
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return torch.stack(out)
+
+
+def _all_to_all(t: torch.Tensor, group, world: int) -> torch.Tensor:
+    """t: (W, ...) where row s goes to rank s; returns (W, ...) where row s came from rank s."""
+    if world == 1:
+        return t
+    out = torch.empty_like(t)
+    dist.all_to_all_single(out, t.contiguous(), group=group)
+    return out
+
+
+class ShardedNNQueue(nn.Module):
+    def __init__(self, size: int, dim: int, seed: int = 0, world: int = 1, rank: int = 0, block: int = 1,
+                 search: str = "faiss", search_kwargs: Optional[Dict] = None):
+        super().__init__()
+        if size <= 0 or dim <= 0 or block <= 0:
+            raise ValueError(f"queue size, dim and block must be positive, got {size}, {dim} and {block}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside 0..{world - 1}")
+        self.size, self.dim, self.world, self.rank, self.block = size, dim, world, rank, block
+        blocks = -(-size // block)
+        self.capacity = -(-blocks // world) * block
+        # rows [0, n_slots) map to global slots < size (the mapping is increasing in the local row)
+        self.n_slots = int((self.global_slot(torch.arange(self.capacity)) < size).sum())
+        self.register_buffer("vectors", torch.zeros(self.capacity, dim))
+        self.register_buffer("indices", torch.full((self.capacity,), -1, dtype=torch.long))
+        self.register_buffer("labels", torch.full((self.capacity,), -1, dtype=torch.long))
+        self.register_buffer("steps", torch.zeros(self.capacity, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # global, the same on every rank
+        self.generator = torch.Generator().manual_seed(seed)
+        self.search_name, self.search_kwargs = search, dict(search_kwargs or {})
+        self.searcher: Search = make_search(search, dim, **self.search_kwargs)
+
+    # ---------------------------------------------------------------------------------------- layout
+    def owner(self, slot: torch.Tensor) -> torch.Tensor:
+        return (slot // self.block) % self.world
+
+    def local(self, slot: torch.Tensor) -> torch.Tensor:
+        return (slot // (self.block * self.world)) * self.block + slot % self.block
+
+    def global_slot(self, row: torch.Tensor, rank: Optional[int] = None) -> torch.Tensor:
+        rank = self.rank if rank is None else rank
+        return (row // self.block) * self.block * self.world + rank * self.block + row % self.block
+
+    @property
+    def num_filled(self) -> int:
+        """Filled rows of this rank's shard (the global count is the sum over ranks)."""
+        return int((self.indices >= 0).sum())
+
+    # ---------------------------------------------------------------------------------------- state
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state(), "layout": torch.tensor(
+            [self.size, self.dim, self.world, self.rank, self.block])}
+
+    def set_extra_state(self, state):
+        self.generator.set_state(state["generator"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None and "layout" not in extra and prefix + "vectors" in state_dict:
+            # a replicated NNQueue state: take this rank's slots from it
+            full = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            if full["vectors"].shape[0] != self.size:
+                error_msgs.append(f"{prefix}: replicated queue of {full['vectors'].shape[0]} entries cannot load "
+                                  f"into a queue of {self.size}")
+                return
+            mine = from_global_state(full, self.world, self.rank, self.block)
+            state_dict = dict(state_dict)
+            state_dict.update({prefix + k: v for k, v in mine.items()})
+        elif extra is not None:
+            layout = [int(x) for x in extra["layout"]]
+            want = [self.size, self.dim, self.world, self.rank, self.block]
+            if layout != want and layout[:3] + layout[4:] == want[:3] + want[4:]:
+                # another rank's shard of the same layout: what an engine's rank-0 / deduplicated model state
+                # holds; the trainer then restores each rank's own shard from its client file
+                warnings.warn(f"{prefix or 'queue'}: loading rank {layout[3]}'s shard into rank {self.rank}; "
+                              f"restore this rank's own shard (client state) before training", stacklevel=2)
+            elif layout != want:
+                raise ValueError(
+                    f"{prefix or 'queue'}: shard written with (size, dim, world, rank, block)={tuple(layout)} cannot "
+                    f"load into {tuple(want)}; re-shard the per-rank states offline with "
+                    f"scale_refiner.memory.sharded_queue.reshard_states(states, world={self.world}, "
+                    f"block={self.block}) (or load their global_state())")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.searcher.stateful:  # rebuild the approximate index from the loaded shard
+            self.searcher = make_search(self.search_name, self.dim, **self.search_kwargs)
+            rows = (self.indices >= 0).nonzero().squeeze(1)
+            if len(rows):
+                self.searcher.update(rows, self.vectors[rows])
+
+    def global_state(self, group=None) -> Dict[str, torch.Tensor]:
+        """Collective: the whole queue as ``NNQueue.state_dict()`` would hold it (world-size independent)."""
+        if group is None and self.world > 1:
+            group = dist.group.WORLD
+        world, _ = _world(group)
+        if world != self.world:
+            raise ValueError(f"queue laid out for {self.world} ranks, group has {world}")
+        shards = [{k: v for k, v in self.state_dict().items() if k != "_extra_state"}]
+        if world > 1:
+            shards = [None] * world
+            dist.all_gather_object(shards, {k: v.cpu() for k, v in self.state_dict().items()
+                                            if k != "_extra_state"}, group=group)
+        return _merge_shards(shards, self.size, self.dim, self.world, self.block,
+                             {"generator": self.generator.get_state()})
+
+    # ---------------------------------------------------------------------------------------- enqueue
+    @torch.no_grad()
+    def enqueue(self, vectors: torch.Tensor, indices: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                step: int = 0, group=None) -> None:
+        """Collective. This rank's (B, d) rows of a global batch of W*B (rank-major, as the all-gather orders
+        them); B must be the same on every rank."""
+        sharded_enqueue([self], vectors.unsqueeze(0), indices, labels, step, group)
+
+    def _write(self, rows: torch.Tensor, vectors, indices, labels, steps) -> None:
+        self.vectors[rows] = vectors.to(self.vectors.dtype)
+        self.indices[rows] = indices
+        self.labels[rows] = labels
+        self.steps[rows] = steps
+        if self.searcher.stateful:
+            self.searcher.update(rows, self.vectors[rows])
+
+    # ---------------------------------------------------------------------------------------- lookup
+    @torch.no_grad()
+    def _search_shard(self, queries: torch.Tensor, query_index: torch.Tensor, k: int):
+        """Top-k of this shard for every query, own dataset index and empty rows excluded, ordered by score
+        descending then global slot ascending. Returns scores (Q, k) (-inf pad) and global slots (Q, k) (-1)."""
+        nq = queries.shape[0]
+        device = self.vectors.device
+        out_s = torch.full((nq, k), float("-inf"), device=device)
+        out_g = torch.full((nq, k), -1, dtype=torch.long, device=device)
+        valid = self.indices >= 0
+        nvalid = int(valid.sum())
+        if nvalid == 0:
+            return out_s, out_g
+        if self.searcher.stateful:
+            base, rowmap = None, None
+        elif nvalid == self.n_slots and bool(valid[:self.n_slots].all()):
+            base, rowmap = self.vectors[:self.n_slots], None  # a view: no copy once the queue is full
+        else:
+            rowmap = valid.nonzero().squeeze(1)
+            base = self.vectors[rowmap]
+        todo = torch.arange(nq, device=device)
+        extra = 1
+        while len(todo):
+            kk = min(k + extra, nvalid)
+            scores, ids = self.searcher.search(queries[todo], base, kk)
+            scores, ids = scores.to(device), ids.to(device)
+            missing = ids < 0
+            rows = ids.clamp(min=0) if rowmap is None else rowmap[ids.clamp(min=0)]
+            bad = missing | (self.indices[rows] == query_index[todo].unsqueeze(1))
+            kept = (~bad).sum(1)
+            done = (kept >= k) | (kk >= nvalid)  # exact: the filtered top-kk holds the top-k
+            if not self.searcher.exact:
+                done |= missing.any(1)  # the index found fewer than asked: asking for more gives no more
+            d = done.nonzero().squeeze(1)
+            if len(d):
+                s = scores[d].masked_fill(bad[d], float("-inf"))
+                g = torch.where(bad[d], torch.full_like(rows[d], -1), self.global_slot(rows[d]))
+                # order: score desc, then global slot asc (stable sorts); invalid last
+                order = torch.sort(torch.where(g < 0, torch.full_like(g, self.size), g), dim=1, stable=True).indices
+                s, g = s.gather(1, order), g.gather(1, order)
+                order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+                s, g = s.gather(1, order), g.gather(1, order)
+                width = s.shape[1]
+                out_s[todo[d], :width] = s
+                out_g[todo[d], :width] = g
+            todo = todo[~done]
+            extra *= 4
+        return out_s, out_g
+
+    @torch.no_grad()
+    def lookup(self, query: torch.Tensor, query_index: torch.Tensor, k: int,
+               query_label: Optional[torch.Tensor] = None, step: int = 0, global_queries: Optional[int] = None,
+               offset: Optional[int] = None, group=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Collective. query: (B, d) L2-normalised, this rank's rows of the global batch (rank-major).
+        Same returns as ``NNQueue.lookup``. ``global_queries`` / ``offset`` are checked, not needed."""
+        if not 1 <= k <= self.size:
+            raise ValueError(f"k={k} must be in 1..{self.size} (the queue size)")
+        if group is None and self.world > 1:
+            group = dist.group.WORLD
+        world, rank = _world(group)
+        if (world, rank) != (self.world, self.rank):
+            raise ValueError(f"queue laid out for rank {self.rank} of {self.world}, called on {rank} of {world}")
+        batch, device = query.shape[0], self.vectors.device
+        if global_queries is not None and global_queries != world * batch:
+            raise ValueError(f"sharded lookup needs equal batches: global_queries={global_queries} != {world}x{batch}")
+        if offset is not None and offset != rank * batch:
+            raise ValueError(f"offset {offset} != rank * batch = {rank * batch}")
+        q = query.detach().to(device, torch.float32)
+        # 1. all queries of the global batch, with their dataset indices
+        packed = torch.cat([q, _pack_long(query_index.to(device).unsqueeze(1))], dim=1)
+        allq = _all_gather(packed, group, world).view(world * batch, -1)
+        gq, gidx = allq[:, :self.dim].contiguous(), _unpack_long(allq[:, self.dim:]).squeeze(1)
+        # 2. this shard's top-k for every query
+        s, g = self._search_shard(gq, gidx, k)
+        # 3. send each rank the candidates of its queries
+        cand = torch.cat([s, _pack_long(g)], dim=1).view(world, batch, 3 * k)
+        cand = _all_to_all(cand, group, world)  # (W from, B, 3k)
+        cs = cand[..., :k].permute(1, 0, 2).reshape(batch, world * k)
+        cg = _unpack_long(cand[..., k:]).permute(1, 0, 2).reshape(batch, world * k)
+        # 4. global top-k: score desc, then global slot asc
+        order = torch.sort(torch.where(cg < 0, torch.full_like(cg, self.size), cg), dim=1, stable=True).indices
+        cs, cg = cs.gather(1, order), cg.gather(1, order)
+        order = torch.sort(cs, dim=1, descending=True, stable=True).indices[:, :k]
+        top_s, top_g = cs.gather(1, order), cg.gather(1, order)
+        # 5. the replicated queue's uniforms
+        num_valid = torch.isfinite(top_s).sum(1)
+        draws = torch.rand(world * batch, generator=self.generator)
+        uniform = draws[rank * batch:(rank + 1) * batch].to(device)
+        pick = (uniform * num_valid.clamp(min=1)).long().clamp(max=k - 1)
+        slot = top_g.gather(1, pick.unsqueeze(1)).squeeze(1)
+        sim = top_s.gather(1, pick.unsqueeze(1)).squeeze(1)
+        found = num_valid > 0
+        # 6. fetch the picked entries from their owners
+        owner = torch.where(found, self.owner(slot), torch.full_like(slot, -1))
+        req = torch.where(owner.unsqueeze(0) == torch.arange(world, device=device).unsqueeze(1),
+                          self.local(slot.clamp(min=0)).unsqueeze(0), torch.full((world, batch), -1,
+                                                                                 dtype=torch.long, device=device))
+        req = _all_to_all(req, group, world)  # (W from, B): rows of my shard that rank s asks for
+        rows = req.clamp(min=0)
+        ans = torch.cat([self.vectors[rows], _pack_long(torch.stack([self.steps[rows], self.labels[rows]], -1))], -1)
+        ans = _all_to_all(ans, group, world)  # (W owner, B, d + 4)
+        mine = ans.gather(0, owner.clamp(min=0).view(1, batch, 1).expand(1, batch, ans.shape[2])).squeeze(0)
+        vec = mine[:, :self.dim]
+        entry_step, entry_label = _unpack_long(mine[:, self.dim:]).unbind(1)
+        neighbours = torch.where(found.unsqueeze(1), vec, q).to(query.dtype)
+        sim = torch.where(found, sim, torch.ones_like(sim)).to(query.dtype)
+        metrics = {"similarity": sim, "age": torch.where(found, step - entry_step, torch.zeros_like(entry_step)),
+                   "found": found, "slot": torch.where(found, slot, torch.full_like(slot, -1)),
+                   "topk_slots": top_g}
+        if query_label is not None:
+            metrics["accuracy"] = (entry_label == query_label.to(device)) & found
+        return neighbours, metrics
+
+
+@torch.no_grad()
+def sharded_enqueue(queues: Sequence[ShardedNNQueue], vectors: torch.Tensor, indices: torch.Tensor,
+                    labels: Optional[torch.Tensor] = None, step: int = 0, group=None) -> None:
+    """Collective: enqueue this rank's rows into several queues of one layout (e.g. one per head) with at most
+    one ``all_to_all`` for all of them. vectors: (H, B, d), one row block per queue; indices/labels: (B,)."""
+    q0 = queues[0]
+    for q in queues[1:]:
+        if (q.size, q.world, q.rank, q.block, int(q.ptr)) != (q0.size, q0.world, q0.rank, q0.block, int(q0.ptr)):
+            raise ValueError("sharded_enqueue needs queues of one layout and pointer")
+    if group is None and q0.world > 1:
+        group = dist.group.WORLD
+    world, rank = _world(group)
+    if (world, rank) != (q0.world, q0.rank):
+        raise ValueError(f"queue laid out for rank {q0.rank} of {q0.world}, called on {rank} of {world}")
+    if bool((indices < 0).any()):
+        raise ValueError("dataset indices must be >= 0 (-1 marks an empty slot)")
+    heads, batch, dim = vectors.shape
+    device = q0.vectors.device
+    size, ptr = q0.size, int(q0.ptr)
+    labels = labels if labels is not None else torch.full_like(indices, -1)
+    n = world * batch
+    kept = min(n, size)
+    first = n - kept  # rows of the global batch before this one are overwritten within the batch itself
+    # where every row of the global batch goes (every rank computes the same table)
+    g = torch.arange(n)
+    dest = (ptr + g - first) % size
+    keep = g >= first
+    dest_owner = torch.where(keep, q0.owner(dest), torch.full_like(dest, -1)).view(world, batch)
+    mine = slice(rank * batch, (rank + 1) * batch)
+    my_dest, my_owner = dest[mine].to(device), dest_owner[rank].to(device)
+    payload = torch.cat([vectors.to(device, torch.float32).permute(1, 0, 2).reshape(batch, heads * dim),
+                         _pack_long(torch.stack([indices.to(device), labels.to(device),
+                                                 torch.full_like(indices, step, device=device),
+                                                 my_dest], 1))], 1)  # (B, H*d + 8)
+    local_only = bool((dest_owner[dest_owner >= 0] == torch.arange(world).unsqueeze(1).expand(world, batch)[
+        dest_owner >= 0]).all())
+    if world == 1 or local_only:
+        sel = my_owner == rank
+        recv = payload[sel]
+    else:
+        order = torch.sort(torch.where(my_owner < 0, torch.full_like(my_owner, world), my_owner), stable=True).indices
+        send = payload[order]
+        send_counts = [int((dest_owner[rank] == s).sum()) for s in range(world)]
+        recv_counts = [int((dest_owner[s] == rank).sum()) for s in range(world)]
+        send = send[:sum(send_counts)]
+        recv = torch.empty(sum(recv_counts), payload.shape[1], device=device)
+        dist.all_to_all_single(recv, send.contiguous(), recv_counts, send_counts, group=group)
+    if len(recv):
+        meta = _unpack_long(recv[:, heads * dim:])
+        rows = q0.local(meta[:, 3])
+        for h, q in enumerate(queues):
+            q._write(rows, recv[:, h * dim:(h + 1) * dim], meta[:, 0], meta[:, 1], meta[:, 2])
+    for q in queues:
+        q.ptr.fill_((ptr + kept) % size)
+
+
+# -------------------------------------------------------------------------------------------- re-sharding
+def _merge_shards(shards: List[Dict], size: int, dim: int, world: int, block: int, extra: Dict) -> Dict:
+    layout = ShardedNNQueue.__new__(ShardedNNQueue)
+    layout.size, layout.world, layout.block = size, world, block
+    out = {"vectors": torch.zeros(size, dim), "indices": torch.full((size,), -1, dtype=torch.long),
+           "labels": torch.full((size,), -1, dtype=torch.long), "steps": torch.zeros(size, dtype=torch.long),
+           "ptr": shards[0]["ptr"].detach().cpu().clone(), "_extra_state": extra}
+    for r, shard in enumerate(shards):
+        rows = torch.arange(shard["vectors"].shape[0])
+        slots = ShardedNNQueue.global_slot(layout, rows, r)
+        ok = slots < size
+        for key in ("vectors", "indices", "labels", "steps"):
+            out[key][slots[ok]] = shard[key].detach().cpu()[ok]
+    return out
+
+
+def from_global_state(state: Dict, world: int, rank: int, block: int = 1) -> Dict:
+    """This rank's shard state from a global (``NNQueue``-format) state."""
+    size, dim = state["vectors"].shape
+    q = ShardedNNQueue(size, dim, world=world, rank=rank, block=block, search="torch")
+    rows = torch.arange(q.capacity)
+    slots = q.global_slot(rows)
+    ok = slots < size
+    out = {k: v.clone() for k, v in q.state_dict().items() if k != "_extra_state"}
+    for key in ("vectors", "indices", "labels", "steps"):
+        out[key][rows[ok]] = state[key].detach().cpu()[slots[ok]]
+    out["ptr"] = state["ptr"].detach().cpu().clone()
+    gen = state["_extra_state"]["generator"] if "_extra_state" in state else torch.Generator().get_state()
+    out["_extra_state"] = {"generator": gen, "layout": torch.tensor([size, dim, world, rank, block])}
+    return out
+
+
+def global_state_from_shards(states: Sequence[Dict]) -> Dict:
+    """Offline: the ``NNQueue``-format state from every rank's ``state_dict`` (ordered by rank)."""
+    size, dim, world, _, block = [int(x) for x in states[0]["_extra_state"]["layout"]]
+    if len(states) != world:
+        raise ValueError(f"{len(states)} shard states given, the queue was laid out for {world}")
+    return _merge_shards(states, size, dim, world, block, {"generator": states[0]["_extra_state"]["generator"]})
+
+
+def reshard_states(states: Sequence[Dict], world: int, block: int = 1) -> List[Dict]:
+    """Offline: re-split the per-rank states of one queue for another world size (or block)."""
+    full = global_state_from_shards(states)
+    return [from_global_state(full, world, r, block) for r in range(world)]
