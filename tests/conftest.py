@@ -41,3 +41,7 @@ def run_gloo(fn, world: int = 2, *args):
 @pytest.fixture
 def gloo():
     return run_gloo
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (pytest -m gpu; skipped without CUDA)")

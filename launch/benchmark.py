@@ -1,0 +1,228 @@
+"""Throughput, MFU, memory and GPU-hour benchmark of a recipe, launched as the main job is launched.
+
+    python launch/benchmark.py --config configs/demo.yaml engine.kind=single --steps 10
+    torchrun --nproc_per_node 8 launch/benchmark.py --config configs/mae_l16.yaml engine.kind=fsdp2 --batch auto
+    deepspeed --num_gpus 8 launch/benchmark.py --config configs/mae_2b14.yaml --batch 32
+    torchrun --nproc_per_node 2 launch/benchmark.py --config configs/demo.yaml --compare engines,checkpointing,norm
+
+The refiner and engine are the main job's (``build_refiner`` + ``build_engine``); batches are synthetic random
+crops at the recipe's sizes, copied host -> device every step (no data loading: see launch/bench_data.py).
+Reports images/s, crops/s and tokens/s per rank; model TFLOP/s from the analytic FLOPs
+(scale_refiner/bench/flops.py) and MFU against the device's dense bf16 peak (A100 312, H100 / H200 989;
+on the CPU against a measured fp32 matmul rate, or n/a with --no-cpu-peak); peak memory; a per-step time
+breakdown; GPU-hours for the recipe's stages on ``--dataset-size`` images. Appends a markdown row to ``--out``
+and one JSON line to ``--json`` (default: ``--out`` with suffix .jsonl).
+
+``--batch auto``: the largest power-of-two per-rank batch that runs (GPU: until out of memory, capped by
+``--max-batch``; CPU: until the resident memory would pass ``--mem-budget-gb`` (default half of what is
+available), capped by the recipe's per-rank batch).
+
+``--compare``: comma list of ``engines`` (ZeRO-3, ZeRO-2, FSDP2; needs a process group: torchrun / deepspeed,
+or one local rank), ``checkpointing`` (on / off), ``norm`` (heads.norm bn / syncbn / async). Each variant is
+built fresh, in turn, in the same process group; a side-by-side table with ratios to each group's first row
+is printed (``--rounds`` repeats the sequence and keeps each variant's median).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from scale_refiner.config import ConfigError, load_config, validate  # noqa: E402
+
+log = logging.getLogger("scale_refiner.bench")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--batch", default="recipe", help="per-rank batch: N, auto, or recipe (data.batch_size/world)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--stage", default="refine", choices=("refine", "heads"))
+    p.add_argument("--dataset-size", type=int, default=1_281_167, help="images per epoch (ImageNet-1K train)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs for the wall-hour extrapolation (0: world size)")
+    p.add_argument("--max-batch", type=int, default=0, help="cap of --batch auto (default GPU 1024, CPU recipe)")
+    p.add_argument("--mem-budget-gb", type=float, default=0.0, help="CPU --batch auto memory budget")
+    p.add_argument("--compare", default="", help="engines,checkpointing,norm")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--no-fine-timers", action="store_true", help="no synchronised lookup / comm timers")
+    p.add_argument("--no-cpu-peak", action="store_true", help="CPU: MFU n/a instead of a measured matmul peak")
+    p.add_argument("--out", default="runs/bench/results.md")
+    p.add_argument("--json", default=None)
+    p.add_argument("overrides", nargs="*")
+    args, unknown = p.parse_known_args(argv)
+    unknown = [u for u in unknown if not u.startswith("--local_rank")]
+    if unknown:
+        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return args
+
+
+def _deepspeed_available() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001 - absent, or broken on this machine
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(cfg, groups):
+    """The main job's process-group set-up; comparisons always get a group (1 rank when not launched).
+    DeepSpeed initialises the group only when a DeepSpeed engine is among the runs (on the CPU its first
+    launch compiles a communication op)."""
+    from scale_refiner.engine.distributed import init_distributed
+    comparing = bool(groups)
+    use_ds = (cfg.engine.kind == "deepspeed" or "engines" in groups) and _deepspeed_available()
+    if comparing or cfg.engine.kind == "deepspeed":
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    ctx = init_distributed(use_deepspeed=use_ds, need_group=comparing or cfg.engine.kind == "fsdp2")
+    if comparing and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
+    return ctx, use_ds
+
+
+def variants(cfg, groups, ds_ok: bool):
+    """(group, label, cfg) per variant."""
+    out = []
+    for group in groups:
+        if group == "engines":
+            if ds_ok:
+                # ZeRO-3 with the recipe's JSON when that is a stage-3 one (e.g. ds_configs/cpu_demo.json)
+                own = json.loads(Path(cfg.engine.zero_config).read_text()).get("zero_optimization", {})
+                zero3 = cfg.engine.zero_config if own.get("stage") == 3 else "ds_configs/zero3.json"
+                for stage, path in (("3", zero3), ("2", "ds_configs/zero2.json")):
+                    c = copy.deepcopy(cfg)
+                    c.engine.kind, c.engine.zero_config = "deepspeed", path
+                    out.append((group, f"zero{stage}", c))
+            else:
+                print("deepspeed does not import here: ZeRO variants skipped", file=sys.stderr)
+            c = copy.deepcopy(cfg)
+            c.engine.kind = "fsdp2"
+            out.append((group, "fsdp2", c))
+        elif group == "checkpointing":
+            for on in (True, False):
+                c = copy.deepcopy(cfg)
+                c.model.checkpointing = on
+                out.append((group, f"checkpointing={'on' if on else 'off'}", c))
+        elif group == "norm":
+            for kind in ("syncbn", "async", "bn"):
+                c = copy.deepcopy(cfg)
+                c.heads.norm = kind
+                out.append((group, f"heads.norm={kind}", c))
+        elif group == "frozen":
+            c = copy.deepcopy(cfg)
+            out.append((group, f"frozen prefix {cfg.model.freeze_blocks} inside engine (current)", c))
+        else:
+            raise SystemExit(f"error: --compare {group!r}: use engines, checkpointing, norm, frozen")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    groups = [g for g in args.compare.split(",") if g]
+    ctx, ds_ok = init(cfg, groups)
+    from scale_refiner.bench import runner
+    try:
+        if cfg.engine.kind == "single" and ctx.world > 1:
+            raise ConfigError("config key 'engine.kind': single runs in one process; use deepspeed or fsdp2")
+        if cfg.engine.kind == "deepspeed" and not ds_ok:
+            raise ConfigError("config key 'engine.kind': deepspeed does not import here; use fsdp2 or single")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    if args.batch == "recipe":
+        per_rank = max(cfg.data.batch_size // ctx.world, 1)
+    elif args.batch == "auto":
+        cap = args.max_batch or (1024 if ctx.device.type == "cuda" else max(cfg.data.batch_size // ctx.world, 1))
+        per_rank = runner.find_batch(cfg, ctx, args.stage, cap, args.mem_budget_gb or None)
+        if ctx.is_main:
+            print(f"--batch auto: per-rank batch {per_rank} (cap {cap})")
+    else:
+        per_rank = int(args.batch)
+    cfg.data.batch_size = per_rank * ctx.world
+    try:
+        validate(cfg, world_size=ctx.world)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    opts = runner.BenchOptions(stage=args.stage, steps=args.steps, warmup=args.warmup,
+                               dataset_size=args.dataset_size, gpus=args.gpus,
+                               fine_timers=not args.no_fine_timers, measure_cpu_peak=not args.no_cpu_peak)
+    name = Path(args.config).stem
+
+    if not groups:
+        while True:
+            try:
+                results = [runner.benchmark(cfg, ctx, per_rank, opts, name)]
+                break
+            except RuntimeError as err:  # --batch auto found the edge; fragmentation can push it over
+                if args.batch != "auto" or per_rank == 1 or not runner._is_oom(err):
+                    raise
+                del err
+                runner.free_memory(ctx.device)
+                per_rank //= 2
+                cfg.data.batch_size = per_rank * ctx.world
+                print(f"out of memory at the auto batch: retrying with {per_rank}", file=sys.stderr)
+    else:
+        runs = {}
+        todo = variants(cfg, groups, ds_ok)
+        for _ in range(max(args.rounds, 1)):
+            for group, label, vcfg in todo:
+                r = runner.benchmark(vcfg, ctx, per_rank, opts, name, variant=label)
+                r["group"] = group
+                runs.setdefault((group, label), []).append(r)
+        results = []
+        for key, rs in runs.items():
+            rs.sort(key=lambda r: r["images_per_s_per_rank"])
+            results.append(rs[len(rs) // 2])  # the median round
+    if ctx.is_main:
+        for r in results:
+            print(json.dumps({k: r[k] for k in ("config", "engine", "variant", "images_per_s_per_rank",
+                                                 "model_tflops_per_rank", "mfu", "peak_memory_gb")}))
+        print()
+        print(runner.MD_HEADER)
+        for r in results:
+            print(runner.markdown_row(r))
+        if groups:
+            print()
+            print(runner.comparison_table(results))
+        print("\nbreakdown (ms/step):", json.dumps({r["variant"] or r["engine"]: {
+            k: round(v, 2) for k, v in r["breakdown_ms"].items()} for r in results}))
+        gh = results[0]["gpu_hours"]
+        print("GPU-hours:", json.dumps({k: {kk: (round(vv, 2) if isinstance(vv, float) else vv)
+                                            for kk, vv in v.items()} for k, v in gh.items()}))
+        runner.append_results(results, Path(args.out), Path(args.json) if args.json else None)
+        print(f"appended to {args.out}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
