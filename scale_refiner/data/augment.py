@@ -54,6 +54,12 @@ SOLARIZE_THRESHOLD = 0.5  # on [0, 1] floats; equals 128 on uint8
 ImageLike = Union[Image.Image, torch.Tensor]
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's views: a function of (run seed, epoch, dataset index) only, so the views do not
+    depend on the process, worker, rank layout or resume point that draws them."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + int(index)
+
+
 def blur_kernel_size(crop_size: int) -> int:
     """Gaussian kernel about 10% of the crop, odd, at least 3.
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from scale_refiner.config import RefineConfig
-from scale_refiner.data.augment import ArrayDataset, EvalTransform, MultiCropAugment
+from scale_refiner.data.augment import ArrayDataset, EvalTransform, MultiCropAugment, sample_seed
 from scale_refiner.data.fashion_mnist import load_fashion_mnist
 
 
@@ -64,7 +64,7 @@ class SeededViews(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index))
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
             return self.base[index]
 
 

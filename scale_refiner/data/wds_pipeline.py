@@ -30,11 +30,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from scale_refiner.data.augment import EvalTransform, MultiCropAugment
+from scale_refiner.data.augment import EvalTransform, MultiCropAugment, sample_seed
 from scale_refiner.data.shards import IMAGE_EXTS, ShardError
-
-_SEED_MUL = (1_000_003, 10_000_019)
-
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Image bytes -> uint8 [C, H, W], C in (1, 3): 8-bit L/RGB as they are, 16-bit greyscale scaled to 8 bits,
@@ -112,7 +109,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
             if self.decode_only:
                 return self.transform(img), label, index
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * _SEED_MUL[0] + self.epoch) * _SEED_MUL[1] + index)
+                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
                 return self.transform(img), label, index
         except Exception as e:
             if self.handler(e):
