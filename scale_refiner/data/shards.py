@@ -27,13 +27,14 @@ import os
 import random
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
+
+from scale_refiner.atomic import atomic_path, atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "scale-refiner-wds"
@@ -63,25 +64,6 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
             if not block:
                 return h.hexdigest()
             h.update(block)
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb"):
-    """Open a temporary file next to ``path``; on success fsync and rename it onto ``path``, else delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def split_key(name: str) -> Tuple[str, str]:
@@ -203,10 +185,7 @@ def write_dali_index(tar_path: PathLike, index_path: PathLike) -> None:
     same format here: a line ``v1.2 <number of samples>``, then one line per sample listing, for each member,
     ``<ext> <data offset> <size> <member name>`` separated by spaces.
     """
-    index_path = Path(index_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{index_path.name}.", suffix=".tmp", dir=index_path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(index_path) as tmp:
         creator = None
         if shutil.which("tar") is not None:
             with contextlib.suppress(ImportError):
@@ -217,12 +196,6 @@ def write_dali_index(tar_path: PathLike, index_path: PathLike) -> None:
                 ic.create_index()
         else:
             write_index_file(index_entries(tar_path), tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, index_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_index_file(entries: Sequence[Sequence[Tuple[str, int, int, str]]], path: PathLike) -> None:

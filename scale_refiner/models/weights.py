@@ -47,14 +47,12 @@ Where the layouts come from (read in the public code; the tables below are writt
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +62,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+
+from scale_refiner.atomic import atomic_path, atomic_write
 
 PathLike = Union[str, os.PathLike]
 
@@ -408,22 +408,6 @@ def _resolve_callable(path: str, check_root: bool = True):
     return obj
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` into a temporary file next to ``path``, then rename it over ``path``: a reader never
-    sees a half-written file, and a failed write leaves nothing behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def export_timm(model: nn.Module, out_dir: PathLike, name: str,
                 extra_config: Optional[dict] = None) -> Tuple[Path, Path]:
     """Write ``<out_dir>/<name>.safetensors`` (the state dict, contiguous CPU tensors) and
@@ -444,13 +428,10 @@ def export_timm(model: nn.Module, out_dir: PathLike, name: str,
     text = json.dumps(config, indent=2, sort_keys=True)  # fails here, before any file is written
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights_path, config_path = out_dir / f"{name}.safetensors", out_dir / f"{name}.json"
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-
-    _atomic_write(config_path, write_json)
+    with atomic_path(weights_path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_write(config_path, "w") as f:
+        f.write(text + "\n")
     return weights_path, config_path
 
 
