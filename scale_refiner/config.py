@@ -146,6 +146,45 @@ class RefineConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass
+class MAEConfig:
+    """The MAE decoder and masking (He et al., 2022): the pre-training that MIM-Refiner starts from."""
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets: MAE's better-representation setting
+
+
+def _mae_stage() -> StageConfig:
+    # MAE's recipe: lr 1.5e-4 x batch / 256, AdamW (0.9, 0.95), weight decay 0.05, no layer decay.
+    return StageConfig(epochs=800, warmup_epochs=40, base_lr=1.5e-4, weight_decay=0.05, head_weight_decay=0.05,
+                       layer_decay=1.0)
+
+
+@dataclass
+class PretrainStagesConfig:
+    mae: StageConfig = field(default_factory=_mae_stage)
+
+
+def _mae_augment() -> AugmentConfig:
+    # MAE's augmentation: random resized crop (0.2, 1) and flip, no colour; both "global" crops of a stream
+    # batch are used as two pre-training samples, no local crops.
+    return AugmentConfig(global_scale=[0.2, 1.0], num_local=0, color=False)
+
+
+@dataclass
+class PretrainConfig:
+    """MAE pre-training (launch/pretrain_mae.py) on the same engines, data streams and run options."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    augment: AugmentConfig = field(default_factory=_mae_augment)
+    stages: PretrainStagesConfig = field(default_factory=PretrainStagesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
 _CHOICES = {
     "model.arch": ("prenorm", "postnorm"),
     "model.weights_format": ("auto", "mae", "timm", "maws", "d2v2", "native"),
@@ -158,11 +197,15 @@ _CHOICES = {
     "data.on_error": ("raise", "skip"),
     "engine.precision": ("auto", "bf16", "fp32"),
 }
+_CHOICES_SHARED = tuple(k for k in _CHOICES if not k.startswith("heads."))
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RefineConfig:
-    """Recipe file (optional) + ``key=value`` overrides -> validated ``RefineConfig``."""
-    schema = OmegaConf.structured(RefineConfig)
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
+                schema_class=None) -> RefineConfig:
+    """Recipe file (optional) + ``key=value`` overrides -> validated ``RefineConfig`` (or ``schema_class``,
+    e.g. ``PretrainConfig``)."""
+    schema_class = schema_class or RefineConfig
+    schema = OmegaConf.structured(schema_class)
     OmegaConf.set_struct(schema, True)
     merged = schema
     if path is not None:
@@ -172,33 +215,33 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
         try:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as err:
-            raise ConfigError(_describe(err, f"in {path}")) from None
+            raise ConfigError(_describe(err, f"in {path}", schema_class)) from None
     for item in overrides or ():
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
-            raise ConfigError(_describe(err, f"in override {item!r}")) from None
-    cfg: RefineConfig = OmegaConf.to_object(merged)
+            raise ConfigError(_describe(err, f"in override {item!r}", schema_class)) from None
+    cfg = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
 
 
-def _describe(err: OmegaConfBaseException, where: str) -> str:
+def _describe(err: OmegaConfBaseException, where: str, schema_class=None) -> str:
     key = getattr(err, "full_key", None) or "?"
     where = f" {where}"
     msg = str(err).splitlines()[0]
     if "not in" in msg:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        node = _node_at(parent)
+        node = _node_at(parent, schema_class or RefineConfig)
         allowed = ", ".join(f.name for f in dataclasses.fields(node)) if node else ""
         return f"unknown config key '{key}'{where}; allowed keys here: {allowed}"
     return f"bad value for config key '{key}'{where}: {msg}"
 
 
-def _node_at(dotted: str):
-    node = RefineConfig
+def _node_at(dotted: str, root):
+    node = root
     for part in filter(None, dotted.split(".")):
         default = {f.name: f for f in dataclasses.fields(node)}[part].default_factory()
         node = type(default)
@@ -214,34 +257,50 @@ def _get(cfg, dotted: str):
     return value
 
 
-def validate(cfg: RefineConfig, world_size: Optional[int] = None) -> None:
-    """Reject impossible values with a message naming the key; ``world_size`` adds the batch check."""
+def _fail(key, msg):
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg, world_size: Optional[int] = None) -> None:
+    """Reject impossible values with a message naming the key; ``world_size`` adds the batch check.
+    Takes a ``RefineConfig`` or a ``PretrainConfig``."""
+    if isinstance(cfg, PretrainConfig):
+        _validate_pretrain(cfg, world_size)
+        return
+    _validate_refine(cfg, world_size)
+
+
+def _validate_pretrain(cfg: PretrainConfig, world_size: Optional[int]) -> None:
+    from scale_refiner.models.vit import resolve_model_dims
+    fail = _fail
+    _validate_shared(cfg, world_size, list(_CHOICES_SHARED))
+    dims = resolve_model_dims(cfg.model)
+    if cfg.augment.num_local:
+        fail("augment.num_local", "MAE pre-training uses the two global crops only; set it to 0")
+    if cfg.augment.global_size != cfg.model.img_size:
+        fail("augment.global_size", f"{cfg.augment.global_size} must equal model.img_size ({cfg.model.img_size}): "
+                                    f"MAE reconstructs every patch of the stored position grid")
+    if not 0 < cfg.mae.mask_ratio < 1:
+        fail("mae.mask_ratio", f"{cfg.mae.mask_ratio} must be in (0, 1)")
+    if int((cfg.model.img_size // dims["patch_size"]) ** 2 * (1 - cfg.mae.mask_ratio)) < 1:
+        fail("mae.mask_ratio", f"{cfg.mae.mask_ratio} leaves no visible patch")
+    for key in ("mae.decoder_dim", "mae.decoder_depth", "mae.decoder_heads"):
+        if _get(cfg, key) <= 0:
+            fail(key, "must be > 0")
+    if cfg.mae.decoder_dim % cfg.mae.decoder_heads:
+        fail("mae.decoder_heads", f"{cfg.mae.decoder_heads} does not divide mae.decoder_dim {cfg.mae.decoder_dim}")
+    if cfg.mae.decoder_dim % 4:
+        fail("mae.decoder_dim", f"{cfg.mae.decoder_dim} must be divisible by 4 (2-D sin-cos position embedding)")
+    if cfg.model.freeze_blocks:
+        fail("model.freeze_blocks", "MAE pre-training trains every block; set it to 0")
+    _validate_stage(cfg.stages.mae, "stages.mae", topk_max=None)
+
+
+def _validate_refine(cfg: RefineConfig, world_size: Optional[int]) -> None:
     from scale_refiner.models.vit import resolve_model_dims  # models depend on config, not the reverse
-
-    def fail(key, msg):
-        raise ConfigError(f"config key '{key}': {msg}")
-
-    for key, allowed in _CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            fail(key, f"{_get(cfg, key)!r} is not one of {', '.join(allowed)}")
-    try:
-        dims = resolve_model_dims(cfg.model)
-    except KeyError as err:
-        fail("model.name", str(err.args[0]))
-    depth, patch = dims["depth"], dims["patch_size"]
-    if dims["embed_dim"] % dims["num_heads"]:
-        fail("model.num_heads", f"{dims['num_heads']} does not divide embed_dim {dims['embed_dim']}")
-    if cfg.model.img_size % patch:
-        fail("model.img_size", f"{cfg.model.img_size} is not a multiple of the patch size {patch}")
-    for key in ("augment.global_size", "augment.local_size"):
-        if _get(cfg, key) <= 0 or _get(cfg, key) % patch:
-            fail(key, f"{_get(cfg, key)} must be a positive multiple of the patch size {patch}")
-    for key in ("augment.global_scale", "augment.local_scale"):
-        lo_hi = _get(cfg, key)
-        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
-            fail(key, f"{list(lo_hi)} must be [low, high] with 0 < low <= high <= 1")
-    if cfg.augment.num_local < 0:
-        fail("augment.num_local", "must be >= 0")
+    fail = _fail
+    _validate_shared(cfg, world_size, list(_CHOICES))
+    depth = resolve_model_dims(cfg.model)["depth"]
     if not 0 <= cfg.model.freeze_blocks <= depth:
         fail("model.freeze_blocks", f"{cfg.model.freeze_blocks} is outside 0..{depth} (the model has {depth} blocks)")
     for idx in cfg.heads.blocks:
@@ -262,24 +321,55 @@ def validate(cfg: RefineConfig, world_size: Optional[int] = None) -> None:
         if name not in ("heads", "refine"):
             fail("stages.run", f"{name!r} is not one of heads, refine")
     for name in ("heads", "refine"):
-        stage: StageConfig = getattr(cfg.stages, name)
-        prefix = f"stages.{name}"
-        if not 1 <= stage.topk <= cfg.queue.size:
-            fail(f"{prefix}.topk", f"{stage.topk} must be in 1..queue.size ({cfg.queue.size})")
-        if stage.epochs <= 0:
-            fail(f"{prefix}.epochs", "must be > 0")
-        if not 0 <= stage.warmup_epochs <= stage.epochs:
-            fail(f"{prefix}.warmup_epochs", f"{stage.warmup_epochs} must be in 0..epochs ({stage.epochs})")
-        if stage.base_lr < 0:
-            fail(f"{prefix}.base_lr", "must be >= 0")
-        if len(stage.betas) != 2 or not all(0 <= b < 1 for b in stage.betas):
-            fail(f"{prefix}.betas", f"{list(stage.betas)} must be two values in [0, 1)")
-        if not 0 < stage.layer_decay <= 1:
-            fail(f"{prefix}.layer_decay", "must be in (0, 1]")
-        if not 0 <= stage.ema < 1:
-            fail(f"{prefix}.ema", "must be in [0, 1)")
-        if stage.clip_grad is not None and stage.clip_grad <= 0:
-            fail(f"{prefix}.clip_grad", "must be > 0 or null")
+        _validate_stage(getattr(cfg.stages, name), f"stages.{name}", topk_max=cfg.queue.size)
+
+
+def _validate_stage(stage: StageConfig, prefix: str, topk_max: Optional[int]) -> None:
+    fail = _fail
+    if topk_max is not None and not 1 <= stage.topk <= topk_max:
+        fail(f"{prefix}.topk", f"{stage.topk} must be in 1..queue.size ({topk_max})")
+    if stage.epochs <= 0:
+        fail(f"{prefix}.epochs", "must be > 0")
+    if not 0 <= stage.warmup_epochs <= stage.epochs:
+        fail(f"{prefix}.warmup_epochs", f"{stage.warmup_epochs} must be in 0..epochs ({stage.epochs})")
+    if stage.base_lr < 0:
+        fail(f"{prefix}.base_lr", "must be >= 0")
+    if len(stage.betas) != 2 or not all(0 <= b < 1 for b in stage.betas):
+        fail(f"{prefix}.betas", f"{list(stage.betas)} must be two values in [0, 1)")
+    if not 0 < stage.layer_decay <= 1:
+        fail(f"{prefix}.layer_decay", "must be in (0, 1]")
+    if not 0 <= stage.ema < 1:
+        fail(f"{prefix}.ema", "must be in [0, 1)")
+    if stage.clip_grad is not None and stage.clip_grad <= 0:
+        fail(f"{prefix}.clip_grad", "must be > 0 or null")
+
+
+def _validate_shared(cfg, world_size: Optional[int], choices) -> None:
+    """What refinement and pre-training configs have in common: model, augment, data, engine, run."""
+    from scale_refiner.models.vit import resolve_model_dims
+    fail = _fail
+    for key in choices:
+        allowed = _CHOICES[key]
+        if _get(cfg, key) not in allowed:
+            fail(key, f"{_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    try:
+        dims = resolve_model_dims(cfg.model)
+    except KeyError as err:
+        fail("model.name", str(err.args[0]))
+    patch = dims["patch_size"]
+    if dims["embed_dim"] % dims["num_heads"]:
+        fail("model.num_heads", f"{dims['num_heads']} does not divide embed_dim {dims['embed_dim']}")
+    if cfg.model.img_size % patch:
+        fail("model.img_size", f"{cfg.model.img_size} is not a multiple of the patch size {patch}")
+    for key in ("augment.global_size", "augment.local_size"):
+        if _get(cfg, key) <= 0 or _get(cfg, key) % patch:
+            fail(key, f"{_get(cfg, key)} must be a positive multiple of the patch size {patch}")
+    for key in ("augment.global_scale", "augment.local_scale"):
+        lo_hi = _get(cfg, key)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            fail(key, f"{list(lo_hi)} must be [low, high] with 0 < low <= high <= 1")
+    if cfg.augment.num_local < 0:
+        fail("augment.num_local", "must be >= 0")
     if cfg.data.batch_size <= 0:
         fail("data.batch_size", "must be > 0")
     if world_size is not None and cfg.data.batch_size % world_size:

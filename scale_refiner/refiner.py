@@ -120,6 +120,12 @@ class MIMRefiner(nn.Module):
         for h, queue in enumerate(self.queues):
             queue.enqueue(stacked[h], index, label, step)
 
+    def shard_units(self) -> List[nn.Module]:
+        """The modules an FSDP2 engine shards one by one (then the root takes the rest)."""
+        return [*self.encoder.blocks, *self.heads]
+
+    heads_prefix = "heads"  # the parameter groups' name for the non-encoder part
+
     def set_stage(self, stage: str, freeze_blocks: int) -> None:
         """``heads``: encoder frozen whole and kept in eval mode. ``refine``: the configured prefix frozen."""
         if stage == "heads":

@@ -128,7 +128,7 @@ def test_gpu_bf16_refiner_step_is_finite():
     engine.backward(loss)
     norm = engine.step(None)
     assert norm == norm and norm < float("inf")
-    for p in engine.refiner.parameters():
+    for p in engine.model.parameters():
         assert torch.isfinite(p).all()
 
 

@@ -91,7 +91,7 @@ def _equivalence(rank, world, expected_losses, expected_norms, expected_state):
     engine = make_engine(FSDPEngine, rank, world, eps=EQUIV_EPS)
     assert isinstance(engine.module.encoder.blocks[0].attn.qkv.weight, DTensor)
     before = engine.encoder_state()
-    frozen = [n for n, _ in engine.refiner.encoder.named_parameters() if n not in engine.trainable_encoder]
+    frozen = [n for n, _ in engine.model.encoder.named_parameters() if n not in engine.trainable_encoder]
     assert frozen and all(n.startswith(("patch_embed", "cls_token", "pos_embed", "blocks.0.")) for n in frozen)
     for step, batch in enumerate(batches(3)):
         loss, norm = train_step(engine, batch, step, rank, world)
@@ -107,10 +107,10 @@ def _equivalence(rank, world, expected_losses, expected_norms, expected_state):
     # frozen parameters get no optimiser state; every trainable one does
     state_ids = {id(p) for p in engine.optimizer.state}
     assert state_ids == {id(p) for p in engine.trainable}
-    assert not state_ids & {id(p) for n, p in engine.refiner.encoder.named_parameters() if n in frozen}
+    assert not state_ids & {id(p) for n, p in engine.model.encoder.named_parameters() if n in frozen}
     # the rebuilt groups kept their settings; buffers (BN statistics, queues) stay plain replicated tensors
     assert all("lr_scale" in g and "name" in g and g["eps"] == EQUIV_EPS for g in engine.param_groups)
-    assert not any(isinstance(b, DTensor) for b in engine.refiner.buffers())
+    assert not any(isinstance(b, DTensor) for b in engine.model.buffers())
 
 
 # ------------------------------------------------------------------------------------- 2. EMA over the shards
@@ -175,10 +175,10 @@ def _checkpointing(rank, world):
     grads = []
     for checkpointing in (True, False):
         engine = make_engine(FSDPEngine, rank, world)
-        engine.refiner.encoder.set_grad_checkpointing(checkpointing)
+        engine.model.encoder.set_grad_checkpointing(checkpointing)
         loss, _ = engine.forward(*part(batch, rank, world), topk=TOPK, step=0)
         engine.backward(loss)
-        grads.append({n: p.grad.full_tensor() for n, p in engine.refiner.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad.full_tensor() for n, p in engine.model.named_parameters() if p.grad is not None})
     with_ckpt, without = grads
     first = [n for n in with_ckpt if n.startswith("encoder.blocks.1.")]
     assert len(first) == 12  # every parameter of the first trainable block
@@ -198,8 +198,8 @@ def _heads_stage(rank, world):
     train_step(engine, batches(1)[0], 0, rank, world)
     after = engine.full_state()
     assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("encoder."))
-    assert all(not torch.equal(after[n], before[n]) for n, _ in engine.refiner.heads.named_parameters(prefix="heads"))
-    assert len(engine.optimizer.state) == len(engine.trainable) == len(list(engine.refiner.heads.parameters()))
+    assert all(not torch.equal(after[n], before[n]) for n, _ in engine.model.heads.named_parameters(prefix="heads"))
+    assert len(engine.optimizer.state) == len(engine.trainable) == len(list(engine.model.heads.parameters()))
 
 
 def _resume_checkpointing_heads(rank, world, directory):

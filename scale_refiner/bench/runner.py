@@ -272,7 +272,7 @@ def benchmark(cfg, ctx, per_rank: int, opts: BenchOptions, config_name: str = "?
         from scale_refiner.engine.ema import EncoderEMA
         ema = EncoderEMA(engine, getattr(cfg.stages, stage).ema)
     timer = StageTimer(device)
-    instruments = Instruments(engine.refiner, timer) if opts.fine_timers else None
+    instruments = Instruments(engine.model, timer) if opts.fine_timers else None
     batch = synthetic_batch(cfg, per_rank, device, ctx.rank)
     try:
         run_steps(engine, cfg, ctx, batch, opts.warmup, stage, timer, ema=ema)

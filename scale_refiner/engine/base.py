@@ -1,6 +1,8 @@
 """One small interface over the single-process, DeepSpeed ZeRO and FSDP2 engines.
 
-The stage loop (engine/trainer.py) sees only this: forward, backward, step, the local fp32 storage of the
+The model is a ``MIMRefiner`` (refinement) or an ``MAEPretrainer`` (pre-training): an ``encoder`` (our ViT),
+the rest of the trainable model, and a forward that returns ``(loss, metrics)``. The stage loop
+(engine/trainer.py) sees only this: forward, backward, step, the local fp32 storage of the
 trainable encoder parameters (for the EMA), conversions between that local layout and full tensors (to save
 the EMA as full tensors and restore it at any world size), the full encoder state (for export), and sharded
 save / load of model and optimiser.
@@ -16,7 +18,6 @@ import torch
 from torch import nn
 
 from scale_refiner.engine.distributed import DistContext
-from scale_refiner.refiner import MIMRefiner
 
 
 def cpu_state_copy(state: Dict) -> Dict:
@@ -32,11 +33,11 @@ def cpu_state_copy(state: Dict) -> Dict:
 class Engine(ABC):
     kind: str = "?"
 
-    def __init__(self, refiner: MIMRefiner, groups: List[Dict], betas, ctx: DistContext, dtype: torch.dtype):
-        self.refiner = refiner  # unwrapped, for attribute access (encoder, heads, queues)
+    def __init__(self, model: nn.Module, groups: List[Dict], betas, ctx: DistContext, dtype: torch.dtype):
+        self.model = model  # unwrapped, for attribute access (encoder, heads, queues)
         self.ctx = ctx
         self.dtype = dtype
-        self.trainable_encoder = [n for n, p in refiner.encoder.named_parameters() if p.requires_grad]
+        self.trainable_encoder = [n for n, p in model.encoder.named_parameters() if p.requires_grad]
 
     # -------------------------------------------------------------------------------------------- a step
     def autocast(self):
@@ -44,10 +45,10 @@ class Engine(ABC):
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.dtype)
 
-    def forward(self, global_crops, local_crops, index, label, topk: int, step: int) -> Tuple[torch.Tensor, Dict]:
+    def forward(self, *inputs, **kwargs) -> Tuple[torch.Tensor, Dict]:
+        """The model's forward (through the engine's wrapper) under autocast, given the process group."""
         with self.autocast():
-            return self.module(global_crops, local_crops, index, label, topk=topk, step=step,
-                               group=self.ctx.group)
+            return self.module(*inputs, group=self.ctx.group, **kwargs)
 
     @property
     @abstractmethod
@@ -87,7 +88,7 @@ class Engine(ABC):
 
     @abstractmethod
     def full_state(self) -> Dict[str, torch.Tensor]:
-        """The refiner's full state dict (parameters gathered, this rank's buffers and queues), fp32 CPU, on
+        """The model's full state dict (parameters gathered, this rank's buffers and queues), fp32 CPU, on
         every rank (collective). What the next stage, an export or an evaluation starts from."""
 
     def encoder_state(self) -> Dict[str, torch.Tensor]:

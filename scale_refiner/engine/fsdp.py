@@ -1,4 +1,5 @@
-"""FSDP2 engine: every encoder block and every ID head is its own ``fully_shard`` unit, the root takes the rest.
+"""FSDP2 engine: every unit of ``model.shard_units()`` (each encoder block and each ID head; for MAE each
+encoder and decoder block) is its own ``fully_shard`` unit, the root takes the rest.
 
 Each unit's parameters are gathered just before it runs and freed after it, so a rank holds its shards plus
 about one block's full parameters. Parameters become DTensors sharded on dim 0 over a 1-D mesh of all ranks
@@ -26,29 +27,29 @@ from scale_refiner.engine.base import Engine, cpu_state_copy
 class FSDPEngine(Engine):
     kind = "fsdp2"
 
-    def __init__(self, refiner, groups, betas, ctx, dtype):
-        super().__init__(refiner, groups, betas, ctx, dtype)  # names of trainable encoder params, pre-sharding
-        refiner.to(ctx.device)
+    def __init__(self, model, groups, betas, ctx, dtype):
+        super().__init__(model, groups, betas, ctx, dtype)  # names of trainable encoder params, pre-sharding
+        model.to(ctx.device)
         self.mesh = init_device_mesh(ctx.device.type, (ctx.world,))
         # Compute in ``dtype`` (bf16 on GPU), reduce gradients in fp32; the shards themselves stay fp32.
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for unit in (*refiner.encoder.blocks, *refiner.heads):
+        for unit in model.shard_units():
             fully_shard(unit, mesh=self.mesh, mp_policy=policy)
-        fully_shard(refiner, mesh=self.mesh, mp_policy=policy)
+        fully_shard(model, mesh=self.mesh, mp_policy=policy)
 
         # fully_shard replaced every parameter by a DTensor: rebuild the same groups from the new objects.
-        params = dict(refiner.named_parameters())
+        params = dict(model.named_parameters())
         sharded_groups = [{**{k: v for k, v in g.items() if k != "params"},
                            "params": [params[n] for n in g["param_names"]]} for g in groups]
         self.optimizer = torch.optim.AdamW(sharded_groups, lr=0.0, betas=tuple(betas),
                                            foreach=ctx.device.type == "cuda")
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-        encoder_params = dict(refiner.encoder.named_parameters())
+        encoder_params = dict(model.encoder.named_parameters())
         self._encoder_params = {n: encoder_params[n] for n in self.trainable_encoder}
 
     @property
     def module(self) -> nn.Module:
-        return self.refiner  # fully_shard works in place: the refiner *is* the sharded root
+        return self.model  # fully_shard works in place: the model *is* the sharded root
 
     @property
     def param_groups(self) -> List[Dict]:
@@ -88,7 +89,7 @@ class FSDPEngine(Engine):
         # the device at once; buffers and the queues' extra state are plain, this rank's own. Keys are those of
         # an unsharded refiner (fully_shard adds no prefixes).
         state = {}
-        for key, value in self.refiner.state_dict().items():
+        for key, value in self.model.state_dict().items():
             state.update(cpu_state_copy({key: value.full_tensor() if isinstance(value, DTensor) else value}))
         return state
 
@@ -99,7 +100,7 @@ class FSDPEngine(Engine):
         # to ``set_extra_state``, so the queues resume picking the same neighbours. Plain buffers are saved once
         # (DCP dedups replicated tensors): right for syncbn and the queues; per-rank BN statistics (plain bn)
         # come back from the caller's per-rank client state.
-        model, optimizer = get_state_dict(self.refiner, self.optimizer)
+        model, optimizer = get_state_dict(self.model, self.optimizer)
         return {"model": model, "optimizer": optimizer}
 
     def save(self, directory: Path) -> None:
@@ -108,5 +109,5 @@ class FSDPEngine(Engine):
     def load(self, directory: Path) -> None:
         state = self._dcp_state()  # the layout to load into (this rank's shards)
         dcp.load(state, checkpoint_id=str(directory))
-        set_state_dict(self.refiner, self.optimizer, model_state_dict=state["model"],
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])

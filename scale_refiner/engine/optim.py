@@ -29,11 +29,12 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(encoder: nn.Module, heads: nn.Module, depth: int, weight_decay: float,
-                 head_weight_decay: float, layer_decay: float) -> List[Dict]:
+                 head_weight_decay: float, layer_decay: float, heads_prefix: str = "heads") -> List[Dict]:
     """Groups with ``lr_scale`` (multiplied into the scheduled lr) and ``weight_decay``, named for logs.
 
-    ``param_names`` are relative to the refiner (``encoder.…``, ``heads.…``), so an engine that replaces the
-    parameters (FSDP2's sharding) can rebuild the same groups by name.
+    ``heads`` is everything trained beside the encoder: the ID heads (``heads_prefix="heads"``) or MAE's
+    decoder (``"decoder"``). ``param_names`` are relative to the model (``encoder.…``, ``heads.…``), so an
+    engine that replaces the parameters (FSDP2's sharding) can rebuild the same groups by name.
     """
     groups: Dict[tuple, Dict] = {}
 
@@ -57,7 +58,8 @@ def param_groups(encoder: nn.Module, heads: nn.Module, depth: int, weight_decay:
         if not param.requires_grad:
             continue
         decay = "no_decay" if _no_decay(name, param) else "decay"
-        add(f"heads.{decay}", f"heads.{name}", param, 1.0, 0.0 if decay == "no_decay" else head_weight_decay)
+        add(f"{heads_prefix}.{decay}", f"{heads_prefix}.{name}", param, 1.0,
+            0.0 if decay == "no_decay" else head_weight_decay)
     return list(groups.values())
 
 

@@ -14,8 +14,8 @@ from scale_refiner.engine.checkpoint import atomic_save
 class SingleEngine(Engine):
     kind = "single"
 
-    def __init__(self, refiner, groups, betas, ctx, dtype):
-        super().__init__(refiner, groups, betas, ctx, dtype)
+    def __init__(self, model, groups, betas, ctx, dtype):
+        super().__init__(model, groups, betas, ctx, dtype)
         if ctx.world > 1:
             raise ValueError("engine.kind=single runs in one process; launched with "
                              f"{ctx.world} ranks use engine.kind=deepspeed or fsdp2")
@@ -25,7 +25,7 @@ class SingleEngine(Engine):
 
     @property
     def module(self) -> nn.Module:
-        return self.refiner
+        return self.model
 
     @property
     def param_groups(self) -> List[Dict]:
@@ -41,7 +41,7 @@ class SingleEngine(Engine):
         return float(norm)
 
     def local_views(self):
-        params = dict(self.refiner.encoder.named_parameters())
+        params = dict(self.model.encoder.named_parameters())
         return {n: params[n].detach() for n in self.trainable_encoder}
 
     def to_full(self, name, local):
@@ -51,13 +51,13 @@ class SingleEngine(Engine):
         return full
 
     def full_state(self):
-        return cpu_state_copy(self.refiner.state_dict())
+        return cpu_state_copy(self.model.state_dict())
 
     def save(self, directory: Path) -> None:
-        atomic_save({"model": self.refiner.state_dict(), "optimizer": self.optimizer.state_dict()},
+        atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
                     Path(directory) / "engine.pt")
 
     def load(self, directory: Path) -> None:
         state = torch.load(Path(directory) / "engine.pt", map_location=self.ctx.device, weights_only=True)
-        self.refiner.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -1,5 +1,6 @@
 """One stage, top to bottom: build the engine -> (resume) -> schedule -> forward -> backward -> step -> EMA
--> log -> checkpoint. The same loop drives every engine (single process, DeepSpeed ZeRO, FSDP2)."""
+-> log -> checkpoint. The same loop drives every engine (single process, DeepSpeed ZeRO, FSDP2) and both
+models: the refiner's ``heads`` and ``refine`` stages and MAE pre-training's ``mae`` stage."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from torch import nn
+
 from scale_refiner.config import RefineConfig, StageConfig
 from scale_refiner.engine.base import Engine
 from scale_refiner.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
@@ -21,7 +24,6 @@ from scale_refiner.engine.distributed import DistContext, resolve_precision
 from scale_refiner.engine.ema import EncoderEMA
 from scale_refiner.engine.optim import param_groups, scaled_lr, warmup_cosine
 from scale_refiner.heads.async_bn import coordinator_of
-from scale_refiner.refiner import MIMRefiner
 
 log = logging.getLogger("scale_refiner")
 
@@ -46,22 +48,23 @@ def plan_stage(stage: StageConfig, samples_per_epoch: int, global_batch: int, ma
                      scaled_lr(stage.base_lr, global_batch))
 
 
-def build_engine(refiner: MIMRefiner, cfg: RefineConfig, name: str, ctx: DistContext) -> Engine:
-    """Freeze for the stage, build the stage's parameter groups, wrap in the configured engine."""
+def build_engine(model: nn.Module, cfg: RefineConfig, name: str, ctx: DistContext) -> Engine:
+    """Freeze for the stage, build the stage's parameter groups, wrap in the configured engine.
+    ``model``: a ``MIMRefiner`` (stages heads, refine) or an ``MAEPretrainer`` (stage mae)."""
     stage: StageConfig = getattr(cfg.stages, name)
-    refiner.set_stage(name, cfg.model.freeze_blocks)
-    groups = param_groups(refiner.encoder, refiner.heads, refiner.encoder.depth, stage.weight_decay,
-                          stage.head_weight_decay, stage.layer_decay)
+    model.set_stage(name, cfg.model.freeze_blocks)
+    groups = param_groups(model.encoder, model.heads, model.encoder.depth, stage.weight_decay,
+                          stage.head_weight_decay, stage.layer_decay, heads_prefix=model.heads_prefix)
     dtype = resolve_precision(cfg.engine.precision, ctx.device)
     if cfg.engine.kind == "single":
         from scale_refiner.engine.single import SingleEngine
-        return SingleEngine(refiner.to(ctx.device), groups, stage.betas, ctx, dtype)
+        return SingleEngine(model.to(ctx.device), groups, stage.betas, ctx, dtype)
     if cfg.engine.kind == "deepspeed":
         from scale_refiner.engine.zero import ZeroEngine, load_ds_config
-        return ZeroEngine(refiner, groups, stage.betas, ctx, dtype, load_ds_config(cfg.engine.zero_config),
+        return ZeroEngine(model, groups, stage.betas, ctx, dtype, load_ds_config(cfg.engine.zero_config),
                           micro_batch=cfg.data.batch_size // ctx.world, clip_grad=stage.clip_grad)
     from scale_refiner.engine.fsdp import FSDPEngine
-    return FSDPEngine(refiner, groups, stage.betas, ctx, dtype)
+    return FSDPEngine(model, groups, stage.betas, ctx, dtype)
 
 
 def model_signature(cfg: RefineConfig) -> Dict:
@@ -71,20 +74,21 @@ def model_signature(cfg: RefineConfig) -> Dict:
                 heads=list(cfg.heads.blocks), proj_out_dim=cfg.heads.proj_out_dim, queue_size=cfg.queue.size)
 
 
-def client_state(refiner: MIMRefiner, stream=None) -> Dict:
+def client_state(model: nn.Module, stream=None) -> Dict:
     """What each rank keeps for itself: its buffers (BN statistics differ per rank with plain BN), the queues
-    with their pick generators, every RNG state and its reader position."""
-    return {"buffers": {n: b.detach().cpu().clone() for n, b in refiner.named_buffers()},
-            "queues": {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
-                       for k, v in refiner.queues.state_dict().items()},
+    with their pick generators (the refiner's; MAE has none), every RNG state and its reader position."""
+    queues = model.queues.state_dict() if model.queues is not None else {}
+    return {"buffers": {n: b.detach().cpu().clone() for n, b in model.named_buffers()},
+            "queues": {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in queues.items()},
             "rng": rng_state(), "data": json.dumps(stream.state_dict() if stream is not None else {})}
 
 
-def restore_client(refiner: MIMRefiner, client: Dict, stream=None) -> None:
+def restore_client(model: nn.Module, client: Dict, stream=None) -> None:
     with torch.no_grad():
-        for n, b in refiner.named_buffers():
+        for n, b in model.named_buffers():
             b.copy_(client["buffers"][n])
-    refiner.queues.load_state_dict(client["queues"])
+    if model.queues is not None:
+        model.queues.load_state_dict(client["queues"])
     set_rng_state(client["rng"])
     if stream is not None:
         stream.load_state_dict(json.loads(client.get("data", "{}")))
@@ -99,20 +103,30 @@ def _mean_over_ranks(metrics: Dict[str, torch.Tensor], ctx: DistContext) -> Dict
     return dict(zip(names, values.tolist()))
 
 
+def refiner_inputs(batch: Dict[str, torch.Tensor], device: torch.device, stage: StageConfig, step: int):
+    """A stream batch as ``MIMRefiner.forward`` arguments: (positional, keyword)."""
+    return ((batch["global"].to(device, non_blocking=True), batch["local"].to(device, non_blocking=True),
+             batch["index"].to(device), batch["label"].to(device)), {"topk": stage.topk, "step": step})
+
+
 def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistContext, writer=None,
               checkpoints: Optional[CheckpointDir] = None,
               resume_from: Optional[Path] = None, global_offset: int = 0,
-              metrics_file: Optional[Path] = None, evaluate=None) -> Dict[str, float]:
-    """Train one stage (``heads`` or ``refine``) on ``stream`` (data/loaders.py: ``batches(epoch, start_batch)``
-    yields this rank's batches, ``samples_per_epoch`` is global).
+              metrics_file: Optional[Path] = None, evaluate=None, inputs=refiner_inputs,
+              signature: Optional[Dict] = None) -> Dict[str, float]:
+    """Train one stage (``heads``, ``refine`` or ``mae``) on ``stream`` (data/loaders.py:
+    ``batches(epoch, start_batch)`` yields this rank's batches, ``samples_per_epoch`` is global).
+    ``inputs(batch, device, stage_config, global_step)`` turns a batch into the model's forward arguments;
+    ``signature`` is what a checkpoint must match to be resumed (default: the refiner's ``model_signature``).
     Rank 0 appends every logged step's metrics (averaged over ranks) to ``metrics_file`` as JSON lines.
     ``evaluate(engine, name, global_step)`` (collective) runs every ``run.knn_every`` steps.
 
     Returns the last logged metrics plus ``steps``; the EMA (refine stage) is left on ``engine.ema`` and, when
-    the stage ran to its end, the full refiner state on ``engine.end_state``.
+    the stage ran to its end, the full model state on ``engine.end_state``.
     """
     stage: StageConfig = getattr(cfg.stages, name)
-    refiner = engine.refiner
+    model = engine.model
+    signature = signature if signature is not None else model_signature(cfg)
     engine.module.train()
     plan = plan_stage(stage, stream.samples_per_epoch, cfg.data.batch_size, cfg.run.max_steps)
     engine.ema = EncoderEMA(engine, stage.ema) if name == "refine" else None
@@ -120,7 +134,7 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
     if resume_from is not None:
         state = CheckpointDir.read_state(resume_from)
         engine.load(resume_from)
-        restore_client(refiner, checkpoints.load_client(resume_from), stream)
+        restore_client(model, checkpoints.load_client(resume_from), stream)
         if engine.ema is not None:
             engine.ema.load_full_state(torch.load(resume_from / "ema.pt", map_location="cpu", weights_only=True))
         step, global_offset = state["step"], state["global_step"] - state["step"]
@@ -131,8 +145,8 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
 
     def save(tag: str, model_state=None):
         checkpoints.save(tag, engine, {"stage": name, "step": step, "global_step": global_offset + step,
-                                       "stage_done": step >= plan.total_steps, "model": model_signature(cfg)},
-                         client_state(refiner, stream), engine.ema, model_state)
+                                       "stage_done": step >= plan.total_steps, "model": signature},
+                         client_state(model, stream), engine.ema, model_state)
 
     last: Dict[str, float] = {}
     progress = tqdm(total=plan.total_steps, initial=step, desc=name, dynamic_ncols=True,
@@ -145,10 +159,8 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
         for batch in stream.batches(epoch, start_batch):
             lr = warmup_cosine(step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
             engine.set_lr(lr)
-            loss, metrics = engine.forward(batch["global"].to(device, non_blocking=True),
-                                           batch["local"].to(device, non_blocking=True),
-                                           batch["index"].to(device), batch["label"].to(device),
-                                           topk=stage.topk, step=global_offset + step)
+            args, kwargs = inputs(batch, device, stage, global_offset + step)
+            loss, metrics = engine.forward(*args, **kwargs)
             engine.backward(loss)
             grad_norm = engine.step(stage.clip_grad)
             if engine.ema is not None:
@@ -191,7 +203,7 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
     if last["stopped"]:
         log.info("stopped after step %d of stage %s (run.stop_after); resume with run.resume=auto", step, name)
     else:
-        coordinator = coordinator_of(refiner)
+        coordinator = coordinator_of(model)
         if coordinator is not None:
             coordinator.sync()  # fold the last step's async-BN statistics into the running ones
         # gathered once: the stage-end checkpoint, the next stage and the exports all start from it

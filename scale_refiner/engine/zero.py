@@ -39,11 +39,11 @@ def load_ds_config(path: str | Path) -> dict:
 class ZeroEngine(Engine):
     kind = "deepspeed"
 
-    def __init__(self, refiner, groups, betas, ctx, dtype, ds_config: dict, micro_batch: int,
+    def __init__(self, model, groups, betas, ctx, dtype, ds_config: dict, micro_batch: int,
                  clip_grad: Optional[float] = None):
         import deepspeed
 
-        super().__init__(refiner, groups, betas, ctx, dtype)
+        super().__init__(model, groups, betas, ctx, dtype)
         config = dict(ds_config)
         config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
                       gradient_clipping=float(clip_grad or 0.0))
@@ -53,9 +53,9 @@ class ZeroEngine(Engine):
         # Plain lists of tensors and scalars only: ZeRO rebuilds its own groups from these.
         optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups],
                                       lr=0.0, betas=tuple(betas))
-        refiner.to(ctx.device)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=refiner, optimizer=optimizer, config=config)
-        self._encoder_params = dict(refiner.encoder.named_parameters())
+        model.to(ctx.device)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self._encoder_params = dict(model.encoder.named_parameters())
 
     @property
     def module(self) -> nn.Module:
@@ -107,19 +107,19 @@ class ZeroEngine(Engine):
 
     def full_state(self):
         import deepspeed
-        with deepspeed.zero.GatheredParameters(list(self.refiner.parameters()), modifier_rank=None):
-            return cpu_state_copy(self.refiner.state_dict())
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            return cpu_state_copy(self.model.state_dict())
 
     # -------------------------------------------------------------------------------------- checkpoints
     def save(self, directory: Path) -> None:
         import deepspeed
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
-        frozen = [(n, p) for n, p in self.refiner.named_parameters() if not p.requires_grad]
+        frozen = [(n, p) for n, p in self.model.named_parameters() if not p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
             if self.ctx.is_main:
                 atomic_save({n: p.detach().cpu().clone() for n, p in frozen}, directory / "frozen_params.pt")
-        atomic_save({n: b.detach().cpu() for n, b in self.refiner.named_buffers()},
+        atomic_save({n: b.detach().cpu() for n, b in self.model.named_buffers()},
                     directory / f"buffers_rank{self.ctx.rank}.pt")
 
     def load(self, directory: Path) -> None:
@@ -129,7 +129,7 @@ class ZeroEngine(Engine):
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
         frozen_state = torch.load(directory / "frozen_params.pt", map_location="cpu", weights_only=True)
-        frozen = [(n, p) for n, p in self.refiner.named_parameters() if not p.requires_grad]
+        frozen = [(n, p) for n, p in self.model.named_parameters() if not p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0):
             if self.ctx.is_main:
                 with torch.no_grad():
@@ -140,5 +140,5 @@ class ZeroEngine(Engine):
             buffers_file = directory / "buffers_rank0.pt"
         buffers = torch.load(buffers_file, map_location="cpu", weights_only=True)
         with torch.no_grad():
-            for n, b in self.refiner.named_buffers():
+            for n, b in self.model.named_buffers():
                 b.copy_(buffers[n])

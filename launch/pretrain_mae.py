@@ -1,0 +1,158 @@
+"""Pre-train a ViT as a masked autoencoder (MAE), on the same engines, data streams and checkpoints as refining.
+
+    python launch/pretrain_mae.py --config configs/demo_mae.yaml [key=value ...]             # one process
+    deepspeed --num_gpus N launch/pretrain_mae.py --config configs/demo_mae.yaml engine.kind=deepspeed
+    torchrun --nproc_per_node N launch/pretrain_mae.py --config configs/demo_mae.yaml engine.kind=fsdp2
+
+Writes ``<run.out_dir>/mae_pretrained.pth`` in the official MAE layout (``{"model": ...}``, decoder included),
+which ``launch/refine.py`` loads with ``model.weights=<that file>`` (format detected as ``mae``), and
+``mae_pretrained.json`` with the recipe that produced it. When both exist and the recipe is the same, the run
+is not repeated (``--force`` repeats it); ``run.resume=auto`` continues an interrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from scale_refiner.atomic import atomic_path, atomic_write  # noqa: E402
+from scale_refiner.config import ConfigError, PretrainConfig, load_config, to_dict, validate  # noqa: E402
+from scale_refiner.engine.checkpoint import CheckpointDir, check_out_dir  # noqa: E402
+from scale_refiner.engine.distributed import init_distributed  # noqa: E402
+from scale_refiner.engine.trainer import build_engine, run_stage  # noqa: E402
+from scale_refiner.mae import build_mae, mae_state_dict  # noqa: E402
+
+log = logging.getLogger("scale_refiner")
+WEIGHTS_NAME, RECIPE_NAME = "mae_pretrained.pth", "mae_pretrained.json"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="pre-training recipe YAML, e.g. configs/demo_mae.yaml")
+    parser.add_argument("--force", action="store_true", help="pre-train even if the same recipe's weights exist")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.mae.epochs=10")
+    args, unknown = parser.parse_known_args(argv)
+    unknown = [u for u in unknown if not u.startswith("--local_rank")]  # deepspeed's launcher adds it
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return args
+
+
+def mae_signature(cfg: PretrainConfig) -> dict:
+    """What a pre-training checkpoint must match to be resumed: the model and the whole recipe (a changed
+    schedule must not pick up a finished run's weights)."""
+    from scale_refiner.models.vit import resolve_model_dims
+    return dict(resolve_model_dims(cfg.model), recipe=recipe_of(cfg))
+
+
+def mae_inputs(batch, device, stage, step):
+    """Both global crops of every image are pre-training samples: (2, B, C, H, W)."""
+    return (batch["global"].to(device, non_blocking=True),), {"step": step}
+
+
+def recipe_of(cfg: PretrainConfig) -> dict:
+    """The recipe a weights file is reused for: everything but where and how often the run logs."""
+    recipe = to_dict(cfg)
+    for key in ("out_dir", "log_every", "save_every", "resume", "keep_checkpoints", "knn_every", "stop_after"):
+        recipe["run"].pop(key)
+    recipe["data"].pop("num_workers")
+    return recipe
+
+
+def existing_weights(out_dir: Path, cfg: PretrainConfig):
+    """The weights file of an earlier run of this very recipe, or None."""
+    weights, recipe = out_dir / WEIGHTS_NAME, out_dir / RECIPE_NAME
+    if weights.is_file() and recipe.is_file() and json.loads(recipe.read_text()) == recipe_of(cfg):
+        return weights
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides, schema_class=PretrainConfig)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(cfg.run.out_dir)
+    if not args.force and cfg.run.stop_after == 0 and existing_weights(out_dir, cfg) is not None:
+        print(f"MAE weights of this recipe already exist: {out_dir / WEIGHTS_NAME} (reused; --force repeats)")
+        return 0
+    ctx = init_distributed(use_deepspeed=cfg.engine.kind == "deepspeed", need_group=cfg.engine.kind == "fsdp2")
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        validate(cfg, world_size=ctx.world)
+        if cfg.engine.kind == "single" and ctx.world > 1:
+            raise ConfigError(f"config key 'engine.kind': single runs in one process, launched with {ctx.world} "
+                              f"ranks; use deepspeed or fsdp2")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if ctx.is_main:
+        check_out_dir(out_dir)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    ctx.barrier()
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = build_mae(cfg)
+    checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints)
+    point = None
+    if cfg.run.resume == "auto":
+        point = checkpoints.latest()
+    elif cfg.run.resume != "none":
+        point = Path(cfg.run.resume)
+        if not (point / "state.json").is_file():
+            print(f"error: config key 'run.resume': {point} is not a complete checkpoint directory",
+                  file=sys.stderr)
+            return 2
+    signature = mae_signature(cfg)
+    state = CheckpointDir.read_state(point) if point is not None else None
+    if state is not None and state.get("model") != signature:
+        print(f"error: checkpoint {point} was written for {state.get('model')}, but this config builds "
+              f"{signature}", file=sys.stderr)
+        return 2
+
+    started = time.time()
+    if state is not None and state["stage_done"]:  # finished before the weights file was written: write it
+        log.info("checkpoint %s ends the pre-training; writing its weights", point)
+        full = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True)
+        last = {"steps": state["step"]}
+    else:
+        writer = None
+        if ctx.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out_dir / "tensorboard"))
+        from scale_refiner.data.loaders import train_stream
+        stream = train_stream(cfg, ctx.rank, ctx.world)
+        engine = build_engine(model, cfg, "mae", ctx)
+        last = run_stage(engine, cfg, "mae", stream, ctx, writer, checkpoints, point,
+                         metrics_file=out_dir / "metrics.jsonl", inputs=mae_inputs, signature=signature)
+        if writer is not None:
+            writer.close()
+        if last["stopped"]:
+            ctx.barrier()
+            return 0
+        full = engine.end_state
+    if ctx.is_main:
+        with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+            torch.save({"model": mae_state_dict(full)}, tmp)
+        with atomic_write(out_dir / RECIPE_NAME, "w") as handle:  # written last: it marks the weights complete
+            handle.write(json.dumps(recipe_of(cfg), indent=2))
+        print(f"MAE pre-training: {last.get('steps', 0)} steps in {(time.time() - started) / 60:.1f} min, last loss "
+              f"{last.get('loss', float('nan')):.4f}\nweights: {out_dir / WEIGHTS_NAME}   "
+              f"TensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}")
+    ctx.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""MAE pre-training: the method against naive references, the weights file against the refiner's MAE import,
+and the launcher (1 process and ZeRO-3 on 2 CPU ranks) with reuse, stop and bit-identical resume."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import free_port
+from scale_refiner.config import ConfigError, PretrainConfig, load_config
+from scale_refiner.mae import MAEPretrainer, build_mae, mask_noise, mae_state_dict, patchify
+from scale_refiner.models.vit import VisionTransformer
+from scale_refiner.models.weights import load_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ["model.name=vit_test_patch4", "model.img_size=16", "augment.global_size=16", "augment.local_size=8",
+        "mae.decoder_dim=16", "mae.decoder_depth=1", "mae.decoder_heads=2", "data.batch_size=8",
+        "data.num_workers=0", "data.pipeline=memory", "data.samples_per_epoch=32", "stages.mae.epochs=2",
+        "stages.mae.warmup_epochs=0.5", "run.log_every=1", "engine.zero_config=ds_configs/cpu_demo.json"]
+
+
+def tiny_mae(mask_ratio=0.75, norm_pix_loss=True):
+    torch.manual_seed(0)
+    encoder = VisionTransformer(patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=16)
+    return MAEPretrainer(encoder, decoder_dim=16, decoder_depth=1, decoder_heads=2, mask_ratio=mask_ratio,
+                         norm_pix_loss=norm_pix_loss)
+
+
+def test_patchify_matches_a_loop_over_patches():
+    images = torch.randn(2, 3, 8, 12)
+    out = patchify(images, 4)
+    assert out.shape == (2, 6, 48)
+    for b in range(2):
+        for row in range(2):
+            for col in range(3):
+                patch = images[b, :, 4 * row:4 * row + 4, 4 * col:4 * col + 4]  # c, p, q
+                assert torch.equal(out[b, row * 3 + col], patch.permute(1, 2, 0).reshape(-1))
+
+
+def test_visible_encoding_equals_the_encoder_on_the_kept_patches_only():
+    model = tiny_mae().eval()
+    images = torch.randn(3, 3, 16, 16)
+    noise = torch.rand(3, 16)
+    latent, mask, restore = model.encode_visible(images, noise)
+    enc = model.encoder
+    assert latent.shape == (3, 1 + 4, 32) and mask.sum(1).tolist() == [12, 12, 12]
+    for b in range(3):
+        kept = noise[b].argsort()[:4]  # the 4 smallest noises are kept, in that order
+        assert mask[b, kept].sum() == 0
+        tokens = enc.patch_embed(images[b:b + 1])[0] + enc.pos_embed[0, 1:]
+        x = torch.cat([enc.cls_token[0] + enc.pos_embed[0, :1], tokens[kept]])[None]
+        for block in enc.blocks:
+            x = block(x)
+        torch.testing.assert_close(latent[b], enc.norm(x)[0], rtol=1e-5, atol=1e-5)
+        shuffle = noise[b].argsort()
+        assert torch.equal(shuffle[restore[b]], torch.arange(16))
+
+
+def test_loss_is_the_mean_squared_error_on_hidden_patches_of_normalised_pixels():
+    model = tiny_mae()
+    images = torch.randn(2, 3, 16, 16)
+    pred = torch.randn(2, 16, 48)
+    mask = (torch.rand(2, 16) < 0.75).float()
+    total, count = 0.0, 0
+    for b in range(2):
+        for i in range(16):
+            if mask[b, i]:
+                target = patchify(images, 4)[b, i]
+                target = (target - target.mean()) / (target.var() + 1e-6).sqrt()
+                total += ((pred[b, i] - target) ** 2).mean().item()
+                count += 1
+    torch.testing.assert_close(model.loss(images, pred, mask).item(), total / count, rtol=1e-5, atol=1e-6)
+
+
+def test_masks_of_ranks_are_rows_of_the_one_process_mask():
+    full = mask_noise(2, 8, 16, seed=3, step=5, rank=0, world=1, device="cpu").view(2, 8, 16)
+    parts = [mask_noise(2, 4, 16, seed=3, step=5, rank=r, world=2, device="cpu").view(2, 4, 16) for r in (0, 1)]
+    assert torch.equal(torch.cat(parts, dim=1), full)  # rank r holds images 4r..4r+3 of both views
+    assert not torch.equal(full, mask_noise(2, 8, 16, 3, 6, 0, 1, "cpu").view(2, 8, 16))  # new masks each step
+
+
+def test_pretraining_lowers_the_reconstruction_loss_and_trains_no_position_embedding():
+    model = tiny_mae()
+    model.set_stage("mae")
+    pos = model.encoder.pos_embed.detach().clone()
+    decoder_pos = model.decoder.decoder_pos_embed.detach().clone()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=3e-3)
+    images = torch.randn(16, 3, 16, 16)
+    losses = []
+    for _ in range(40):
+        loss, _ = model(images, step=0)  # the same masks every step: a memorisation problem
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0]  # 1.37 -> 0.90 when written
+    assert torch.equal(model.encoder.pos_embed, pos) and torch.equal(model.decoder.decoder_pos_embed, decoder_pos)
+
+
+def test_weights_file_loads_into_the_refiners_encoder_as_the_mae_format(tmp_path):
+    model = tiny_mae()
+    state = mae_state_dict(model.state_dict())
+    assert {"mask_token", "decoder_embed.weight", "decoder_pos_embed", "cls_token", "blocks.0.attn.qkv.weight"} \
+        <= set(state)
+    torch.save({"model": state}, tmp_path / "mae.pth")
+    encoder = VisionTransformer(patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=16)
+    report = load_pretrained(encoder, tmp_path / "mae.pth")
+    assert report["format"] == "mae"
+    for name, value in model.encoder.state_dict().items():
+        assert torch.equal(encoder.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("override, key", [
+    ("augment.num_local=2", "augment.num_local"),
+    ("mae.mask_ratio=1.0", "mae.mask_ratio"),
+    ("mae.decoder_heads=3", "mae.decoder_heads"),
+    ("augment.global_size=8", "augment.global_size"),
+    ("model.freeze_blocks=1", "model.freeze_blocks"),
+])
+def test_bad_pretraining_config_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("configs/demo_mae.yaml", TINY + [override], schema_class=PretrainConfig)
+
+
+def test_demo_recipe_builds():
+    cfg = load_config("configs/demo_mae.yaml", schema_class=PretrainConfig)
+    model = build_mae(cfg)
+    assert model.encoder.embed_dim == 128 and len(model.decoder.decoder_blocks) == cfg.mae.decoder_depth
+
+
+# ------------------------------------------------------------------------------------------- the launcher
+def pretrain(out, extra=(), kind="single"):
+    args = [str(ROOT / "launch/pretrain_mae.py"), "--config", "configs/demo_mae.yaml", f"run.out_dir={out}",
+            *TINY, *extra]
+    if kind == "single":
+        cmd = [sys.executable, *args, "engine.kind=single"]
+    else:
+        cmd = [sys.executable, str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *args,
+               "engine.kind=deepspeed"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"{kind} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def weights(out):
+    return torch.load(Path(out) / "mae_pretrained.pth", weights_only=True)["model"]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mae_straight")
+    pretrain(out)
+    return out
+
+
+def test_launcher_writes_weights_and_reuses_them(straight_run):
+    assert len(losses(straight_run)) == 8  # 32 samples / 8 = 4 steps an epoch, 2 epochs
+    before = (straight_run / "mae_pretrained.pth").stat().st_mtime_ns
+    proc = pretrain(straight_run)
+    assert "reused" in proc.stdout
+    assert (straight_run / "mae_pretrained.pth").stat().st_mtime_ns == before
+    recipe = json.loads((straight_run / "mae_pretrained.json").read_text())
+    assert recipe["mae"]["decoder_dim"] == 16 and "out_dir" not in recipe["run"]
+
+
+def test_stop_and_resume_is_bit_identical(straight_run, tmp_path):
+    pretrain(tmp_path, ["run.stop_after=3"])
+    assert not (tmp_path / "mae_pretrained.pth").exists()
+    pretrain(tmp_path, ["run.resume=auto"])
+    a, b = weights(straight_run), weights(tmp_path)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero3_on_two_ranks_equals_one_process(straight_run, tmp_path):
+    pretrain(tmp_path, kind="deepspeed")
+    torch.testing.assert_close(losses(tmp_path), losses(straight_run), rtol=1e-4, atol=1e-6)
+    a, b = weights(straight_run), weights(tmp_path)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
