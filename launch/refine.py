@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     refiner = build_refiner(cfg)
     checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints)
     stages = list(cfg.stages.run)
-    first, resume_from, global_step, finished_client = 0, None, 0, None
+    first, resume_from, global_step, finished_client, ema_state = 0, None, 0, None, None
     try:
         point = resume_point(cfg, checkpoints)
     except FileNotFoundError as err:
@@ -129,6 +129,9 @@ def main(argv=None) -> int:
             missing, unexpected = refiner.load_state_dict(end_state, strict=not cfg.queue.sharded)
             if unexpected or any(not k.startswith("queues.") for k in missing):
                 raise RuntimeError(f"model_state.pt does not match: missing {missing}, unexpected {unexpected}")
+            if state["stage"] == "refine" and (point / "ema.pt").is_file():  # a finished run: export it again
+                ema_state = {k[len("encoder."):]: v for k, v in end_state.items() if k.startswith("encoder.")}
+                ema_state.update(torch.load(point / "ema.pt", map_location="cpu", weights_only=True))
             finished_client = checkpoints.load_client(point)
             restore_client(refiner, finished_client)  # the reader position: once the stream exists, below
             first, global_step = first + 1, state["global_step"]
@@ -162,7 +165,6 @@ def main(argv=None) -> int:
         ctx.barrier()
 
     started = time.time()
-    ema_state = None
     for stage in stages[first:]:
         engine = build_engine(refiner, cfg, stage, ctx)
         last = run_stage(engine, cfg, stage, stream, ctx, writer, checkpoints, resume_from, global_step,

@@ -1,0 +1,179 @@
+"""The embedded main job, end to end on a fresh machine: data -> MAE pre-training -> refinement -> evaluation.
+
+    python launch/demo.py                      # what `make demo` runs: about 10 minutes on 2 CPU cores
+    python launch/demo.py --validate           # `make validate`: the longer validation recipe (under an hour)
+    python launch/demo.py --out runs/demo2 --mae stages.mae.epochs=2 --refine heads.norm=syncbn --ranks 2
+
+1. writes the Fashion-MNIST shards (from Debian's dataset-fashion-mnist) if they are absent;
+2. pre-trains the demo ViT as an MAE (launch/pretrain_mae.py, configs/demo_mae.yaml), or reuses the weights of
+   an earlier run of the same recipe;
+3. refines it with MIM-Refiner, heads stage then refine stage (launch/refine.py, configs/demo.yaml), once per
+   variant (``--validate``: NNA vs NNCLR, bn vs syncbn vs async, on 2 ranks);
+4. evaluates the MAE and the refined encoders (launch/evaluate.py);
+5. prints one table and where the TensorBoard logs, plots and exports are.
+
+Every step is the project's own command, run as a subprocess and printed first, so each can be re-run alone.
+A step that fails stops the job with its exit status. Re-running resumes: finished steps are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# --validate: the MAE longer, four refinements on 2 ranks, every protocol on the full splits
+VALIDATION_MAE = ["stages.mae.epochs=3", "data.samples_per_epoch=0"]
+VALIDATION_VARIANTS = {
+    "nna_bn": ["heads.objective=nna", "heads.norm=bn"],
+    "nnclr_bn": ["heads.objective=nnclr", "heads.norm=bn"],
+    "nna_syncbn": ["heads.objective=nna", "heads.norm=syncbn"],
+    "nna_async": ["heads.objective=nna", "heads.norm=async"],
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="run directory: mae/, refine*/, eval/ go under it "
+                                               "(default runs/demo, runs/validate with --validate)")
+    p.add_argument("--mae-config", default="configs/demo_mae.yaml")
+    p.add_argument("--refine-config", default="configs/demo.yaml")
+    p.add_argument("--mae", action="append", default=[], metavar="KEY=VALUE", help="pre-training override")
+    p.add_argument("--refine", action="append", default=[], metavar="KEY=VALUE", help="refinement override")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="refine on N ranks (deepspeed launcher, ZeRO-3; CPU ranks with gloo without a GPU)")
+    p.add_argument("--eval-limit", type=int, default=10000,
+                   help="first N images of each split for the evaluation (0: all 60000 / 10000)")
+    p.add_argument("--protocols", default="knn,blocks,kmeans", help="launch/evaluate.py protocols")
+    p.add_argument("--kmeans-runs", type=int, default=3)
+    p.add_argument("--validate", action="store_true",
+                   help="the validation recipe: MAE for 3 epochs, refinement variants NNA/NNCLR x bn/syncbn/async "
+                        "on 2 ranks, all protocols on the full splits")
+    args = p.parse_args(argv)
+    if args.validate:
+        args.mae = VALIDATION_MAE + args.mae
+        args.ranks = 2 if args.ranks == 1 else args.ranks
+        args.eval_limit, args.protocols = 0, "all"
+        args.variants = {name: overrides + args.refine for name, overrides in VALIDATION_VARIANTS.items()}
+    else:
+        args.variants = {"refined": args.refine}
+    args.out = Path(args.out or ("runs/validate" if args.validate else "runs/demo"))
+    return args
+
+
+def run(step: str, args, env=None) -> None:
+    command = [sys.executable, *args]
+    print(f"\n== {step}\n$ {shlex.join(['python', *args])}", flush=True)
+    started = time.time()
+    status = subprocess.call(command, cwd=ROOT, env=None if env is None else dict(os.environ, **env))
+    if status:
+        raise SystemExit(f"error: step '{step}' failed with exit status {status}: {shlex.join(command)}")
+    print(f"== {step}: {time.time() - started:.0f} s", flush=True)
+
+
+def evaluated(path: Path) -> dict:
+    return json.loads((path / "metrics.json").read_text())
+
+
+def summary_table(results: dict) -> str:
+    """One row per encoder: k-NN, k-means, the per-block k-NN peak; linear probe and low-shot when run."""
+    def pct(v):
+        return f"{100 * v:.1f}"
+    any_linear = any("linear" in m for m in results.values())
+    any_lowshot = any("lowshot" in m for m in results.values())
+    header = ["encoder", "k-NN@10", "k-NN@20", "k-means ACC", "k-means NMI", "per-block k-NN@20 peak"]
+    header += ["linear probe"] * any_linear + ["1 / 2 / 5-shot"] * any_lowshot
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in results.items():
+        knn, km, blocks = m.get("knn", {}), m.get("kmeans"), m.get("blocks")
+        cells = [name, pct(knn["10"]) if "10" in knn else "-", pct(knn["20"]) if "20" in knn else "-"]
+        cells += [pct(km["acc"]), pct(km["nmi"])] if km else ["-", "-"]
+        if blocks:
+            accs = blocks["knn20"]
+            best = max(range(len(accs)), key=accs.__getitem__)
+            cells.append(f"{pct(accs[best])} at {blocks['labels'][best]} (final {pct(accs[-1])})")
+        else:
+            cells.append("-")
+        if any_linear:
+            cells.append(pct(m["linear"]["best"]["test"]) if "linear" in m else "-")
+        if any_lowshot:
+            cells.append(" / ".join(pct(r["mean"]) for r in m["lowshot"].values()) if "lowshot" in m else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def refine_command(args, out_dir: Path, weights: Path, overrides) -> list:
+    job = ["launch/refine.py", "--config", args.refine_config, "--eval-samples", "0", f"run.out_dir={out_dir}",
+           f"model.weights={weights}", "run.resume=auto", *overrides]
+    if args.ranks == 1:
+        return job
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), *job,
+            "engine.kind=deepspeed", "engine.zero_config=ds_configs/cpu_demo.json"]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out
+    started = time.time()
+
+    from scale_refiner.data.shards import ensure_fashion_mnist_shards
+    print(f"== data: Fashion-MNIST shards in {ensure_fashion_mnist_shards()}", flush=True)
+
+    mae_dir, eval_dir = out / "mae", out / "eval"
+    run("MAE pre-training", ["launch/pretrain_mae.py", "--config", args.mae_config, f"run.out_dir={mae_dir}",
+                             "run.resume=auto", *args.mae])
+    weights = mae_dir / "mae_pretrained.pth"
+    model_name = json.loads((mae_dir / "config.json").read_text())["model"]["name"]
+    common = ["--protocols", args.protocols, "--limit", str(args.eval_limit), "--kmeans-runs", str(args.kmeans_runs)]
+    encoders = {"MAE": ("mae", ["--model", model_name, "--weights", str(weights)])}
+    for n, (variant, overrides) in enumerate(args.variants.items()):
+        refine_dir = out / variant
+        # CPU ranks share the cores: one thread pool each of cores / ranks, not cores each (oversubscription)
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.ranks))} if args.ranks > 1 else None
+        run(f"MIM-Refiner {variant} (heads, then refine)", refine_command(args, refine_dir, weights, overrides),
+            env=threads)
+        exports = refine_dir / "export"
+        encoders[f"{variant} (online)"] = (f"{variant}_online", ["--weights", str(exports / "online.safetensors")])
+        if n == 0 and (exports / "ema.safetensors").is_file():
+            encoders[f"{variant} (EMA)"] = (f"{variant}_ema", ["--weights", str(exports / "ema.safetensors")])
+
+    results = {}
+    for name, (subdir, source) in encoders.items():
+        run(f"evaluate {name}", ["launch/evaluate.py", *source, "--out", str(eval_dir / subdir), *common])
+        results[name] = {"dir": str(eval_dir / subdir), **evaluated(eval_dir / subdir)}
+
+    table = summary_table(results)
+    summary = {"minutes": (time.time() - started) / 60, "eval_limit": args.eval_limit, "ranks": args.ranks,
+               "variants": args.variants, "mae_overrides": args.mae,
+               "encoders": {name: {k: m.get(k) for k in ("knn", "kmeans", "blocks", "linear", "lowshot", "dir")}
+                            for name, m in results.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(table)
+    print("\n" + table)
+    print(f"(accuracies in %, first {args.eval_limit or 'all'} images of each split; "
+          f"{summary['minutes']:.1f} min in all)")
+    print(f"TensorBoard: tensorboard --logdir {out}")
+    print("per-block k-NN plots: " + ", ".join(str(Path(m["dir"]) / "knn_per_block.png") for m in results.values()
+                                               if "blocks" in m))
+    print(f"exports (timm-loadable): {out}/<variant>/export   summary: {out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
