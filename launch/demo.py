@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-# --validate: the MAE longer, four refinements on 2 ranks, every protocol on the full splits
-VALIDATION_MAE = ["stages.mae.epochs=3", "data.samples_per_epoch=0"]
+# --validate: the MAE 4x longer (2 full epochs), four refinements on 2 ranks, every protocol
+VALIDATION_MAE = ["stages.mae.epochs=2", "stages.mae.warmup_epochs=0.2", "data.samples_per_epoch=0"]
 VALIDATION_VARIANTS = {
     "nna_bn": ["heads.objective=nna", "heads.norm=bn"],
     "nnclr_bn": ["heads.objective=nnclr", "heads.norm=bn"],
@@ -55,7 +55,7 @@ def parse_args(argv):
     p.add_argument("--protocols", default="knn,blocks,kmeans", help="launch/evaluate.py protocols")
     p.add_argument("--kmeans-runs", type=int, default=3)
     p.add_argument("--validate", action="store_true",
-                   help="the validation recipe: MAE for 3 epochs, refinement variants NNA/NNCLR x bn/syncbn/async "
+                   help="the validation recipe: MAE for 2 full epochs, refinement variants NNA/NNCLR x bn/syncbn/async "
                         "on 2 ranks, all protocols on the full splits")
     args = p.parse_args(argv)
     if args.validate:

@@ -76,25 +76,32 @@ class MIMRefiner(nn.Module):
         losses, metrics = [], {}
         g1_projections = []
         for h, head in enumerate(self.heads):
+            name = self.head_names[h]
             feats = [out["final"] if h == 0 else out["taps"][:, h - 1] for out in outs]
-            z_all, p_all = head(torch.cat(feats))  # one call: BN statistics mix all crops
+            z_all, p_all = head(torch.cat(feats) if len(feats) > 1 else feats[0])  # BN statistics mix all crops
             z = z_all[: 2 * batch].view(2, batch, -1)
             p = p_all.view(2 + num_local, batch, -1)
             z_unit = F.normalize(z.detach().float(), dim=-1)
-            neighbours = []
-            for view in (0, 1):  # independent picks per view
-                qkw = {"group": group} if self.queue_sharded else {}
-                nn_z, info = self.queues[h].lookup(z_unit[view], index, topk, label, step,
-                                                   global_queries=world * batch, offset=offset, **qkw)
-                neighbours.append(nn_z)
-                for key, value in info.items():
-                    if key not in ("found", "slot", "topk_slots"):
-                        metrics[f"{self.head_names[h]}/nn_{key}"] = metrics.get(
-                            f"{self.head_names[h]}/nn_{key}", 0.0) + value.float().mean() / 2
-            loss, extra = nna_loss(z, torch.stack(neighbours), p.float(), self.temperature, self.objective, group)
+            if self.queue_sharded:  # independent picks per view, one collective search each
+                neighbours, infos = [], []
+                for view in (0, 1):
+                    nn_z, info = self.queues[h].lookup(z_unit[view], index, topk, label, step,
+                                                       global_queries=world * batch, offset=offset, group=group)
+                    neighbours.append(nn_z)
+                    infos.append(info)
+                nn_z = torch.stack(neighbours)
+                info = {key: torch.stack([i[key] for i in infos]) for key in infos[0]
+                        if key not in ("found", "slot", "topk_slots")}
+            else:  # both views in one search; the same picks as one lookup per view
+                nn_z, info = self.queues[h].lookup(z_unit, index, topk, label, step,
+                                                   global_queries=world * batch, offset=offset)
+            for key, value in info.items():
+                if key not in ("found", "slot", "topk_slots"):
+                    metrics[f"{name}/nn_{key}"] = value.float().mean()  # mean over both views' queries
+            loss, extra = nna_loss(z, nn_z, p.float(), self.temperature, self.objective, group)
             losses.append(loss)
-            metrics[f"{self.head_names[h]}/loss"] = loss.detach()
-            metrics[f"{self.head_names[h]}/positive_prob"] = extra["positive_prob"]
+            metrics[f"{name}/loss"] = loss.detach()
+            metrics[f"{name}/positive_prob"] = extra["positive_prob"]
             g1_projections.append(z_unit[0])
         self._enqueue(g1_projections, index, label, step, group)
         total = torch.stack(losses).sum()
@@ -103,8 +110,12 @@ class MIMRefiner(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, projections: List[torch.Tensor], index, label, step, group) -> None:
-        stacked = torch.stack(projections)  # (heads, B, d): one gather for every head
         label = label if label is not None else torch.full_like(index, -1)
+        if not self.queue_sharded and (group is None or dist.get_world_size(group) == 1):
+            for queue, projection in zip(self.queues, projections):  # nothing to gather: no stacked copy
+                queue.enqueue(projection, index, label, step)
+            return
+        stacked = torch.stack(projections)  # (heads, B, d): one gather for every head
         if self.queue_sharded:  # each row goes to the rank owning its slot: no all-gather
             sharded_enqueue(list(self.queues), stacked, index, label, step, group)
             return

@@ -64,8 +64,9 @@ class Engine(ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def step(self, clip_grad: Optional[float]) -> float:
-        """Clip (when set), optimiser step, zero gradients; returns the gradient norm before clipping."""
+    def step(self, clip_grad: Optional[float]):
+        """Clip (when set), optimiser step, zero gradients; returns the gradient norm before clipping (a float
+        or a 0-d tensor, which the stage loop reads only on the steps it logs: no host sync on the others)."""
 
     def set_lr(self, lr: float) -> None:
         for group in self.param_groups:

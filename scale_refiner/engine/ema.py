@@ -20,12 +20,17 @@ class EncoderEMA:
         self.decay = decay
         self.shadow: Dict[str, torch.Tensor] = {n: t.detach().float().clone()
                                                 for n, t in engine.local_views().items()}
+        # the shadow tensors are only ever updated in place (lerp_, copy_): their list is built once
+        self._names = list(self.shadow)
+        self._shadow_list = [self.shadow[n] for n in self._names]
 
     @torch.no_grad()
     def update(self) -> None:
         views = self.engine.local_views()
-        names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [views[n].float() for n in names], 1.0 - self.decay)
+        online = [views[n] for n in self._names]
+        if any(t.dtype != torch.float32 for t in online):  # fp32 storage everywhere today: no conversion
+            online = [t.float() for t in online]
+        torch._foreach_lerp_(self._shadow_list, online, 1.0 - self.decay)
 
     def full_state(self) -> Dict[str, torch.Tensor]:
         """Full fp32 CPU tensors of the trainable parameters' EMA (collective)."""

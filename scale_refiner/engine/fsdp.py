@@ -58,14 +58,14 @@ class FSDPEngine(Engine):
     def backward(self, loss):
         loss.backward()  # FSDP2 reduce-scatters (mean over ranks) each unit's gradients as its backward ends
 
-    def step(self, clip_grad: Optional[float]) -> float:
+    def step(self, clip_grad: Optional[float]) -> torch.Tensor:
         # DTensor-aware: the norm of the sharded gradients is reduced over ranks, so every rank clips alike.
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip_grad or float("inf"))
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm  # read only when logged
 
     # ------------------------------------------------------------------------------ EMA / export support
     def local_views(self) -> Dict[str, torch.Tensor]:

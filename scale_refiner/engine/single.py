@@ -34,11 +34,14 @@ class SingleEngine(Engine):
     def backward(self, loss):
         loss.backward()
 
-    def step(self, clip_grad: Optional[float]) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip_grad or float("inf"))
+    def step(self, clip_grad: Optional[float]) -> torch.Tensor:
+        if clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip_grad)
+        else:  # the norm only, for the log: no multiply of every gradient by 1
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm  # a tensor: read (a host sync on a GPU) only when the loop logs it
 
     def local_views(self):
         params = dict(self.model.encoder.named_parameters())

@@ -170,7 +170,7 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
             if step % cfg.run.log_every == 0 or step == plan.total_steps:
                 last = _mean_over_ranks(metrics, ctx)
                 elapsed = time.perf_counter() - tick
-                last.update(lr=lr, grad_norm=grad_norm, step_time_s=elapsed / (step - logged_at),
+                last.update(lr=lr, grad_norm=float(grad_norm), step_time_s=elapsed / (step - logged_at),
                             images_per_s=(step - logged_at) * cfg.data.batch_size / max(elapsed, 1e-9))
                 tick, logged_at = time.perf_counter(), step
                 if ctx.is_main:

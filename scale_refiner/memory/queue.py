@@ -46,28 +46,38 @@ class NNQueue(nn.Module):
     def lookup(self, query: torch.Tensor, query_index: torch.Tensor, k: int,
                query_label: Optional[torch.Tensor] = None, step: int = 0, global_queries: Optional[int] = None,
                offset: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """query: (Q, d) L2-normalised, rows ``offset .. offset + Q`` of a global batch of ``global_queries``.
+        """query: (Q, d) L2-normalised, rows ``offset .. offset + Q`` of a global batch of ``global_queries``;
+        or (V, Q, d): V views of the same Q samples (same ``query_index``), looked up in one search and picked
+        exactly as V successive (Q, d) calls would pick (the generator draws view 0's global uniforms first).
 
-        Returns the picked neighbours (Q, d) and per-query metrics.
+        Returns the picked neighbours (Q, d) (or (V, Q, d)) and per-query metrics of shape (Q,) (or (V, Q)).
         """
         if not 1 <= k <= self.size:
             raise ValueError(f"k={k} must be in 1..{self.size} (the queue size)")
-        sims = query @ self.vectors.T
-        invalid = (self.indices.unsqueeze(0) < 0) | (self.indices.unsqueeze(0) == query_index.unsqueeze(1))
-        sims = sims.masked_fill(invalid, float("-inf"))
-        top_sim, top_slot = sims.topk(k, dim=1)  # sorted, invalid entries last
-        num_valid = torch.isfinite(top_sim).sum(1)
-        draws = torch.rand(global_queries or query.shape[0], generator=self.generator)
-        uniform = draws[offset:offset + query.shape[0]].to(query.device, non_blocking=True)
-        pick = (uniform * num_valid.clamp(min=1)).long().clamp(max=k - 1)
-        slot = top_slot.gather(1, pick.unsqueeze(1)).squeeze(1)
+        views = query.shape[0] if query.dim() == 3 else 0
+        flat = query.reshape(-1, query.shape[-1])  # (V*Q, d): one matmul, one top-k for every view
+        num = query.shape[-2]
+        # one exclusion mask for all views: empty slots and the query's own dataset index
+        invalid = (self.indices < 0).unsqueeze(0) | (self.indices.unsqueeze(0) == query_index.unsqueeze(1))
+        sims = (flat @ self.vectors.T).view(max(views, 1), num, self.size)
+        sims.masked_fill_(invalid, float("-inf"))  # in place: sims is this call's own buffer
+        top_sim, top_slot = sims.topk(k, dim=-1)  # sorted, invalid entries last
+        num_valid = torch.isfinite(top_sim).sum(-1)
+        total = global_queries or num
+        draws = torch.stack([torch.rand(total, generator=self.generator) for _ in range(max(views, 1))])
+        uniform = draws[:, offset:offset + num].to(query.device, non_blocking=True)
+        pick = (uniform * num_valid.clamp(min=1)).long().clamp(max=k - 1).unsqueeze(-1)
+        slot = top_slot.gather(-1, pick).squeeze(-1)
         found = num_valid > 0
-        neighbours = torch.where(found.unsqueeze(1), self.vectors[slot], query)
-        sim = torch.where(found, top_sim.gather(1, pick.unsqueeze(1)).squeeze(1), torch.ones_like(num_valid, dtype=query.dtype))
-        metrics = {"similarity": sim, "age": torch.where(found, step - self.steps[slot], torch.zeros_like(slot)),
-                   "found": found}
+        neighbours = torch.where(found.unsqueeze(-1), self.vectors[slot], query.reshape(max(views, 1), num, -1))
+        sim = torch.where(found, top_sim.gather(-1, pick).squeeze(-1), 1.0)
+        age = torch.where(found, step - self.steps[slot], 0)
+        metrics = {"similarity": sim, "age": age, "found": found}
         if query_label is not None:
             metrics["accuracy"] = (self.labels[slot] == query_label) & found
+        if not views:
+            neighbours = neighbours.squeeze(0)
+            metrics = {key: value.squeeze(0) for key, value in metrics.items()}
         return neighbours, metrics
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ Pairs: each global view with the other global view, and each global view with ev
 """
 from __future__ import annotations
 
+from functools import cache
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -34,6 +35,14 @@ def view_pairs(num_local: int) -> List[Tuple[int, int]]:
         pairs.append((i, 1 - i))
         pairs.extend((i, 2 + l) for l in range(num_local))
     return pairs
+
+
+@cache
+def _pair_index(num_local: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchors, targets) of ``view_pairs(num_local)`` as index tensors, built (and copied to the device) once."""
+    pairs = view_pairs(num_local)
+    index = torch.tensor(pairs, dtype=torch.long).T.contiguous().to(device)
+    return index[0], index[1]
 
 
 def gather_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> Tuple[torch.Tensor, int]:
@@ -60,14 +69,16 @@ def nna_loss(z: torch.Tensor, nn_z: torch.Tensor, p: torch.Tensor, temperature: 
     p_all, offset = gather_with_grad(p, group)  # (V, W*B, d)
     own = torch.arange(batch, device=p.device) + offset
 
-    anchors = torch.tensor([i for i, _ in view_pairs(num_views - 2)], device=p.device)
-    targets = torch.tensor([v for _, v in view_pairs(num_views - 2)], device=p.device)
+    anchors, targets = _pair_index(num_views - 2, p.device)
     neg_query = nn_z if variant == "nnclr" else z
+    p_targets = p_all[targets]  # (pairs, W*B, d)
     # logits for every pair at once: (pairs, B, W*B)
-    logits = torch.einsum("pbd,pjd->pbj", neg_query[anchors], p_all[targets]) / temperature
-    positive = (nn_z[anchors] * p[targets]).sum(-1) / temperature  # (pairs, B), the own-sample column
+    logits = torch.einsum("pbd,pjd->pbj", neg_query[anchors], p_targets) / temperature
+    # the own-sample column, from the local p: its gradient is summed apart from the gathered one (reusing
+    # p_targets' own rows would change the gradient's summation order, and Adam turns that into drift)
+    positive = (nn_z[anchors] * p[targets]).sum(-1) / temperature  # (pairs, B)
     index = own.view(1, batch, 1).expand(len(anchors), batch, 1)
-    logits = logits.scatter(2, index, positive.unsqueeze(-1))
+    logits.scatter_(2, index, positive.unsqueeze(-1))  # in place: logits is a fresh tensor no backward reads
     loss = F.cross_entropy(logits.flatten(0, 1), index.flatten())
     with torch.no_grad():
         prob = logits.softmax(-1).gather(2, index).mean()
