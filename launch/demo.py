@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-# --validate: the MAE 4x longer (2 full epochs), four refinements on 2 ranks, every protocol
-VALIDATION_MAE = ["stages.mae.epochs=2", "stages.mae.warmup_epochs=0.2", "data.samples_per_epoch=0"]
+# --validate: the MAE 6x longer (3 full epochs), four refinements on 2 ranks, every protocol
+VALIDATION_MAE = ["stages.mae.epochs=3", "stages.mae.warmup_epochs=0.3", "data.samples_per_epoch=0"]
+VALIDATION_REFINE = ["data.samples_per_epoch=6144"]  # 1.5x the demo's refinement: 24 heads + 144 refine steps
 VALIDATION_VARIANTS = {
     "nna_bn": ["heads.objective=nna", "heads.norm=bn"],
     "nnclr_bn": ["heads.objective=nnclr", "heads.norm=bn"],
@@ -55,14 +56,15 @@ def parse_args(argv):
     p.add_argument("--protocols", default="knn,blocks,kmeans", help="launch/evaluate.py protocols")
     p.add_argument("--kmeans-runs", type=int, default=3)
     p.add_argument("--validate", action="store_true",
-                   help="the validation recipe: MAE for 2 full epochs, refinement variants NNA/NNCLR x bn/syncbn/async "
+                   help="the validation recipe: MAE for 3 full epochs, refinement variants NNA/NNCLR x bn/syncbn/async "
                         "on 2 ranks, all protocols on the full splits")
     args = p.parse_args(argv)
     if args.validate:
         args.mae = VALIDATION_MAE + args.mae
         args.ranks = 2 if args.ranks == 1 else args.ranks
-        args.eval_limit, args.protocols = 0, "all"
-        args.variants = {name: overrides + args.refine for name, overrides in VALIDATION_VARIANTS.items()}
+        args.protocols = "all"  # on the first 10,000 train (the k-NN bank, probe set) and all 10,000 test images
+        args.variants = {name: VALIDATION_REFINE + overrides + args.refine
+                         for name, overrides in VALIDATION_VARIANTS.items()}
     else:
         args.variants = {"refined": args.refine}
     args.out = Path(args.out or ("runs/validate" if args.validate else "runs/demo"))

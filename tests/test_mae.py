@@ -1,5 +1,5 @@
 """MAE pre-training: the method against naive references, the weights file against the refiner's MAE import,
-and the launcher (1 process and ZeRO-3 on 2 CPU ranks) with reuse, stop and bit-identical resume."""
+and the launcher (1 process, ZeRO-3 and FSDP2 on 2 CPU ranks) with reuse, stop and bit-identical resume."""
 import json
 import os
 import subprocess
@@ -139,9 +139,12 @@ def pretrain(out, extra=(), kind="single"):
             *TINY, *extra]
     if kind == "single":
         cmd = [sys.executable, *args, "engine.kind=single"]
-    else:
+    elif kind == "deepspeed":
         cmd = [sys.executable, str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *args,
                "engine.kind=deepspeed"]
+    else:
+        cmd = [sys.executable, str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+               *args, "engine.kind=fsdp2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"{kind} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -182,8 +185,9 @@ def test_stop_and_resume_is_bit_identical(straight_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_zero3_on_two_ranks_equals_one_process(straight_run, tmp_path):
-    pretrain(tmp_path, kind="deepspeed")
+@pytest.mark.parametrize("kind", ["deepspeed", "fsdp2"])  # ZeRO-3; FSDP2 with every encoder/decoder block a unit
+def test_two_ranks_equal_one_process(straight_run, tmp_path, kind):
+    pretrain(tmp_path, kind=kind)
     torch.testing.assert_close(losses(tmp_path), losses(straight_run), rtol=1e-4, atol=1e-6)
     a, b = weights(straight_run), weights(tmp_path)
     for k in a:
