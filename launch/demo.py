@@ -112,6 +112,19 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def claim_run_dir(run_dir: Path, recipe: dict) -> None:
+    """A refinement directory is resumed only for the recipe that made it (resume=auto alone would re-export an
+    old run under a new label): record the recipe on first use, refuse a different one later."""
+    path = run_dir / "demo_recipe.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != recipe:
+            raise SystemExit(f"error: {run_dir} holds a refinement of another recipe ({path}); use another --out "
+                             f"or remove {run_dir}")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recipe, indent=2) + "\n")
+
+
 def refine_command(args, out_dir: Path, weights: Path, overrides) -> list:
     job = ["launch/refine.py", "--config", args.refine_config, "--eval-samples", "0", f"run.out_dir={out_dir}",
            f"model.weights={weights}", "run.resume=auto", *overrides]
@@ -146,6 +159,8 @@ def main(argv=None) -> int:
     encoders = {"MAE": ("mae", ["--model", model_name, "--weights", str(weights)])}
     for n, (variant, overrides) in enumerate(args.variants.items()):
         refine_dir = out / variant
+        claim_run_dir(refine_dir, {"config": args.refine_config, "overrides": list(overrides), "ranks": args.ranks,
+                                   "mae_recipe": json.loads((mae_dir / "mae_pretrained.json").read_text())})
         # CPU ranks share the cores: one thread pool each of cores / ranks, not cores each (oversubscription)
         threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.ranks))} if args.ranks > 1 else None
         run(f"MIM-Refiner {variant} (heads, then refine)", refine_command(args, refine_dir, weights, overrides),

@@ -38,7 +38,7 @@ def parse_args(argv):
     parser.add_argument("--config", required=True, help="pre-training recipe YAML, e.g. configs/demo_mae.yaml")
     parser.add_argument("--force", action="store_true", help="pre-train even if the same recipe's weights exist")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.mae.epochs=10")
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_intermixed_args(argv)  # --force may come after the overrides
     unknown = [u for u in unknown if not u.startswith("--local_rank")]  # deepspeed's launcher adds it
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
@@ -106,8 +106,14 @@ def main(argv=None) -> int:
     model = build_mae(cfg)
     checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints)
     point = None
-    if cfg.run.resume == "auto":
-        point = checkpoints.latest()
+    if args.force:
+        log.info("--force: pre-training from scratch, whatever checkpoints %s holds", out_dir)
+    elif cfg.run.resume == "auto":
+        try:
+            point = checkpoints.latest()
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     elif cfg.run.resume != "none":
         point = Path(cfg.run.resume)
         if not (point / "state.json").is_file():
@@ -117,9 +123,13 @@ def main(argv=None) -> int:
     signature = mae_signature(cfg)
     state = CheckpointDir.read_state(point) if point is not None else None
     if state is not None and state.get("model") != signature:
-        print(f"error: checkpoint {point} was written for {state.get('model')}, but this config builds "
-              f"{signature}", file=sys.stderr)
+        print(f"error: checkpoint {point} was written for another model or recipe ({state.get('model')}), not "
+              f"this one ({signature}); pre-train into a fresh run.out_dir, or pass --force to start over here",
+              file=sys.stderr)
         return 2
+    if ctx.is_main:  # the recipe file marks complete weights: gone until these are written
+        (out_dir / RECIPE_NAME).unlink(missing_ok=True)
+    ctx.barrier()
 
     started = time.time()
     if state is not None and state["stage_done"]:  # finished before the weights file was written: write it

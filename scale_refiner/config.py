@@ -293,6 +293,8 @@ def _validate_pretrain(cfg: PretrainConfig, world_size: Optional[int]) -> None:
         fail("mae.decoder_dim", f"{cfg.mae.decoder_dim} must be divisible by 4 (2-D sin-cos position embedding)")
     if cfg.model.freeze_blocks:
         fail("model.freeze_blocks", "MAE pre-training trains every block; set it to 0")
+    if cfg.model.weights:
+        fail("model.weights", "MAE pre-training starts from a random encoder and does not load weights; unset it")
     _validate_stage(cfg.stages.mae, "stages.mae", topk_max=None)
 
 

@@ -82,11 +82,20 @@ def test_export_loads_in_timm(demo_run):
         assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 64, 32)
 
 
+def test_another_refinement_recipe_in_the_same_directory_is_refused(demo_run):
+    out, _ = demo_run
+    cmd = [sys.executable, "launch/demo.py", "--out", str(out), "--eval-limit", "300",
+           *(f"--mae={o}" for o in MAE), *(f"--refine={o}" for o in REFINE + ["heads.objective=nnclr"])]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "holds a refinement of another recipe" in proc.stderr
+
+
 def test_rerun_reuses_finished_steps(demo_run):
     out, _ = demo_run
     weights = out / "mae" / "mae_pretrained.pth"
     before = weights.stat().st_mtime_ns, (out / "refined" / "export" / "ema.safetensors").read_bytes()
     proc = demo(out)
     assert "already exist" in proc.stdout and "reused" in proc.stdout
+    assert "resuming from" in proc.stderr and "stage refine on" not in proc.stderr  # nothing trained again
     assert weights.stat().st_mtime_ns == before[0]
     assert (out / "refined" / "export" / "ema.safetensors").read_bytes() == before[1]

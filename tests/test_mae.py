@@ -60,6 +60,34 @@ def test_visible_encoding_equals_the_encoder_on_the_kept_patches_only():
         assert torch.equal(shuffle[restore[b]], torch.arange(16))
 
 
+def test_decoder_puts_each_token_back_at_its_patch_position():
+    model = tiny_mae().eval()
+    dec = model.decoder
+    latent = torch.randn(2, 1 + 4, 32)
+    noise = torch.rand(2, 16)
+    shuffle = noise.argsort(dim=1)
+    restore = shuffle.argsort(dim=1)
+    out = dec(latent, restore)
+    for b in range(2):  # naive: place visible tokens at their patches, mask tokens elsewhere, then the blocks
+        embedded = dec.decoder_embed(latent[b])
+        tokens = dec.mask_token[0].expand(16, -1).clone()
+        tokens[shuffle[b, :4]] = embedded[1:]
+        x = torch.cat([embedded[:1], tokens])[None] + dec.decoder_pos_embed
+        for block in dec.decoder_blocks:
+            x = block(x)
+        torch.testing.assert_close(out[b], dec.decoder_pred(dec.decoder_norm(x))[0, 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_raw_pixel_loss_without_normalisation():
+    model = tiny_mae(norm_pix_loss=False)
+    images = torch.randn(1, 3, 16, 16)
+    target = patchify(images, 4)
+    mask = torch.zeros(1, 16)
+    mask[0, 3] = 1
+    pred = target + 0.5
+    torch.testing.assert_close(model.loss(images, pred, mask).item(), 0.25)
+
+
 def test_loss_is_the_mean_squared_error_on_hidden_patches_of_normalised_pixels():
     model = tiny_mae()
     images = torch.randn(2, 3, 16, 16)
@@ -174,6 +202,20 @@ def test_launcher_writes_weights_and_reuses_them(straight_run):
     assert (straight_run / "mae_pretrained.pth").stat().st_mtime_ns == before
     recipe = json.loads((straight_run / "mae_pretrained.json").read_text())
     assert recipe["mae"]["decoder_dim"] == 16 and "out_dir" not in recipe["run"]
+
+
+def test_another_recipe_is_not_reused_and_force_starts_over(straight_run, tmp_path):
+    pretrain(tmp_path)
+    first = weights(tmp_path)
+    changed = subprocess.run([sys.executable, str(ROOT / "launch/pretrain_mae.py"), "--config", "configs/demo_mae.yaml",
+                              f"run.out_dir={tmp_path}", "run.resume=auto", *TINY, "stages.mae.base_lr=3e-3",
+                              "engine.kind=single"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 2 and "another model or recipe" in changed.stderr
+    assert torch.equal(weights(tmp_path)["blocks.0.attn.qkv.weight"], first["blocks.0.attn.qkv.weight"])
+    pretrain(tmp_path, ["stages.mae.base_lr=3e-3", "run.resume=auto", "--force"])
+    again = weights(tmp_path)
+    assert not torch.equal(again["blocks.0.attn.qkv.weight"], first["blocks.0.attn.qkv.weight"])
+    assert json.loads((tmp_path / "mae_pretrained.json").read_text())["stages"]["mae"]["base_lr"] == 3e-3
 
 
 def test_stop_and_resume_is_bit_identical(straight_run, tmp_path):

@@ -19,7 +19,7 @@ CTX = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.name=vit_test_patch4", "heads.blocks=[1,2]", "heads.proj_hidden_dim=64", "heads.proj_out_dim=16",
         "heads.pred_hidden_dim=64", "queue.size=256", "augment.num_local=2", "data.batch_size=8",
-        "data.samples_per_epoch=32", "run.log_every=1"]
+        "data.samples_per_epoch=32", "run.log_every=1", "stages.heads.epochs=1"]  # not the demo recipe's 0.5
 
 
 class SyntheticStream(TrainStream):
