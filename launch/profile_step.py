@@ -3,25 +3,24 @@
     python launch/profile_step.py --threads 2 --warmup 3 --steps 5
     python launch/profile_step.py --threads 1 --json runs/profile/after_t1.json data.batch_size=64
 
-The refiner and engine are the main job's (``load_config`` + ``build_refiner`` + ``engine.trainer.build_engine``
-on ``init_distributed(use_deepspeed=False, need_group=False)``); the batches are fixed synthetic crops of the
-recipe's shape (global (2, B, C, G, G), local (n, B, C, l, l) float32, label, index), made once, so data
-loading and augmentation are excluded. A step is what ``run_stage`` does: set_lr, forward, backward, step
-(clip + optimiser), EMA update (refine stage). The dataset indices advance by B every step, as a real stream's
-do, so the own-index exclusion of the queue lookups behaves as in training.
+The refiner, engine and step are the benchmark's (``scale_refiner.bench.runner``: ``build`` is the main job's
+``build_refiner`` + ``build_engine``, ``synthetic_batch`` fixed random crops of the recipe's shapes, made once,
+so data loading and augmentation are excluded, ``run_steps`` what ``run_stage`` does: set_lr, forward,
+backward, step (clip + optimiser), EMA update in the refine stage). The dataset indices advance by the batch
+every step, as a real stream's do, so the own-index exclusion of the queue lookups behaves as in training.
 
 Order: ``--warmup`` untimed steps, then ``--timed`` steps (default ``--steps``) timed by the wall clock with
 no profiler attached (mean step time and images/s come from these), then ``--steps`` steps under
 ``torch.profiler`` (CPU activity, record_shapes off). Printed: the wall-clock figures, the phase totals per
-step (``record_function`` ranges forward / backward / optimizer_step / ema, inclusive CPU time) and a markdown
+step (``record_function`` ranges h2d / forward / backward / step / ema, inclusive CPU time) and a markdown
 table of the ``--top`` ops by self CPU time per step. ``--json`` writes the same as one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from scale_refiner.config import load_config
 
-PHASES = ("forward", "backward", "optimizer_step", "ema")
+PHASES = ("h2d", "forward", "backward", "step", "ema")  # run_steps's phase names
 
 
 def parse_args(argv):
@@ -48,69 +47,43 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def synthetic_batch(cfg, batch: int):
-    """Fixed crops shaped like the demo stream's (collate_multicrop): float32, view-major."""
-    g, l, n, c = cfg.augment.global_size, cfg.augment.local_size, cfg.augment.num_local, cfg.model.in_chans
-    gen = torch.Generator().manual_seed(1234)
-    return {"global": torch.randn(2, batch, c, g, g, generator=gen),
-            "local": torch.randn(n, batch, c, l, l, generator=gen),
-            "label": torch.randint(0, 10, (batch,), generator=gen),
-            "index": torch.arange(batch)}
+@contextlib.contextmanager
+def profiler_range(name: str):
+    """``run_steps``'s phase timer, as ``record_function`` ranges the profiler reports per phase."""
+    with record_function(name):
+        yield
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from scale_refiner.bench.runner import build, run_steps, synthetic_batch
     from scale_refiner.engine.distributed import init_distributed
     from scale_refiner.engine.ema import EncoderEMA
-    from scale_refiner.engine.trainer import build_engine
-    from scale_refiner.refiner import build_refiner
 
     cfg = load_config(args.config, args.overrides)
     ctx = init_distributed(use_deepspeed=False, need_group=False)
-    torch.manual_seed(cfg.run.seed)
-    refiner = build_refiner(cfg)
-    engine = build_engine(refiner, cfg, args.stage, ctx)
-    engine.module.train()
+    engine = build(cfg, ctx, args.stage)
     stage = getattr(cfg.stages, args.stage)
     ema = EncoderEMA(engine, stage.ema) if args.stage == "refine" else None
     per_rank = cfg.data.batch_size // ctx.world
-    batch = synthetic_batch(cfg, per_rank)
-    device = ctx.device
+    batch = synthetic_batch(cfg, per_rank, ctx.device)
     losses = []
 
-    def one_step(step: int) -> None:
-        engine.set_lr(1e-5)
-        with record_function("forward"):
-            loss, _ = engine.forward(batch["global"].to(device, non_blocking=True),
-                                     batch["local"].to(device, non_blocking=True),
-                                     (batch["index"] + step * per_rank).to(device), batch["label"].to(device),
-                                     topk=stage.topk, step=step)
-        with record_function("backward"):
-            engine.backward(loss)
-        with record_function("optimizer_step"):
-            engine.step(stage.clip_grad)
-        if ema is not None:
-            with record_function("ema"):
-                ema.update()
-        losses.append(loss.detach())
+    def run(steps: int, step0: int) -> float:
+        return run_steps(engine, cfg, ctx, batch, steps, args.stage, profiler_range, step0=step0, ema=ema,
+                         losses=losses)
 
-    step = 0
-    for _ in range(args.warmup):
-        one_step(step)
-        step += 1
+    run(args.warmup, 0)
+    step = args.warmup
     timed = args.timed or args.steps
     times = []
     for _ in range(timed):
-        start = time.perf_counter()
-        one_step(step)
-        times.append(time.perf_counter() - start)
+        times.append(run(1, step))
         step += 1
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        for _ in range(args.steps):
-            one_step(step)
-            step += 1
+        run(args.steps, step)
     k = args.steps
 
     events = prof.key_averages()

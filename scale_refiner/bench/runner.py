@@ -157,8 +157,9 @@ def _zero_grad(engine) -> None:
 
 
 def run_steps(engine, cfg, ctx, batch, steps: int, stage: str, timer: StageTimer, step0: int = 0,
-              ema=None) -> float:
-    """``steps`` training steps on ``batch``; returns wall seconds (synchronised at both ends)."""
+              ema=None, losses: Optional[list] = None) -> float:
+    """``steps`` training steps on ``batch``; returns wall seconds (synchronised at both ends). ``timer(name)``
+    brackets each phase (h2d, forward, backward, step, ema); ``losses`` collects each step's detached loss."""
     stage_cfg = getattr(cfg.stages, stage)
     device = ctx.device
     per_rank = batch["global"].shape[1]
@@ -175,6 +176,8 @@ def run_steps(engine, cfg, ctx, batch, steps: int, stage: str, timer: StageTimer
         engine.set_lr(1e-5)
         with timer("forward"):
             loss, _ = engine.forward(g, l, index, label, topk=stage_cfg.topk, step=step)
+        if losses is not None:
+            losses.append(loss.detach())
         with timer("backward"):
             engine.backward(loss)
         with timer("step"):
