@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from scale_refiner.atomic import atomic_path, atomic_write  # noqa: E402
-from scale_refiner.config import ConfigError, PretrainConfig, load_config, to_dict, validate  # noqa: E402
+from scale_refiner.config import ConfigError, PretrainConfig, load_config, to_dict  # noqa: E402
 from scale_refiner.engine.checkpoint import CheckpointDir, check_out_dir  # noqa: E402
-from scale_refiner.engine.distributed import init_distributed  # noqa: E402
+from scale_refiner.engine.distributed import start_job  # noqa: E402
 from scale_refiner.engine.trainer import build_engine, run_stage  # noqa: E402
 from scale_refiner.mae import build_mae, mae_state_dict  # noqa: E402
 
@@ -86,14 +86,8 @@ def main(argv=None) -> int:
     if not args.force and cfg.run.stop_after == 0 and existing_weights(out_dir, cfg) is not None:
         print(f"MAE weights of this recipe already exist: {out_dir / WEIGHTS_NAME} (reused; --force repeats)")
         return 0
-    ctx = init_distributed(use_deepspeed=cfg.engine.kind == "deepspeed", need_group=cfg.engine.kind == "fsdp2")
-    if not ctx.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
     try:
-        validate(cfg, world_size=ctx.world)
-        if cfg.engine.kind == "single" and ctx.world > 1:
-            raise ConfigError(f"config key 'engine.kind': single runs in one process, launched with {ctx.world} "
-                              f"ranks; use deepspeed or fsdp2")
+        ctx = start_job(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -105,21 +99,13 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_mae(cfg)
     checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints)
-    point = None
     if args.force:
         log.info("--force: pre-training from scratch, whatever checkpoints %s holds", out_dir)
-    elif cfg.run.resume == "auto":
-        try:
-            point = checkpoints.latest()
-        except FileNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    elif cfg.run.resume != "none":
-        point = Path(cfg.run.resume)
-        if not (point / "state.json").is_file():
-            print(f"error: config key 'run.resume': {point} is not a complete checkpoint directory",
-                  file=sys.stderr)
-            return 2
+    try:
+        point = None if args.force else checkpoints.resume_point(cfg.run.resume)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     signature = mae_signature(cfg)
     state = CheckpointDir.read_state(point) if point is not None else None
     if state is not None and state.get("model") != signature:

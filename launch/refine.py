@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from scale_refiner.config import ConfigError, load_config, to_dict, validate  # noqa: E402
+from scale_refiner.config import ConfigError, load_config, to_dict  # noqa: E402
 from scale_refiner.engine.checkpoint import CheckpointDir, check_out_dir  # noqa: E402
-from scale_refiner.engine.distributed import init_distributed  # noqa: E402
+from scale_refiner.engine.distributed import start_job  # noqa: E402
 from scale_refiner.engine.trainer import build_engine, model_signature, restore_client, run_stage  # noqa: E402
 from scale_refiner.refiner import build_refiner  # noqa: E402
 
@@ -62,17 +62,6 @@ def export(encoder_state, cfg, out_dir: Path, name: str):
     export_timm(encoder, out_dir / "export", name, extra_config={"recipe": to_dict(cfg)})
 
 
-def resume_point(cfg, checkpoints: CheckpointDir):
-    if cfg.run.resume == "none":
-        return None
-    if cfg.run.resume == "auto":
-        return checkpoints.latest()
-    path = Path(cfg.run.resume)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"config key 'run.resume': {path} is not a complete checkpoint directory")
-    return path
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -81,14 +70,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    ctx = init_distributed(use_deepspeed=cfg.engine.kind == "deepspeed", need_group=cfg.engine.kind == "fsdp2")
-    if not ctx.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
     try:
-        validate(cfg, world_size=ctx.world)
-        if cfg.engine.kind == "single" and ctx.world > 1:
-            raise ConfigError(f"config key 'engine.kind': single runs in one process, launched with {ctx.world} "
-                              f"ranks; use deepspeed or fsdp2")
+        ctx = start_job(cfg)
         if cfg.model.weights and not Path(cfg.model.weights).is_file():
             raise ConfigError(f"config key 'model.weights': {cfg.model.weights} does not exist")
     except ConfigError as err:
@@ -106,7 +89,7 @@ def main(argv=None) -> int:
     stages = list(cfg.stages.run)
     first, resume_from, global_step, finished_client, ema_state = 0, None, 0, None, None
     try:
-        point = resume_point(cfg, checkpoints)
+        point = checkpoints.resume_point(cfg.run.resume)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -88,6 +88,18 @@ class CheckpointDir:
             raise FileNotFoundError(f"checkpoint pointer {pointer} names {path}, which is incomplete or missing")
         return path
 
+    def resume_point(self, resume: str) -> Optional[Path]:
+        """Where ``run.resume`` says to continue from: ``none`` -> None, ``auto`` -> the newest complete
+        checkpoint (None if there is none), a path -> that checkpoint directory, which must be complete."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"config key 'run.resume': {path} is not a complete checkpoint directory")
+        return path
+
     def save(self, tag: str, engine, state: Dict, client: Dict, ema=None, model_state: Optional[Dict] = None) -> Path:
         """Collective. ``client`` is this rank's own state (queues, RNG); ``state`` is shared (JSON)."""
         tmp = self.root / f".tmp-{tag}"

@@ -5,6 +5,7 @@ NCCL and each rank takes cuda:LOCAL_RANK; without one it is gloo on the CPU.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -57,6 +58,21 @@ def init_distributed(use_deepspeed: bool = False, need_group: bool = False) -> D
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
     return DistContext(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def start_job(cfg) -> DistContext:
+    """What every launcher (refine, pretrain_mae) does first: the process group its ``engine.kind`` needs,
+    warnings only from ranks other than 0, then the config validated against the world size. Raises
+    ``ConfigError`` naming the key."""
+    from scale_refiner.config import ConfigError, validate
+    ctx = init_distributed(use_deepspeed=cfg.engine.kind == "deepspeed", need_group=cfg.engine.kind == "fsdp2")
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    validate(cfg, world_size=ctx.world)
+    if cfg.engine.kind == "single" and ctx.world > 1:
+        raise ConfigError(f"config key 'engine.kind': single runs in one process, launched with {ctx.world} "
+                          f"ranks; use deepspeed or fsdp2")
+    return ctx
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
