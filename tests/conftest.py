@@ -45,3 +45,22 @@ def gloo():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (pytest -m gpu; skipped without CUDA)")
+
+
+# DeepSpeed's CPU all-reduce (its shm_comm op) leaves a 69 MB /dev/shm buffer per rank and port behind after
+# every run; the suite launches dozens, and on a box that runs it repeatedly they filled /dev/shm (16 GB)
+# until a 2-rank ViT-2B test was killed for memory. Remove the ones this session created, at its end.
+_SHM = Path("/dev/shm")
+_SHM_PATTERN = "deepspeed_allreduce_buffer_*"
+
+
+def pytest_sessionstart(session):
+    session.config._shm_before = set(_SHM.glob(_SHM_PATTERN)) if _SHM.is_dir() else set()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_shm_before", None)
+    if before is None or not _SHM.is_dir():
+        return
+    for path in set(_SHM.glob(_SHM_PATTERN)) - before:
+        path.unlink(missing_ok=True)
