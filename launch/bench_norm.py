@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -26,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scale_refiner.engine.distributed import spawn_gloo  # noqa: E402
 
 KINDS = ("bn", "syncbn", "async")
 PAPER_WIDTHS = (2048, 2048, 256, 4096, 256)  # the 5 BN layers of one ID head (projector 3, predictor 2)
@@ -157,7 +158,7 @@ def _rank(rank, world, args, results):
     for _ in range(args.rounds):
         for k in KINDS:
             dist.barrier()
-            times[k] += _time(lambda: head_step(models[k]), args.steps)
+            times[k] += _time(lambda model=models[k]: head_step(model), args.steps)
     out["heads"] = {k: statistics.median(v) for k, v in times.items()}
     counter.take()
     del models
@@ -255,18 +256,10 @@ def report(out, args, world):
     return "\n".join(lines)
 
 
-def _entry(rank, world, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = {}
-        _rank(rank, world, args, results)
-        if rank == 0:
-            queue.put(results)
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank, world, args):
+    results = {}
+    _rank(rank, world, args, results)
+    return results
 
 
 def main(argv=None):
@@ -297,13 +290,8 @@ def main(argv=None):
             print(report(results, args, dist.get_world_size()))
         dist.destroy_process_group()
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    torch.multiprocessing.spawn(_entry, args=(args.world, port, args, queue), nprocs=args.world, join=True)
-    print(report(queue.get(), args, args.world))
+    results = spawn_gloo(_rank_results, args.world, args, threads=args.threads)
+    print(report(results, args, args.world))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ Then the share of a step the lookups take: demo settings (queue 8192 x 128, 3 he
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scale_refiner.engine.distributed import spawn_gloo  # noqa: E402
 from scale_refiner.memory.queue import NNQueue  # noqa: E402
 from scale_refiner.memory.search import IVFFlat, TorchMatmul, make_search  # noqa: E402
 from scale_refiner.memory.sharded_queue import ShardedNNQueue  # noqa: E402
@@ -90,11 +89,11 @@ def bench_size(rank, world, size, dim, batch, k, reps, ivf, replicated_ok, faiss
     g = dist.group.WORLD
     if faiss_ok:
         sq.lookup(q, idx, k, lab, group=g)
-        row["sharded-faiss"] = _timed(lambda: sq.lookup(q, idx, k, lab, group=g), reps)
+        row["sharded-faiss"] = _timed(lambda sq=sq: sq.lookup(q, idx, k, lab, group=g), reps)
     sq.searcher = TorchMatmul()
-    row["sharded-torch"] = _timed(lambda: sq.lookup(q, idx, k, lab, group=g), reps)
+    row["sharded-torch"] = _timed(lambda sq=sq: sq.lookup(q, idx, k, lab, group=g), reps)
     vecs = _unit(batch, dim, gen)
-    row["enq-sharded"] = _timed(lambda: sq.enqueue(vecs, idx, lab, 1, group=g), reps)
+    row["enq-sharded"] = _timed(lambda sq=sq: sq.enqueue(vecs, idx, lab, 1, group=g), reps)
     sq.searcher = make_search("faiss")
     if ivf:
         nlist = max(16, min(1024, int(4 * sq.n_slots ** 0.5)))
@@ -106,7 +105,7 @@ def bench_size(rank, world, size, dim, batch, k, reps, ivf, replicated_ok, faiss
         ivf_searcher, sq.searcher = sq.searcher, TorchMatmul()
         _, exact = sq.lookup(q, idx, k, lab, group=g)  # exact top-k of the current shard
         sq.searcher = ivf_searcher
-        row["sharded-ivf"] = _timed(lambda: sq.lookup(q, idx, k, lab, group=g), reps)
+        row["sharded-ivf"] = _timed(lambda sq=sq: sq.lookup(q, idx, k, lab, group=g), reps)
         _, approx = sq.lookup(q, idx, k, lab, group=g)
         hits = sum(len(set(a) & set(b)) for a, b in zip(exact["topk_slots"].tolist(), approx["topk_slots"].tolist()))
         rec = torch.tensor([hits, batch * k], dtype=torch.float64)
@@ -265,23 +264,10 @@ def report(res, args, world):
     return "\n".join(lines)
 
 
-def _entry(rank, world, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(args.threads)
-    try:
-        import faiss
-        faiss.omp_set_num_threads(args.threads)
-    except ImportError:
-        pass
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = {}
-        _rank(rank, world, args, results)
-        if rank == 0:
-            queue.put(results)
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank, world, args):
+    results = {}
+    _rank(rank, world, args, results)
+    return results
 
 
 def main(argv=None):
@@ -300,14 +286,8 @@ def main(argv=None):
     ap.add_argument("--replicated-max-gb", type=float, default=4.0,
                     help="skip the replicated queue when all ranks' copies together exceed this")
     args = ap.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    torch.multiprocessing.start_processes(_entry, args=(args.world, port, args, queue), nprocs=args.world,
-                                          join=True, start_method="spawn")
-    print(report(queue.get(), args, args.world))
+    results = spawn_gloo(_rank_results, args.world, args, threads=args.threads)
+    print(report(results, args, args.world))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,3 @@
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -11,23 +9,7 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gloo_entry(rank, world, port, fn, args):
-    import torch.distributed as dist
-    # what torchrun and deepspeed export for every rank
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+from scale_refiner.engine.distributed import spawn_gloo  # noqa: E402  (after the path insert)
 
 
 def run_gloo(fn, world: int = 2, *args):
@@ -35,7 +17,7 @@ def run_gloo(fn, world: int = 2, *args):
 
     ``fn`` must be a module-level function; assertions inside it fail the spawn and so the test.
     """
-    torch.multiprocessing.spawn(_gloo_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    return spawn_gloo(fn, world, *args, threads=1)
 
 
 @pytest.fixture

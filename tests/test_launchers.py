@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
+from scale_refiner.engine.distributed import free_port
 from scale_refiner.config import load_config
 from scale_refiner.refiner import build_refiner
 

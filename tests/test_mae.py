@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
 from scale_refiner.config import ConfigError, PretrainConfig, load_config
+from scale_refiner.engine.distributed import free_port
 from scale_refiner.mae import MAEPretrainer, build_mae, mask_noise, mae_state_dict, patchify
 from scale_refiner.models.vit import VisionTransformer
 from scale_refiner.models.weights import load_pretrained

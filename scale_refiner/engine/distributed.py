@@ -5,10 +5,13 @@ NCCL and each rank takes cuda:LOCAL_RANK; without one it is gloo on the CPU.
 """
 from __future__ import annotations
 
+import atexit
+import faulthandler
 import logging
 import os
+import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,6 +60,12 @@ def init_distributed(use_deepspeed: bool = False, need_group: bool = False) -> D
         # a plain `python launch/refine.py`: a 1-rank group over an in-memory store, no rendezvous
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
+    if dist.is_initialized():
+        atexit.register(end_job)  # whichever way the launcher's main() returns
+        # A native abort in one rank (NCCL, gloo, a C++ assert) then prints that rank's Python stacks instead of
+        # only the launcher's "exited with signal 6".
+        if not faulthandler.is_enabled():
+            faulthandler.enable()
     return DistContext(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
@@ -73,6 +82,63 @@ def start_job(cfg) -> DistContext:
         raise ConfigError(f"config key 'engine.kind': single runs in one process, launched with {ctx.world} "
                           f"ranks; use deepspeed or fsdp2")
     return ctx
+
+
+def end_job() -> None:
+    """Destroy the process group while the interpreter is still whole. Left to interpreter finalisation, the
+    backend's worker threads can still hold tensors and abort the process at exit (pytorch/pytorch#179291),
+    which turns a finished run into a failed one for the launcher."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a local rendezvous: tests, the CPU benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned_rank(rank: int, world: int, port: int, threads: int, fn: Callable, args: tuple, results) -> None:
+    faulthandler.enable()  # a native abort in a rank then prints every thread's Python stack, not just a signal
+    # what torchrun and deepspeed export for every rank
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(threads)
+    try:
+        import faiss
+        faiss.omp_set_num_threads(threads)  # faiss has its own OpenMP pool; 2 ranks x all cores oversubscribe
+    except ImportError:
+        pass
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = fn(rank, world, *args)
+        # Every rank past its last collective before any tears its sockets down: a rank that destroys the group
+        # while its peer still reads from it can take that peer down with it.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        results.put(out)
+
+
+def spawn_gloo(fn: Callable[..., Any], world: int = 2, *args, threads: int = 1) -> Any:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined by a gloo group on this machine, with
+    the environment the launchers export; return rank 0's return value. ``fn`` must be importable (module
+    level). An exception in any rank re-raises here with that rank's traceback."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.SimpleQueue()
+    context = torch.multiprocessing.start_processes(
+        _spawned_rank, args=(world, free_port(), threads, fn, args, results), nprocs=world, join=False,
+        start_method="spawn")
+    out = None
+    # Drain while waiting: a result larger than the pipe's buffer would otherwise block rank 0 in put().
+    while not context.join(timeout=0.2):
+        if not results.empty():
+            out = results.get()
+    if not results.empty():
+        out = results.get()
+    return out
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:

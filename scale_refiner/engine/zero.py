@@ -70,6 +70,8 @@ class ZeroEngine(Engine):
 
     def step(self, clip_grad):  # clipping is DeepSpeed's (gradient_clipping in the config)
         self.engine.step()
+        # DeepSpeed has already waited for this norm inside step() (its overflow check calls bool() on it), so
+        # float() here adds no host sync of ours.
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
