@@ -90,6 +90,29 @@ def test_quick_knn_equals_extract_then_knn():
     assert model.training  # mode restored
 
 
+def test_eval_arrays_as_uint8_normalise_to_the_float_arrays():
+    """The launcher keeps its k-NN images as uint8; normalised batch by batch they are the float arrays, bit
+    for bit, so the k-NN is unchanged by the 4x smaller storage."""
+    from scale_refiner.config import load_config
+    from scale_refiner.data.augment import normalize_batch
+    from scale_refiner.data.loaders import eval_arrays
+    cfg = load_config("configs/demo.yaml", ["data.num_workers=0"])
+    x, y = eval_arrays(cfg, "test", 96)
+    x8, y8 = eval_arrays(cfg, "test", 96, uint8=True)
+    assert x8.dtype == torch.uint8 and x8.shape == x.shape and torch.equal(y8, y)
+    assert torch.equal(normalize_batch(x8), x)
+    torch.manual_seed(0)
+    model = build_vit(ModelConfig(name="vit_test_patch4", img_size=x.shape[-1])).eval()
+    tr_y, te_y = y[:64] % 3, y[64:] % 3
+    want = quick_knn(model, (x[:64], tr_y), (x[64:], te_y), ks=(5,), batch_size=16)
+    assert quick_knn(model, (x8[:64], tr_y), (x8[64:], te_y), ks=(5,), batch_size=16,
+                     prepare=normalize_batch) == want
+    # bf16 autocast (what a GPU run measures with) runs and lands near the fp32 value
+    bf16 = quick_knn(model, (x8[:64], tr_y), (x8[64:], te_y), ks=(5,), batch_size=16, prepare=normalize_batch,
+                     autocast_dtype=torch.bfloat16)
+    assert abs(bf16[5] - want[5]) <= 0.1
+
+
 # ---------------------------------------------------------------------------------------------- clustering
 def test_cluster_accuracy_hand_computed():
     y_true = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]

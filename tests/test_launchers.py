@@ -37,9 +37,10 @@ def run(cmd, timeout=600):
     return proc
 
 
-def launch(kind, out, extra, ranks=2):
+def launch(kind, out, extra, ranks=2, eval_samples=0):
     """Run the main job: 1 process, ``deepspeed --num_gpus`` (ZeRO) or ``torchrun`` (FSDP2); CPU ranks."""
-    args = [REFINE, "--config", "configs/demo.yaml", "--eval-samples", "0", f"run.out_dir={out}"] + TINY + extra
+    args = [REFINE, "--config", "configs/demo.yaml", "--eval-samples", str(eval_samples),
+            f"run.out_dir={out}"] + TINY + extra
     if kind == "single":
         cmd = [sys.executable] + args + ["engine.kind=single"]
     elif kind == "deepspeed":
@@ -61,17 +62,23 @@ def end_state(out, stage="refine"):
     return torch.load(Path(out) / f"checkpoints/{stage}-end/model_state.pt", weights_only=True)
 
 
+# These two runs also measure k-NN before, every 2 steps and after; the runs compared with them below do not,
+# so their bit-identical losses show that the measuring leaves training untouched.
+KNN = dict(eval_samples=300)
+KNN_EVERY = ["run.knn_every=2"]
+
+
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    launch("single", out, REFINE_ONLY)
+    launch("single", out, REFINE_ONLY + KNN_EVERY, **KNN)
     return out
 
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    launch("deepspeed", out, REFINE_ONLY)
+    launch("deepspeed", out, REFINE_ONLY + KNN_EVERY, **KNN)
     return out
 
 
@@ -80,6 +87,19 @@ def test_zero3_on_two_ranks_equals_one_process(single_run, zero3_run):
     assert len(a) == len(b) == 6
     assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4), (a, b)
     assert_same_weights(single_run, zero3_run)
+
+
+def test_knn_is_shared_over_ranks_and_equals_one_process(single_run, zero3_run):
+    """Both ranks extract half of the k-NN features each; the starting encoder's k-NN (identical weights in
+    both runs) is exactly the 1-process value, and the periodic k-NN reaches TensorBoard."""
+    one, two = (json.loads((run / "results.json").read_text()) for run in (single_run, zero3_run))
+    assert one["before"] == two["before"]
+    for name in ("online", "ema"):
+        assert set(one[name]) == set(two[name]) == {"10", "20"}
+        assert all(abs(one[name][k] - two[name][k]) <= 0.02 for k in ("10", "20")), (one[name], two[name])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(zero3_run / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("refine/knn_top1_k20")] == [2, 4, 6]
 
 
 def assert_same_weights(run_a, run_b):

@@ -208,6 +208,12 @@ class EvalTransform:
         return F.normalize(x, IMAGENET_MEAN, IMAGENET_STD) if self.normalize else x
 
 
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W), on any device -> what :class:`EvalTransform` returns for them: float,
+    scaled to [0, 1], ImageNet-normalised. Lets evaluation sets stay uint8 (4x smaller) until a batch runs."""
+    return F.normalize(F.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+
+
 def collate_multicrop(batch: Sequence[Tuple[Sequence[torch.Tensor], int, int]],
                       local_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Batch ``(views, label, index)`` samples view-major: ``out["global"][v]`` is the batch of view ``v``.

@@ -165,25 +165,32 @@ def train_stream(cfg: RefineConfig, rank: int = 0, world: int = 1) -> TrainStrea
     return MemoryStream(cfg, rank, world) if kind == "memory" else ShardStream(cfg, rank, world, kind)
 
 
-def eval_arrays(cfg: RefineConfig, split: str, limit: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def eval_arrays(cfg: RefineConfig, split: str, limit: int = 0,
+                uint8: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """A split as evaluation tensors (resize to the global crop size, centre crop): (N, 3, S, S) and (N,).
 
     Reads the embedded arrays for fashion-mnist (the same images the shards hold), the test shards otherwise.
+    ``uint8``: the images before scaling and normalisation, a quarter of the memory
+    (:func:`scale_refiner.data.augment.normalize_batch` finishes them batch by batch).
     """
     size = cfg.augment.global_size
+
+    def finish(x):  # resized uint8 values as float k/255: exactly back to k
+        return x.mul(255).round_().to(torch.uint8) if uint8 else x
+
     if cfg.data.dataset == "fashion-mnist":
         images, labels = _arrays(cfg, split)
         if limit:
             images, labels = images[:limit], labels[:limit]
-        dataset = ArrayDataset(images, labels, EvalTransform(size, size))
+        dataset = ArrayDataset(images, labels, EvalTransform(size, size, normalize=not uint8))
         loader = DataLoader(dataset, batch_size=512, num_workers=cfg.data.num_workers)
-        xs, ys = zip(*[(x, y) for x, y, _ in loader])
+        xs, ys = zip(*[(finish(x), y) for x, y, _ in loader])
         return torch.cat(xs), torch.cat(ys)
     from scale_refiner.data.wds_pipeline import WdsEvalLoader
     shards = _shard_split(cfg, split, "train_shards" if split == "train" else "test_shards")
     xs, ys, seen = [], [], 0
-    for batch in WdsEvalLoader(shards.tars, 512, resize=size, crop=size):
-        x, y = batch[0], batch[1]
+    for batch in WdsEvalLoader(shards.tars, 512, resize=size, crop=size, normalize=not uint8):
+        x, y = finish(batch[0]), batch[1]
         xs.append(x)
         ys.append(y)
         seen += len(y)

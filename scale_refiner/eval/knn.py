@@ -6,7 +6,7 @@ paper's Fig. 3b (``per_block_knn``) and ``quick_knn``, the k-NN a training loop 
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,13 +92,16 @@ def per_block_knn(train_blocks: torch.Tensor, train_labels: torch.Tensor, test_b
 
 
 def quick_knn(encoder, train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
-              ks: Sequence[int] = (10, 20), temperature: float = 0.07, batch_size: int = 256) -> Dict[int, float]:
+              ks: Sequence[int] = (10, 20), temperature: float = 0.07, batch_size: int = 256,
+              prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+              autocast_dtype: Optional[torch.dtype] = None) -> Dict[int, float]:
     """k-NN accuracy of ``encoder``'s final-norm CLS, for periodic use during training.
 
     ``train`` / ``test`` are ``(images, labels)`` (e.g. from ``data.loaders.eval_arrays`` with a limit). The
     encoder is put in eval mode and restored. Inside an initialised process group with more than one rank it is
     collective: every rank passes the same images, extracts a contiguous part, and every rank gets the same
-    result (equal to a one-process run's)."""
+    result (equal to a one-process run's). ``prepare`` maps each batch once it is on the encoder's device (e.g.
+    ``normalize_batch`` for uint8 images); ``autocast_dtype`` runs the forward under autocast (bf16 on a GPU)."""
     from scale_refiner.eval.features import extract_distributed
 
     import torch.distributed as dist
@@ -108,7 +111,9 @@ def quick_knn(encoder, train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[tor
     encoder.eval()
     try:
         def fn(x):
-            with torch.no_grad():
+            x = prepare(x) if prepare is not None else x
+            with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                                 enabled=autocast_dtype is not None):
                 return {"final": encoder([x])[0]["final"].float()}
         train_f = extract_distributed(fn, train[0], batch_size, rank, world, device)["final"]
         test_f = extract_distributed(fn, test[0], batch_size, rank, world, device)["final"]
