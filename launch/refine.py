@@ -65,8 +65,8 @@ def knn_of(encoder_state, cfg, ctx, eval_data):
 def export(encoder_state, cfg, out_dir: Path, name: str):
     from scale_refiner.models.vit import build_vit
     from scale_refiner.models.weights import export_timm
-    encoder = build_vit(cfg.model)
-    encoder.load_state_dict(encoder_state)
+    encoder = build_vit(cfg.model, device="meta")  # a 2B encoder's random init alone takes a while on a CPU
+    encoder.load_state_dict(encoder_state, assign=True)
     export_timm(encoder, out_dir / "export", name, extra_config={"recipe": to_dict(cfg)})
 
 
