@@ -54,11 +54,15 @@ def knn_of(encoder_state, cfg, ctx, eval_data):
     from scale_refiner.models.vit import build_vit
     encoder = build_vit(cfg.model, device="meta")  # no random init of weights that are replaced at once
     encoder.load_state_dict(encoder_state, assign=True)
-    encoder.to(ctx.device)
+    # No grad: autocast would otherwise keep a bf16 copy of every weight (4 GB for 2B) for the whole pass.
+    encoder.requires_grad_(False).to(ctx.device)
     dtype = resolve_precision(cfg.engine.precision, ctx.device)
     with torch.random.fork_rng(devices=[]):  # measuring must not move the training's random stream
         accuracy = quick_knn(encoder, *eval_data, ks=(10, 20), prepare=normalize_batch,
                              autocast_dtype=dtype if dtype != torch.float32 else None)
+    del encoder
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the measuring's blocks back before training resumes
     return {str(k): v for k, v in accuracy.items()}
 
 

@@ -9,7 +9,9 @@ import atexit
 import faulthandler
 import logging
 import os
+import pickle
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -62,6 +64,7 @@ def init_distributed(use_deepspeed: bool = False, need_group: bool = False) -> D
                                 rank=0, world_size=1)
     if dist.is_initialized():
         atexit.register(end_job)  # whichever way the launcher's main() returns
+        _watch_for_uncaught_exceptions()
         # A native abort in one rank (NCCL, gloo, a C++ assert) then prints that rank's Python stacks instead of
         # only the launcher's "exited with signal 6".
         if not faulthandler.is_enabled():
@@ -84,10 +87,32 @@ def start_job(cfg) -> DistContext:
     return ctx
 
 
+_uncaught = []
+
+
+def _watch_for_uncaught_exceptions() -> None:
+    if getattr(sys.excepthook, "_scale_refiner", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        _uncaught.append(kind)
+        previous(kind, value, traceback)
+
+    hook._scale_refiner = True
+    sys.excepthook = hook
+
+
 def end_job() -> None:
     """Destroy the process group while the interpreter is still whole. Left to interpreter finalisation, the
     backend's worker threads can still hold tensors and abort the process at exit (pytorch/pytorch#179291),
-    which turns a finished run into a failed one for the launcher."""
+    which turns a finished run into a failed one for the launcher.
+
+    Not after an uncaught exception: its peers may sit in a collective this rank will never join, and
+    destroying an NCCL group first waits for this rank's pending work, so the rank would hang until the
+    watchdog's timeout instead of exiting and letting the launcher end the job."""
+    if _uncaught:
+        return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -119,7 +144,8 @@ def _spawned_rank(rank: int, world: int, port: int, threads: int, fn: Callable, 
     finally:
         dist.destroy_process_group()
     if rank == 0:
-        results.put(out)
+        # As bytes: a tensor put as it is would travel as a shared-memory handle that dies with this process.
+        results.put(pickle.dumps(out))
 
 
 def spawn_gloo(fn: Callable[..., Any], world: int = 2, *args, threads: int = 1) -> Any:
@@ -135,9 +161,9 @@ def spawn_gloo(fn: Callable[..., Any], world: int = 2, *args, threads: int = 1) 
     # Drain while waiting: a result larger than the pipe's buffer would otherwise block rank 0 in put().
     while not context.join(timeout=0.2):
         if not results.empty():
-            out = results.get()
+            out = pickle.loads(results.get())
     if not results.empty():
-        out = results.get()
+        out = pickle.loads(results.get())
     return out
 
 
