@@ -1,0 +1,60 @@
+"""Time the refine job's k-NN measurement (launch/refine.py ``knn_of``) on 1 process and on N gloo CPU ranks,
+side by side in one run, on the embedded Fashion-MNIST data and a config's encoder (random weights).
+
+    .venv/bin/python launch/bench_knn.py [--config configs/demo.yaml] [--samples 10000] [--world 2]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scale_refiner.config import load_config  # noqa: E402
+from scale_refiner.data.loaders import eval_arrays  # noqa: E402
+from scale_refiner.engine.distributed import DistContext, spawn_gloo  # noqa: E402
+from scale_refiner.models.vit import build_vit  # noqa: E402
+
+
+def _knn_of():
+    spec = importlib.util.spec_from_file_location("refine", ROOT / "launch/refine.py")
+    refine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refine)
+    return refine.knn_of
+
+
+def measure(rank: int, world: int, config: str, samples: int):
+    cfg = load_config(config, ["data.num_workers=0"])
+    torch.manual_seed(0)
+    state = build_vit(cfg.model).state_dict()
+    data = (eval_arrays(cfg, "train", samples, uint8=True), eval_arrays(cfg, "test", samples, uint8=True))
+    ctx = DistContext(rank=rank, world=world, local_rank=rank, device=torch.device("cpu"))
+    started = time.perf_counter()
+    accuracy = _knn_of()(state, cfg, ctx, data)
+    return time.perf_counter() - started, accuracy
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs/demo.yaml"))
+    ap.add_argument("--samples", type=int, default=10000, help="train and test images each")
+    ap.add_argument("--world", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # as each spawned rank: the comparison is 1 core against N
+    one = measure(0, 1, args.config, args.samples)
+    many = spawn_gloo(measure, args.world, args.config, args.samples, threads=1)
+    print("| ranks | seconds | k-NN@10 | k-NN@20 |\n|---|---:|---:|---:|")
+    for world, (seconds, acc) in ((1, one), (args.world, many)):
+        print(f"| {world} | {seconds:.1f} | {100 * acc['10']:.2f} | {100 * acc['20']:.2f} |")
+    print(f"\n{args.world} ranks: {one[0] / many[0]:.2f}x the speed of 1 process; same accuracy: {one[1] == many[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
