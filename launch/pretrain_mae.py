@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     started = time.time()
     if state is not None and state["stage_done"]:  # finished before the weights file was written: write it
         log.info("checkpoint %s ends the pre-training; writing its weights", point)
-        full = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True)
+        full = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True, mmap=True)
         last = {"steps": state["step"]}
     else:
         writer = None

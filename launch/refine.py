@@ -117,7 +117,8 @@ def main(argv=None) -> int:
             return 2
         first = stages.index(state["stage"])
         if state["stage_done"]:  # start the next stage from this one's end state
-            end_state = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True)
+            # mmap: the ranks of a node share one page-cache copy of the full state instead of one each
+            end_state = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True, mmap=True)
             if cfg.queue.sharded:  # rank 0's shards: each rank's own come from its client file just below
                 # (engine.load on resume may load rank 0's shard too: a warning, then restore_client fixes it)
                 end_state = {k: v for k, v in end_state.items() if not k.startswith("queues.")}
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"model_state.pt does not match: missing {missing}, unexpected {unexpected}")
             if state["stage"] == "refine" and (point / "ema.pt").is_file():  # a finished run: export it again
                 ema_state = {k[len("encoder."):]: v for k, v in end_state.items() if k.startswith("encoder.")}
-                ema_state.update(torch.load(point / "ema.pt", map_location="cpu", weights_only=True))
+                ema_state.update(torch.load(point / "ema.pt", map_location="cpu", weights_only=True, mmap=True))
             finished_client = checkpoints.load_client(point)
             restore_client(refiner, finished_client)  # the reader position: once the stream exists, below
             first, global_step = first + 1, state["global_step"]

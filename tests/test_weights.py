@@ -425,6 +425,26 @@ def test_torch_load_is_called_with_weights_only(tmp_path, monkeypatch):
     assert calls and all(c.get("weights_only") is True and c.get("map_location") == "cpu" for c in calls)
 
 
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_checkpoints_are_memory_mapped_and_the_old_format_still_loads(tmp_path, monkeypatch, zipfile):
+    """Current torch files are mapped (the ranks of a node share one page-cache copy); the pre-1.6 format,
+    which cannot be, is read the ordinary way, with the same tensors."""
+    state = tiny().state_dict()
+    path = tmp_path / "model.pth"
+    torch.save({"model": state}, path, _use_new_zipfile_serialization=zipfile)
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("mmap", False))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    loaded = load_checkpoint_file(path)
+    assert calls == ([True] if zipfile else [True, False])
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
 def test_pickled_code_is_refused_and_never_runs(tmp_path):
     path = tmp_path / "hostile.pth"
     torch.save({"model": tiny().state_dict(), "extra": Payload()}, path)

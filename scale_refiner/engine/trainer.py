@@ -136,7 +136,8 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
         engine.load(resume_from)
         restore_client(model, checkpoints.load_client(resume_from), stream)
         if engine.ema is not None:
-            engine.ema.load_full_state(torch.load(resume_from / "ema.pt", map_location="cpu", weights_only=True))
+            engine.ema.load_full_state(torch.load(resume_from / "ema.pt", map_location="cpu", weights_only=True,
+                                                  mmap=True))  # every rank reads it: one page-cache copy
         step, global_offset = state["step"], state["global_step"] - state["step"]
         log.info("resumed stage %s at step %d from %s", name, step, resume_from)
     log.info("stage %s on %s (%d ranks, %s): %d steps (%d per epoch, %d warm-up), peak lr %.3g", name,

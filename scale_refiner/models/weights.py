@@ -184,7 +184,15 @@ def load_checkpoint_file(path: PathLike) -> Dict[str, torch.Tensor]:
         raise WeightsError(f"unknown checkpoint type {path}: expected {SAFETENSORS_SUFFIX} or one of "
                            f"{', '.join(TORCH_SUFFIXES)}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            # Memory-mapped: the 8 ranks of a node that all read a 2B checkpoint share one copy in the page cache
+            # (and read the file once from a network file system) instead of holding 8; pages are
+            # copy-on-write, so nothing done to these tensors reaches the file.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # the pre-1.6 format cannot be mapped
     except Exception as exc:
         raise WeightsError(
             f"cannot read {path} with torch.load(weights_only=True): {exc}. If it pickles objects other than "
