@@ -158,13 +158,12 @@ def spawn_gloo(fn: Callable[..., Any], world: int = 2, *args, threads: int = 1) 
         _spawned_rank, args=(world, free_port(), threads, fn, args, results), nprocs=world, join=False,
         start_method="spawn")
     out = None
-    # Drain while waiting: a result larger than the pipe's buffer would otherwise block rank 0 in put().
-    while not context.join(timeout=0.2):
+    while True:  # drain while waiting: a result larger than the pipe's buffer would block rank 0 in put()
+        done = context.join(timeout=0.2)
         if not results.empty():
             out = pickle.loads(results.get())
-    if not results.empty():
-        out = pickle.loads(results.get())
-    return out
+        if done:
+            return out
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
