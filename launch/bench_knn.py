@@ -1,4 +1,4 @@
-"""Time the refine job's k-NN measurement (launch/refine.py ``knn_of``) on 1 process and on N gloo CPU ranks,
+"""Time the refine job's k-NN measurement (``scale_refiner.eval.knn.knn_of_state``) on 1 process and on N gloo CPU ranks,
 side by side in one run, on the embedded Fashion-MNIST data and a config's encoder (random weights).
 
     .venv/bin/python launch/bench_knn.py [--config configs/demo.yaml] [--samples 10000] [--world 2]
@@ -6,7 +6,6 @@ side by side in one run, on the embedded Fashion-MNIST data and a config's encod
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -18,15 +17,9 @@ sys.path.insert(0, str(ROOT))
 
 from scale_refiner.config import load_config  # noqa: E402
 from scale_refiner.data.loaders import eval_arrays  # noqa: E402
-from scale_refiner.engine.distributed import DistContext, spawn_gloo  # noqa: E402
+from scale_refiner.engine.distributed import spawn_gloo  # noqa: E402
+from scale_refiner.eval.knn import knn_of_state  # noqa: E402
 from scale_refiner.models.vit import build_vit  # noqa: E402
-
-
-def _knn_of():
-    spec = importlib.util.spec_from_file_location("refine", ROOT / "launch/refine.py")
-    refine = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(refine)
-    return refine.knn_of
 
 
 def measure(rank: int, world: int, config: str, samples: int):
@@ -34,9 +27,8 @@ def measure(rank: int, world: int, config: str, samples: int):
     torch.manual_seed(0)
     state = build_vit(cfg.model).state_dict()
     data = (eval_arrays(cfg, "train", samples, uint8=True), eval_arrays(cfg, "test", samples, uint8=True))
-    ctx = DistContext(rank=rank, world=world, local_rank=rank, device=torch.device("cpu"))
     started = time.perf_counter()
-    accuracy = _knn_of()(state, cfg, ctx, data)
+    accuracy = knn_of_state(state, cfg, torch.device("cpu"), data)
     return time.perf_counter() - started, accuracy
 
 
@@ -52,7 +44,8 @@ def main(argv=None) -> int:
     print("| ranks | seconds | k-NN@10 | k-NN@20 |\n|---|---:|---:|---:|")
     for world, (seconds, acc) in ((1, one), (args.world, many)):
         print(f"| {world} | {seconds:.1f} | {100 * acc['10']:.2f} | {100 * acc['20']:.2f} |")
-    print(f"\n{args.world} ranks: {one[0] / many[0]:.2f}x the speed of 1 process; same accuracy: {one[1] == many[1]}")
+    print(f"\n{args.world} ranks: {one[0] / many[0]:.2f}x the speed of 1 process; "
+          f"same accuracy: {one[1] == many[1]}")
     return 0
 
 

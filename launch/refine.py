@@ -23,6 +23,7 @@ from scale_refiner.config import ConfigError, load_config, to_dict  # noqa: E402
 from scale_refiner.engine.checkpoint import CheckpointDir, check_out_dir  # noqa: E402
 from scale_refiner.engine.distributed import start_job  # noqa: E402
 from scale_refiner.engine.trainer import build_engine, model_signature, restore_client, run_stage  # noqa: E402
+from scale_refiner.eval.knn import knn_of_state  # noqa: E402
 from scale_refiner.refiner import build_refiner  # noqa: E402
 
 log = logging.getLogger("scale_refiner")
@@ -42,36 +43,11 @@ def parse_args(argv):
     return args
 
 
-def knn_of(encoder_state, cfg, ctx, eval_data):
-    """Weighted k-NN (k 10, 20) of an encoder given as a full state dict (on every rank). Collective: each rank
-    puts the encoder on its own device and extracts the features of a share of the images (bf16 autocast where
-    training runs bf16); the result is the same on every rank and equal to a one-process run's. Before, rank 0
-    ran this alone on the CPU while the other ranks waited in their next collective: for a ViT-2B and 20,000
-    images at 224 px that is hours, far past the NCCL timeout."""
-    from scale_refiner.data.augment import normalize_batch
-    from scale_refiner.engine.distributed import resolve_precision
-    from scale_refiner.eval.knn import quick_knn
-    from scale_refiner.models.vit import build_vit
-    encoder = build_vit(cfg.model, device="meta")  # no random init of weights that are replaced at once
-    encoder.load_state_dict(encoder_state, assign=True)
-    # No grad: autocast would otherwise keep a bf16 copy of every weight (4 GB for 2B) for the whole pass.
-    encoder.requires_grad_(False).to(ctx.device)
-    dtype = resolve_precision(cfg.engine.precision, ctx.device)
-    with torch.random.fork_rng(devices=[]):  # measuring must not move the training's random stream
-        accuracy = quick_knn(encoder, *eval_data, ks=(10, 20), prepare=normalize_batch,
-                             autocast_dtype=dtype if dtype != torch.float32 else None)
-    del encoder
-    if ctx.device.type == "cuda":
-        torch.cuda.empty_cache()  # hand the measuring's blocks back before training resumes
-    return {str(k): v for k, v in accuracy.items()}
-
-
 def export(encoder_state, cfg, out_dir: Path, name: str):
-    from scale_refiner.models.vit import build_vit
+    from scale_refiner.models.vit import vit_from_state
     from scale_refiner.models.weights import export_timm
-    encoder = build_vit(cfg.model, device="meta")  # a 2B encoder's random init alone takes a while on a CPU
-    encoder.load_state_dict(encoder_state, assign=True)
-    export_timm(encoder, out_dir / "export", name, extra_config={"recipe": to_dict(cfg)})
+    export_timm(vit_from_state(cfg.model, encoder_state), out_dir / "export", name,
+                extra_config={"recipe": to_dict(cfg)})
 
 
 def main(argv=None) -> int:
@@ -145,7 +121,7 @@ def main(argv=None) -> int:
             eval_data = (eval_arrays(cfg, "train", args.eval_samples, uint8=True),
                          eval_arrays(cfg, "test", args.eval_samples, uint8=True))
         if point is None:
-            results["before"] = knn_of(refiner.encoder.state_dict(), cfg, ctx, eval_data)
+            results["before"] = knn_of_state(refiner.encoder.state_dict(), cfg, ctx.device, eval_data)
             log.info("k-NN before refinement: %s", results["before"])
 
     from scale_refiner.data.loaders import train_stream
@@ -156,7 +132,7 @@ def main(argv=None) -> int:
         """k-NN of the online encoder on the held-out (test) split, next to the NN accuracy in TensorBoard."""
         if eval_data is None:
             return
-        accuracy = knn_of(engine.encoder_state(), cfg, ctx, eval_data)  # collective, like the gather
+        accuracy = knn_of_state(engine.encoder_state(), cfg, ctx.device, eval_data)  # collective, like the gather
         if ctx.is_main:
             for k, value in accuracy.items():
                 writer.add_scalar(f"{stage}/knn_top1_k{k}", value, step)
@@ -181,9 +157,9 @@ def main(argv=None) -> int:
 
     online = refiner.encoder.state_dict()
     if eval_data is not None:
-        results["online"] = knn_of(online, cfg, ctx, eval_data)
+        results["online"] = knn_of_state(online, cfg, ctx.device, eval_data)
         if ema_state is not None:
-            results["ema"] = knn_of(ema_state, cfg, ctx, eval_data)
+            results["ema"] = knn_of_state(ema_state, cfg, ctx.device, eval_data)
     if ctx.is_main:
         export(online, cfg, out_dir, "online")
         if ema_state is not None:

@@ -2,7 +2,8 @@
 L2-normalised, cosine similarity, top-k neighbours voting with weight exp(sim / T).
 
 Also: input checks shared by every protocol (``check_split``, ``check_classes``), the per-block k-NN of the
-paper's Fig. 3b (``per_block_knn``) and ``quick_knn``, the k-NN a training loop can call periodically.
+paper's Fig. 3b (``per_block_knn``), ``quick_knn``, the k-NN a training loop can call periodically, and
+``knn_of_state``, the refine job's measurement of a full encoder state on every rank.
 """
 from __future__ import annotations
 
@@ -120,3 +121,29 @@ def quick_knn(encoder, train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[tor
     finally:
         encoder.train(was_training)
     return knn_accuracy(train_f, train[1], test_f, test[1], ks, temperature)
+
+
+def knn_of_state(encoder_state: Dict[str, torch.Tensor], cfg, device: torch.device,
+                 eval_data: Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+                 ks: Sequence[int] = (10, 20)) -> Dict[str, float]:
+    """The refine job's k-NN of an encoder given as a full state dict (on every rank); ``eval_data`` is
+    ``(train, test)`` of uint8 ``(images, labels)`` (``eval_arrays(..., uint8=True)``), keys of the result are
+    ``str(k)``.
+
+    Collective, like :func:`quick_knn`: each rank puts the encoder on its own ``device`` and extracts the
+    features of a share of the images, under bf16 autocast where ``cfg.engine.precision`` resolves to bf16;
+    one rank alone would leave the others waiting in a collective (for ViT-2B, hours on a CPU). The encoder
+    holds no gradients (autocast would otherwise keep a bf16 copy of every weight for the whole pass), and
+    the global random stream is left as it was, so measuring does not change training."""
+    from scale_refiner.data.augment import normalize_batch
+    from scale_refiner.engine.distributed import resolve_precision
+    from scale_refiner.models.vit import vit_from_state
+    encoder = vit_from_state(cfg.model, encoder_state).requires_grad_(False).to(device)
+    dtype = resolve_precision(cfg.engine.precision, device)
+    with torch.random.fork_rng(devices=[]):
+        accuracy = quick_knn(encoder, *eval_data, ks=ks, prepare=normalize_batch,
+                             autocast_dtype=dtype if dtype != torch.float32 else None)
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the measuring's blocks back before training resumes
+    return {str(k): v for k, v in accuracy.items()}

@@ -279,3 +279,12 @@ def build_vit(model_cfg, device=None, zero_init_config: Optional[dict] = None) -
         with torch.device(device):
             return VisionTransformer(**kwargs)
     return VisionTransformer(**kwargs)
+
+
+def vit_from_state(model_cfg, state: Dict[str, torch.Tensor]) -> VisionTransformer:
+    """A ``VisionTransformer`` holding ``state`` (a full state dict, strictly matched) as its weights: built on
+    the meta device and given the tensors as they are, with no random initialisation first (for a 2B encoder
+    that alone takes a while on a CPU) and no copy."""
+    model = build_vit(model_cfg, device="meta")
+    model.load_state_dict(state, assign=True)
+    return model
