@@ -29,7 +29,6 @@ import copy
 import json
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -75,17 +74,11 @@ def _deepspeed_available() -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init(cfg, groups):
     """The main job's process-group set-up; comparisons always get a group (1 rank when not launched).
     DeepSpeed initialises the group only when a DeepSpeed engine is among the runs (on the CPU its first
     launch compiles a communication op)."""
-    from scale_refiner.engine.distributed import init_distributed
+    from scale_refiner.engine.distributed import free_port, init_distributed
     comparing = bool(groups)
     use_ds = (cfg.engine.kind == "deepspeed" or "engines" in groups) and _deepspeed_available()
     if comparing or cfg.engine.kind == "deepspeed":
@@ -93,7 +86,7 @@ def init(cfg, groups):
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     ctx = init_distributed(use_deepspeed=use_ds, need_group=comparing or cfg.engine.kind == "fsdp2")
     if comparing and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")

@@ -130,16 +130,10 @@ def refine_command(args, out_dir: Path, weights: Path, overrides) -> list:
            f"model.weights={weights}", "run.resume=auto", *overrides]
     if args.ranks == 1:
         return job
+    from scale_refiner.engine.distributed import free_port
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     return [deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), *job,
             "engine.kind=deepspeed", "engine.zero_config=ds_configs/cpu_demo.json"]
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv=None) -> int:
