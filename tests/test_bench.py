@@ -1,9 +1,8 @@
 """The benchmark: analytic FLOPs against DeepSpeed's flops profiler, frozen blocks at 1x, the CLI end to end on
-a tiny model (CPU, engine single, 2 steps), and GPU checks (``pytest -m gpu``; they skip without CUDA)."""
+a tiny model (CPU, engine single, 2 steps). The GPU checks are in tests/test_gpu.py."""
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,6 @@ from scale_refiner.config import load_config
 from scale_refiner.models.vit import VisionTransformer, resolve_model_dims
 
 ROOT = Path(__file__).resolve().parents[1]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-with warnings.catch_warnings():  # the marker is not registered in conftest: `pytest -m gpu` selects these
-    warnings.simplefilter("ignore")
-    gpu = pytest.mark.gpu
 
 TINY = dict(patch_size=4, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0)
 
@@ -100,63 +95,6 @@ def test_benchmark_cli_end_to_end(tmp_path):
     gh = result["gpu_hours"]
     assert set(gh) == {"heads", "refine", "total"} and gh["refine"]["source"] == "measured"
     assert gh["refine"]["gpu_hours"] == pytest.approx(3 * 1_281_167 / result["images_per_s_per_rank"] / 3600)
-
-
-# ----------------------------------------------------------------------------------------------- GPU checks
-def _tiny_cfg(*extra):
-    return load_config(ROOT / "configs/demo.yaml", ["model.name=vit_test_patch4", "heads.blocks=[1,2]",
-                                                    "queue.size=256", "engine.kind=single",
-                                                    "engine.precision=bf16", *extra])
-
-
-@gpu
-@cuda
-def test_gpu_bf16_refiner_step_is_finite():
-    from scale_refiner.bench.runner import synthetic_batch, build, run_steps
-    from scale_refiner.bench.timers import StageTimer
-    from scale_refiner.engine.distributed import DistContext
-    cfg = _tiny_cfg()
-    ctx = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cuda", 0))
-    engine = build(cfg, ctx, "refine")
-    assert engine.dtype == torch.bfloat16
-    batch = synthetic_batch(cfg, 16, ctx.device)
-    run_steps(engine, cfg, ctx, batch, 2, "refine", StageTimer(ctx.device, enabled=False))
-    g = batch["global"].cuda()
-    l = batch["local"].cuda()
-    loss, _ = engine.forward(g, l, batch["index"].cuda(), batch["label"].cuda(), topk=20, step=3)
-    assert torch.isfinite(loss)
-    engine.backward(loss)
-    norm = engine.step(None)
-    assert norm == norm and norm < float("inf")
-    for p in engine.model.parameters():
-        assert torch.isfinite(p).all()
-
-
-@gpu
-@cuda
-def test_gpu_sdpa_path_used():
-    import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
-    model = VisionTransformer(img_size=224, patch_size=16, embed_dim=256, depth=2, num_heads=4).cuda()
-    for block in model.blocks:
-        assert block.attn.fused_attn, "timm Attention is not on its F.scaled_dot_product_attention path"
-    calls = []
-    original = F.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-    F.scaled_dot_product_attention = counting
-    try:
-        x = torch.randn(8, 3, 224, 224, device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model([x])[0]["final"].float().sum().backward()
-            torch.cuda.synchronize()
-    finally:
-        F.scaled_dot_product_attention = original
-    assert len(calls) == 2
-    names = " ".join(e.key.lower() for e in prof.key_averages())
-    assert any(k in names for k in ("flash", "efficient", "cudnn", "fmha")), names[:2000]
 
 
 def test_benchmark_compare_in_one_process(tmp_path):
