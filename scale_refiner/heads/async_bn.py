@@ -73,6 +73,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from scale_refiner.heads.norms import affine_params
+from scale_refiner.precision import as_fp32, fp32_island
+
 log = logging.getLogger("scale_refiner")
 
 
@@ -330,16 +333,21 @@ class AsyncBatchNorm1d(nn.BatchNorm1d):
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in fp32 whatever the autocast and the engine's parameter dtype; fp32 out (heads/norms.py)
+        with fp32_island(x.device):
+            return self._forward_fp32(as_fp32(x))
+
+    def _forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-                                self.eps)
+            weight, bias = affine_params(self, x.dtype)
+            return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
         if x.ndim != 2:
             raise ValueError(f"AsyncBatchNorm1d expects (N, C) inputs, got {tuple(x.shape)}")
         coordinator = self._coordinator
         recompute = _in_backward()
         if not recompute:
             coordinator.before_forward(self)
-        x32 = x if x.dtype == torch.float64 else x.float()
+        x32 = x
         channels, rows = x.shape[1], x.shape[0]
         have_global = self._read_flags()[2]
         with torch.no_grad():
@@ -352,7 +360,9 @@ class AsyncBatchNorm1d(nn.BatchNorm1d):
             var_local = (s2 / rows - mu_shifted * mu_shifted).clamp(min=0)
             mu_local = mu_shifted + shift if have_global else mu_shifted
             sum_x = mu_local * rows
-            local = torch.cat([sum_x, (var_local + mu_local * mu_local) * rows, x32.new_tensor([rows])])
+            # the row count as a device fill: no host-to-device copy in the step
+            local = torch.cat([sum_x, (var_local + mu_local * mu_local) * rows,
+                               torch.full((1,), rows, dtype=x32.dtype, device=x32.device)])
         if not have_global and self.first_step == "sync" and not recompute:
             # step 0: one blocking forward-only reduce, so the statistics are global from the first step
             with torch.no_grad():
@@ -368,7 +378,7 @@ class AsyncBatchNorm1d(nn.BatchNorm1d):
             with torch.no_grad():
                 self.stats_acc.add_(local.to(self.stats_acc.dtype))
             self._remember_flags(acc=True)
-        weight, bias = self.weight, self.bias
+        weight, bias = affine_params(self, x32.dtype)
         if have_global:
             with torch.no_grad():
                 mu_prev, var_prev, _ = _moments(self.stats_global.to(x32.dtype), channels)
@@ -382,7 +392,7 @@ class AsyncBatchNorm1d(nn.BatchNorm1d):
         y = F.batch_norm(x32, None, None, weight, bias, True, 0.0, self.eps)
         if not recompute:
             coordinator.after_forward(self)
-        return y.to(x.dtype)
+        return y
 
 
 def _moments(total: torch.Tensor, channels: int):

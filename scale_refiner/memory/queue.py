@@ -17,6 +17,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from scale_refiner.precision import as_fp32, fp32_island, to_device_async
+
 
 class NNQueue(nn.Module):
     def __init__(self, size: int, dim: int, seed: int = 0):
@@ -54,6 +56,10 @@ class NNQueue(nn.Module):
         """
         if not 1 <= k <= self.size:
             raise ValueError(f"k={k} must be in 1..{self.size} (the queue size)")
+        with fp32_island(query.device):  # similarities and top-k in fp32 whatever the autocast
+            return self._lookup(as_fp32(query), query_index, k, query_label, step, global_queries, offset)
+
+    def _lookup(self, query, query_index, k, query_label, step, global_queries, offset):
         views = query.shape[0] if query.dim() == 3 else 0
         flat = query.reshape(-1, query.shape[-1])  # (V*Q, d): one matmul, one top-k for every view
         num = query.shape[-2]
@@ -65,7 +71,7 @@ class NNQueue(nn.Module):
         num_valid = torch.isfinite(top_sim).sum(-1)
         total = global_queries or num
         draws = torch.stack([torch.rand(total, generator=self.generator) for _ in range(max(views, 1))])
-        uniform = draws[:, offset:offset + num].to(query.device, non_blocking=True)
+        uniform = to_device_async(draws[:, offset:offset + num], query.device)
         pick = (uniform * num_valid.clamp(min=1)).long().clamp(max=k - 1).unsqueeze(-1)
         slot = top_slot.gather(-1, pick).squeeze(-1)
         found = num_valid > 0

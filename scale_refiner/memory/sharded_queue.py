@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scale_refiner.memory.search import Search, make_search
+from scale_refiner.precision import fp32_island, to_device_async
 
 
 def _world(group) -> Tuple[int, int]:
@@ -259,6 +260,10 @@ class ShardedNNQueue(nn.Module):
             raise ValueError(f"sharded lookup needs equal batches: global_queries={global_queries} != {world}x{batch}")
         if offset is not None and offset != rank * batch:
             raise ValueError(f"offset {offset} != rank * batch = {rank * batch}")
+        with fp32_island(device):  # the shard search (a matmul for queue.search=torch) in fp32 under autocast
+            return self._lookup(query, query_index, k, query_label, step, group, world, rank, batch, device)
+
+    def _lookup(self, query, query_index, k, query_label, step, group, world, rank, batch, device):
         q = query.detach().to(device, torch.float32)
         # 1. all queries of the global batch, with their dataset indices
         packed = torch.cat([q, _pack_long(query_index.to(device).unsqueeze(1))], dim=1)
@@ -279,7 +284,7 @@ class ShardedNNQueue(nn.Module):
         # 5. the replicated queue's uniforms
         num_valid = torch.isfinite(top_s).sum(1)
         draws = torch.rand(world * batch, generator=self.generator)
-        uniform = draws[rank * batch:(rank + 1) * batch].to(device)
+        uniform = to_device_async(draws[rank * batch:(rank + 1) * batch], device)
         pick = (uniform * num_valid.clamp(min=1)).long().clamp(max=k - 1)
         slot = top_g.gather(1, pick.unsqueeze(1)).squeeze(1)
         sim = top_s.gather(1, pick.unsqueeze(1)).squeeze(1)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from scale_refiner.precision import as_fp32, fp32_island
+
 VARIANTS = ("nna", "nnclr")
 
 
@@ -59,9 +61,17 @@ def nna_loss(z: torch.Tensor, nn_z: torch.Tensor, p: torch.Tensor, temperature: 
     p: (V, B, d) predictor outputs of every view (V = 2 + n_local). Unnormalised inputs are fine.
 
     Returns the loss (mean over the 2 + 2 n_local pairs and the local batch) and detached metrics.
+
+    Computed in fp32 whatever the autocast (precision.py): the inputs are cast up (fp64 stays fp64), so a
+    bf16 step's loss, softmax and gradient into ``p`` are those of fp32 logits.
     """
     if variant not in VARIANTS:
         raise ValueError(f"objective variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    with fp32_island(p.device):
+        return _nna_loss_fp32(as_fp32(z), as_fp32(nn_z), as_fp32(p), temperature, variant, group)
+
+
+def _nna_loss_fp32(z, nn_z, p, temperature, variant, group):
     num_views, batch = p.shape[0], p.shape[1]
     z = F.normalize(z.detach(), dim=-1)
     nn_z = F.normalize(nn_z.detach(), dim=-1)
