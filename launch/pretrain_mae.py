@@ -28,6 +28,7 @@ from scale_refiner.engine.checkpoint import CheckpointDir, check_out_dir  # noqa
 from scale_refiner.engine.distributed import start_job  # noqa: E402
 from scale_refiner.engine.trainer import build_engine, run_stage  # noqa: E402
 from scale_refiner.mae import build_mae, mae_state_dict  # noqa: E402
+from scale_refiner.precision import to_device_async  # noqa: E402
 
 log = logging.getLogger("scale_refiner")
 WEIGHTS_NAME, RECIPE_NAME = "mae_pretrained.pth", "mae_pretrained.json"
@@ -52,9 +53,9 @@ def mae_signature(cfg: PretrainConfig) -> dict:
     return dict(resolve_model_dims(cfg.model), recipe=recipe_of(cfg))
 
 
-def mae_inputs(batch, device, stage, step):
+def mae_inputs(batch, device, stage, step, micro=0):
     """Both global crops of every image are pre-training samples: (2, B, C, H, W)."""
-    return (batch["global"].to(device, non_blocking=True),), {"step": step}
+    return (to_device_async(batch["global"], device),), {"step": step, "micro": micro}
 
 
 def recipe_of(cfg: PretrainConfig) -> dict:

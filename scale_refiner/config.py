@@ -103,7 +103,11 @@ class DataConfig:
     dataset: str = "fashion-mnist"  # the embedded default; see README "Data"
     train_shards: Optional[str] = None
     test_shards: Optional[str] = None
-    batch_size: int = 1024  # global, over all ranks
+    batch_size: int = 1024  # global, over all ranks: one optimiser step
+    # Samples per rank in one forward/backward; 0 = batch_size / world (no accumulation). Smaller: the step
+    # accumulates batch_size / (world * micro_batch_size) micro-batches. Negatives, BN statistics and the
+    # queue's enqueue then come from each micro-batch x world (README, "Gradient accumulation").
+    micro_batch_size: int = 0
     num_workers: int = 2
     # Cap on samples per epoch (0 = the whole split); lets tiny CPU runs finish.
     samples_per_epoch: int = 0
@@ -119,6 +123,7 @@ class EngineConfig:
     kind: str = "deepspeed"  # deepspeed | fsdp2 | single
     zero_config: str = "ds_configs/zero3.json"
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    reduce_dtype: str = "fp32"  # dtype of the gradient reduction under bf16: fp32 | bf16 (half the bytes)
 
 
 @dataclass
@@ -196,6 +201,7 @@ _CHOICES = {
     "data.verify_shards": ("sha256", "size", "none"),
     "data.on_error": ("raise", "skip"),
     "engine.precision": ("auto", "bf16", "fp32"),
+    "engine.reduce_dtype": ("fp32", "bf16"),
 }
 _CHOICES_SHARED = tuple(k for k in _CHOICES if not k.startswith("heads."))
 
@@ -376,6 +382,13 @@ def _validate_shared(cfg, world_size: Optional[int], choices) -> None:
         fail("data.batch_size", "must be > 0")
     if world_size is not None and cfg.data.batch_size % world_size:
         fail("data.batch_size", f"{cfg.data.batch_size} is not divisible by the world size {world_size}")
+    if cfg.data.micro_batch_size < 0:
+        fail("data.micro_batch_size", "must be >= 0 (0: the whole per-rank batch)")
+    if world_size is not None and cfg.data.micro_batch_size:
+        per_rank = cfg.data.batch_size // world_size
+        if per_rank % cfg.data.micro_batch_size:
+            fail("data.micro_batch_size", f"{cfg.data.micro_batch_size} does not divide the per-rank batch "
+                                          f"{per_rank} (data.batch_size {cfg.data.batch_size} / {world_size} ranks)")
     for key in ("run.max_steps", "run.stop_after", "run.save_every", "run.log_every", "run.keep_checkpoints",
                 "run.knn_every"):
         if _get(cfg, key) < 0 or (key == "run.log_every" and _get(cfg, key) == 0):
@@ -392,3 +405,10 @@ def to_yaml(cfg: RefineConfig) -> str:
 
 def to_dict(cfg: RefineConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def accumulation_steps(cfg, world_size: int) -> int:
+    """Micro-batches per optimiser step: ``data.batch_size / (world * data.micro_batch_size)``."""
+    per_rank = cfg.data.batch_size // world_size
+    micro = cfg.data.micro_batch_size or per_rank
+    return per_rank // micro

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block
 
 from scale_refiner.models.vit import LN_EPS, VisionTransformer, build_vit, sincos_pos_embed
+from scale_refiner.precision import as_fp32, fp32_island, to_device_async
 
 ENCODER_PREFIX, DECODER_PREFIX = "encoder.", "decoder."
 
@@ -72,12 +73,12 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def mask_noise(views: int, batch: int, num_patches: int, seed: int, step: int, rank: int, world: int,
-               device) -> torch.Tensor:
+               device, micro: int = 0) -> torch.Tensor:
     """This rank's rows of the global batch's masking noise, (views * batch, num_patches), drawn from
-    (seed, step) alone: view v of the rank's sample i gets global row (v, rank * batch + i)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    (seed, step, micro-batch) alone: view v of the rank's sample i gets global row (v, rank * batch + i)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + micro * 7_919_000_017)
     noise = torch.rand(views, world * batch, num_patches, generator=generator)
-    return noise[:, rank * batch:(rank + 1) * batch].reshape(views * batch, num_patches).to(device)
+    return to_device_async(noise[:, rank * batch:(rank + 1) * batch].reshape(views * batch, num_patches), device)
 
 
 class MAEPretrainer(nn.Module):
@@ -137,15 +138,19 @@ class MAEPretrainer(nn.Module):
         return enc.norm(x), mask, restore
 
     def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with fp32_island(pred.device):  # targets, their normalisation and the squared error in fp32
+            return self._loss_fp32(as_fp32(images), as_fp32(pred), mask)
+
+    def _loss_fp32(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         target = patchify(images, self.encoder.patch_size)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        per_patch = ((pred - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward(self, images: torch.Tensor, step: int = 0,
+    def forward(self, images: torch.Tensor, step: int = 0, micro: int = 0,
                 group: Optional[dist.ProcessGroup] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """images: (V, B, C, H, W), V views of B images (or (B, C, H, W)), at the encoder's stored resolution.
         Returns the loss and detached metrics.
@@ -160,7 +165,7 @@ class MAEPretrainer(nn.Module):
         views, batch = images.shape[:2]
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
-        noise = mask_noise(views, batch, self.num_patches, self.seed, step, rank, world, images.device)
+        noise = mask_noise(views, batch, self.num_patches, self.seed, step, rank, world, images.device, micro)
         images = images.flatten(0, 1)
         latent, mask, restore = self.encode_visible(images, noise)
         pred = self.decoder(latent, restore)

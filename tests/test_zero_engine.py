@@ -40,7 +40,7 @@ def _zero_steps(rank, world):
                                  torch.zeros(8, dtype=torch.long), topk=4, step=step)
         engine.backward(loss)
         if step == 0:
-            first_trainable = safe_get_full_grad(engine._encoder_params["blocks.1.attn.qkv.weight"])
+            first_trainable = safe_get_full_grad(engine._params["encoder.blocks.1.attn.qkv.weight"])
             assert first_trainable is not None and first_trainable.abs().sum() > 0
         engine.step(None)
         ema.update()

@@ -108,7 +108,8 @@ class MemoryStream(TrainStream):
         mine = order.view(steps, self.world, per_rank)[:, self.rank].reshape(-1)[start_batch * per_rank:].tolist()
         self.dataset.epoch = epoch
         loader = DataLoader(self.dataset, batch_size=per_rank, sampler=mine, drop_last=True,
-                            num_workers=self.cfg.data.num_workers, collate_fn=self.transform.collate)
+                            num_workers=self.cfg.data.num_workers, collate_fn=self.transform.collate,
+                            pin_memory=torch.cuda.is_available())  # the step's copies then need no host wait
         return iter(loader)
 
 

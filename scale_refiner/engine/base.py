@@ -33,10 +33,14 @@ def cpu_state_copy(state: Dict) -> Dict:
 class Engine(ABC):
     kind: str = "?"
 
-    def __init__(self, model: nn.Module, groups: List[Dict], betas, ctx: DistContext, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, groups: List[Dict], betas, ctx: DistContext, dtype: torch.dtype,
+                 accumulation: int = 1):
         self.model = model  # unwrapped, for attribute access (encoder, heads, queues)
         self.ctx = ctx
         self.dtype = dtype
+        # micro-batches per optimiser step: ``backward`` is called once per micro-batch, ``step`` once after
+        # the last, and the gradient stepped is the mean of the micro-batches' gradients
+        self.accumulation = accumulation
         self.trainable_encoder = [n for n, p in model.encoder.named_parameters() if p.requires_grad]
 
     # -------------------------------------------------------------------------------------------- a step
@@ -61,7 +65,8 @@ class Engine(ABC):
         """The optimiser's groups, each with its ``lr_scale``."""
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss, accumulating ``1 / accumulation`` of its gradient."""
 
     @abstractmethod
     def step(self, clip_grad: Optional[float]):

@@ -27,12 +27,15 @@ from scale_refiner.engine.base import Engine, cpu_state_copy
 class FSDPEngine(Engine):
     kind = "fsdp2"
 
-    def __init__(self, model, groups, betas, ctx, dtype):
-        super().__init__(model, groups, betas, ctx, dtype)  # names of trainable encoder params, pre-sharding
+    def __init__(self, model, groups, betas, ctx, dtype, accumulation: int = 1,
+                 reduce_dtype: torch.dtype = torch.float32):
+        super().__init__(model, groups, betas, ctx, dtype, accumulation)  # trainable encoder names, pre-sharding
         model.to(ctx.device)
         self.mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-        # Compute in ``dtype`` (bf16 on GPU), reduce gradients in fp32; the shards themselves stay fp32.
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # Compute in ``dtype`` (bf16 on GPU), reduce gradients in ``reduce_dtype`` (fp32 unless configured);
+        # the shards themselves, frozen ones included, stay fp32, and buffers are never cast. The heads' norms
+        # cast their bf16 affine copies back up (heads/norms.py).
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
         for unit in model.shard_units():
             fully_shard(unit, mesh=self.mesh, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
@@ -56,7 +59,10 @@ class FSDPEngine(Engine):
         return self.optimizer.param_groups
 
     def backward(self, loss):
-        loss.backward()  # FSDP2 reduce-scatters (mean over ranks) each unit's gradients as its backward ends
+        # FSDP2 reduce-scatters (mean over ranks) each unit's gradients as its backward ends, and adds them to
+        # the sharded gradients of earlier micro-batches: with accumulation every micro-batch is reduced (no
+        # set_requires_gradient_sync(False)), which keeps gradients sharded, the memory accumulation is for.
+        (loss / self.accumulation if self.accumulation > 1 else loss).backward()
 
     def step(self, clip_grad: Optional[float]) -> torch.Tensor:
         # DTensor-aware: the norm of the sharded gradients is reduced over ranks, so every rank clips alike.

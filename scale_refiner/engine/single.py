@@ -14,8 +14,8 @@ from scale_refiner.engine.checkpoint import atomic_save
 class SingleEngine(Engine):
     kind = "single"
 
-    def __init__(self, model, groups, betas, ctx, dtype):
-        super().__init__(model, groups, betas, ctx, dtype)
+    def __init__(self, model, groups, betas, ctx, dtype, accumulation: int = 1):
+        super().__init__(model, groups, betas, ctx, dtype, accumulation)
         if ctx.world > 1:
             raise ValueError("engine.kind=single runs in one process; launched with "
                              f"{ctx.world} ranks use engine.kind=deepspeed or fsdp2")
@@ -32,7 +32,7 @@ class SingleEngine(Engine):
         return self.optimizer.param_groups
 
     def backward(self, loss):
-        loss.backward()
+        (loss / self.accumulation if self.accumulation > 1 else loss).backward()
 
     def step(self, clip_grad: Optional[float]) -> torch.Tensor:
         if clip_grad:

@@ -17,13 +17,14 @@ from tqdm import tqdm
 
 from torch import nn
 
-from scale_refiner.config import RefineConfig, StageConfig
+from scale_refiner.config import RefineConfig, StageConfig, accumulation_steps
 from scale_refiner.engine.base import Engine
 from scale_refiner.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
 from scale_refiner.engine.distributed import DistContext, resolve_precision
 from scale_refiner.engine.ema import EncoderEMA
 from scale_refiner.engine.optim import param_groups, scaled_lr, warmup_cosine
 from scale_refiner.heads.async_bn import coordinator_of
+from scale_refiner.precision import to_device_async
 
 log = logging.getLogger("scale_refiner")
 
@@ -56,15 +57,27 @@ def build_engine(model: nn.Module, cfg: RefineConfig, name: str, ctx: DistContex
     groups = param_groups(model.encoder, model.heads, model.encoder.depth, stage.weight_decay,
                           stage.head_weight_decay, stage.layer_decay, heads_prefix=model.heads_prefix)
     dtype = resolve_precision(cfg.engine.precision, ctx.device)
+    reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.engine.reduce_dtype]
+    accumulation = accumulation_steps(cfg, ctx.world)
     if cfg.engine.kind == "single":
         from scale_refiner.engine.single import SingleEngine
-        return SingleEngine(model.to(ctx.device), groups, stage.betas, ctx, dtype)
+        return SingleEngine(model.to(ctx.device), groups, stage.betas, ctx, dtype, accumulation)
     if cfg.engine.kind == "deepspeed":
         from scale_refiner.engine.zero import ZeroEngine, load_ds_config
         return ZeroEngine(model, groups, stage.betas, ctx, dtype, load_ds_config(cfg.engine.zero_config),
-                          micro_batch=cfg.data.batch_size // ctx.world, clip_grad=stage.clip_grad)
+                          micro_batch=cfg.data.batch_size // ctx.world // accumulation, clip_grad=stage.clip_grad,
+                          accumulation=accumulation, reduce_dtype=reduce_dtype)
     from scale_refiner.engine.fsdp import FSDPEngine
-    return FSDPEngine(model, groups, stage.betas, ctx, dtype)
+    return FSDPEngine(model, groups, stage.betas, ctx, dtype, accumulation, reduce_dtype)
+
+
+def micro_batches(batch: Dict[str, torch.Tensor], parts: int):
+    """A stream batch cut into ``parts`` equal micro-batches along the sample dimension (dim 1 of the view-major
+    crops, dim 0 of everything else); the batch itself when ``parts`` is 1."""
+    if parts == 1:
+        return [batch]
+    pieces = {key: value.chunk(parts, dim=1 if key in ("global", "local") else 0) for key, value in batch.items()}
+    return [{key: pieces[key][i] for key in batch} for i in range(parts)]
 
 
 def model_signature(cfg: RefineConfig) -> Dict:
@@ -103,10 +116,13 @@ def _mean_over_ranks(metrics: Dict[str, torch.Tensor], ctx: DistContext) -> Dict
     return dict(zip(names, values.tolist()))
 
 
-def refiner_inputs(batch: Dict[str, torch.Tensor], device: torch.device, stage: StageConfig, step: int):
-    """A stream batch as ``MIMRefiner.forward`` arguments: (positional, keyword)."""
-    return ((batch["global"].to(device, non_blocking=True), batch["local"].to(device, non_blocking=True),
-             batch["index"].to(device), batch["label"].to(device)), {"topk": stage.topk, "step": step})
+def refiner_inputs(batch: Dict[str, torch.Tensor], device: torch.device, stage: StageConfig, step: int,
+                   micro: int = 0):
+    """A stream (micro-)batch as ``MIMRefiner.forward`` arguments: (positional, keyword). ``micro``: the
+    micro-batch's index within the step (the refiner draws nothing per micro-batch of its own)."""
+    # asynchronous copies (through pinned memory on a GPU): the host queues the step without waiting for them
+    return (tuple(to_device_async(batch[key], device) for key in ("global", "local", "index", "label")),
+            {"topk": stage.topk, "step": step})
 
 
 def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistContext, writer=None,
@@ -116,7 +132,8 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
               signature: Optional[Dict] = None) -> Dict[str, float]:
     """Train one stage (``heads``, ``refine`` or ``mae``) on ``stream`` (data/loaders.py:
     ``batches(epoch, start_batch)`` yields this rank's batches, ``samples_per_epoch`` is global).
-    ``inputs(batch, device, stage_config, global_step)`` turns a batch into the model's forward arguments;
+    ``inputs(batch, device, stage_config, global_step, micro)`` turns a (micro-)batch into the model's forward
+    arguments (``micro``: its index within the step, 0 without accumulation);
     ``signature`` is what a checkpoint must match to be resumed (default: the refiner's ``model_signature``).
     Rank 0 appends every logged step's metrics (averaged over ranks) to ``metrics_file`` as JSON lines.
     ``evaluate(engine, name, global_step)`` (collective) runs every ``run.knn_every`` steps.
@@ -160,9 +177,15 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
         for batch in stream.batches(epoch, start_batch):
             lr = warmup_cosine(step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
             engine.set_lr(lr)
-            args, kwargs = inputs(batch, device, stage, global_offset + step)
-            loss, metrics = engine.forward(*args, **kwargs)
-            engine.backward(loss)
+            metrics = {}
+            for index, micro in enumerate(micro_batches(batch, engine.accumulation)):
+                args, kwargs = inputs(micro, device, stage, global_offset + step, index)
+                loss, micro_metrics = engine.forward(*args, **kwargs)
+                engine.backward(loss)
+                for key, value in micro_metrics.items():  # tensors: summed on the device, read when logged
+                    metrics[key] = metrics[key] + value if key in metrics else value
+            if engine.accumulation > 1:
+                metrics = {key: value / engine.accumulation for key, value in metrics.items()}
             grad_norm = engine.step(stage.clip_grad)
             if engine.ema is not None:
                 engine.ema.update()

@@ -1,8 +1,19 @@
 """DeepSpeed ZeRO engine (stage 3 by default, 2 selectable through the JSON in ds_configs/).
 
 What the JSON holds is the user's (stage, buckets, offload); what the recipe decides is filled in here:
-micro-batch per rank, no gradient accumulation, bf16 on or off, gradient clipping. The optimiser is our
-torch AdamW over the explicit parameter groups (layer-wise lr decay, weight-decay rules), wrapped by ZeRO.
+micro-batch per rank, gradient accumulation steps, bf16 on or off, the gradient reduce dtype, gradient
+clipping. The optimiser is AdamW over the explicit parameter groups (layer-wise lr decay, weight-decay
+rules), wrapped by ZeRO: torch's, or DeepSpeed's CPU Adam (AdamW mode) when the JSON offloads the optimiser,
+since ZeRO-Offload refuses any other optimiser on the CPU.
+
+Precision under bf16: DeepSpeed holds every parameter as a bf16 compute copy and keeps fp32 master weights
+only for what its optimiser owns. So that nothing leaves this engine bf16-rounded:
+- trainable parameters are read from the fp32 master partitions (``local_views``, ``full_state``);
+- frozen parameters (the frozen prefix, the whole encoder in the heads stage) have no master: their fp32
+  values are kept here, this rank's ZeRO-3 partition of each (all of it under ZeRO-2), on the host, and
+  ``full_state`` / checkpoints gather those;
+- buffers (BN statistics, queues) stay fp32: DeepSpeed casts parameters only.
+Gradients are reduced in ``reduce_dtype`` (fp32 by default: DeepSpeed's ``communication_data_type``).
 
 Frozen parameters are partitioned too but get no optimiser state; DeepSpeed's checkpoint restores only what
 its optimiser owns, so frozen weights and every rank's buffers (BN statistics, queues) are saved beside it.
@@ -20,6 +31,11 @@ from torch import nn
 from scale_refiner.engine.base import Engine
 from scale_refiner.engine.base import cpu_state_copy
 from scale_refiner.engine.checkpoint import atomic_save
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
 
 
 def load_ds_config(path: str | Path) -> dict:
@@ -40,22 +56,47 @@ class ZeroEngine(Engine):
     kind = "deepspeed"
 
     def __init__(self, model, groups, betas, ctx, dtype, ds_config: dict, micro_batch: int,
-                 clip_grad: Optional[float] = None):
+                 clip_grad: Optional[float] = None, accumulation: int = 1,
+                 reduce_dtype: torch.dtype = torch.float32):
         import deepspeed
 
-        super().__init__(model, groups, betas, ctx, dtype)
+        super().__init__(model, groups, betas, ctx, dtype, accumulation)
         config = dict(ds_config)
-        config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+        config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=accumulation,
+                      train_batch_size=micro_batch * accumulation * ctx.world,
                       gradient_clipping=float(clip_grad or 0.0))
         config["bf16"] = {"enabled": dtype == torch.bfloat16}
         config.pop("fp16", None)
+        if dtype != torch.float32:
+            config["communication_data_type"] = {torch.float32: "fp32", torch.bfloat16: "bf16"}[reduce_dtype]
         self.stage = config["zero_optimization"]["stage"]
         # Plain lists of tensors and scalars only: ZeRO rebuilds its own groups from these.
-        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups],
-                                      lr=0.0, betas=tuple(betas))
+        plain_groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+        if offloads_optimizer(config):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(plain_groups, lr=0.0, betas=tuple(betas), adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(plain_groups, lr=0.0, betas=tuple(betas))
+        # bf16 mode casts the model to bf16 and then builds its fp32 masters from the bf16 copy: the loaded
+        # weights would be rounded for good. This rank's share of every parameter's fp32 values is taken first
+        # (its ZeRO-3 partition, 1/world of the model; the whole tensor under ZeRO-2) and put back below.
+        fp32_shares = ({n: self._share_before_init(p.detach()) for n, p in model.named_parameters()}
+                       if dtype != torch.float32 else {})
         model.to(ctx.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        self._encoder_params = dict(model.encoder.named_parameters())
+        self._params = dict(model.named_parameters())
+        self._frozen_fp32 = {}  # frozen parameters have no master: their fp32 share is kept here, on the host
+        for name, share in fp32_shares.items():
+            param = self._params[name]
+            if self.stage == 3 and share.numel() != param.ds_tensor.numel():
+                raise RuntimeError(f"ZeRO-3 partition of {name}: {param.ds_tensor.numel()} elements, expected "
+                                   f"{share.numel()}")
+            if param.requires_grad:
+                self._set_master(name, share)
+            else:
+                self._frozen_fp32[name] = share
+        del fp32_shares
+        self._micro = 0
 
     @property
     def module(self) -> nn.Module:
@@ -66,61 +107,133 @@ class ZeroEngine(Engine):
         return self.optimizer.param_groups
 
     def backward(self, loss):
+        # DeepSpeed divides the loss by the accumulation steps itself, and reduces gradients at the boundary;
+        # its step() must see every micro-batch (it counts them), and steps the optimiser at the last only.
         self.engine.backward(loss)
+        self._micro += 1
+        if self._micro < self.accumulation:
+            self.engine.step()
 
     def step(self, clip_grad):  # clipping is DeepSpeed's (gradient_clipping in the config)
+        if self._micro != self.accumulation:
+            raise RuntimeError(f"step() after {self._micro} of {self.accumulation} micro-batches")
+        self._micro = 0
         self.engine.step()
-        # DeepSpeed has already waited for this norm inside step() (its overflow check calls bool() on it), so
-        # float() here adds no host sync of ours.
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        # returned as it is (a tensor or a float): the stage loop reads it only on the steps it logs
+        return norm if norm is not None else float("nan")
 
-    # ------------------------------------------------------------------------------------- EMA support
-    def local_views(self):
-        from deepspeed.utils import safe_get_local_fp32_param
-        views = {}
-        for name in self.trainable_encoder:
-            param = self._encoder_params[name]
-            if self.stage == 3:
-                views[name] = safe_get_local_fp32_param(param)
-            else:
-                # ZeRO-2 keeps full parameters on every rank (fp32 on the CPU; on a GPU the bf16 copy, so the
-                # EMA there sees bf16-rounded weights).
-                views[name] = param.detach()
-        return views
-
-    def to_full(self, name, local):
+    # --------------------------------------------------------------------- fp32 storage, local <-> full
+    def _share_before_init(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's ZeRO-3 partition of ``tensor`` as DeepSpeed will cut it (ceil(numel / world) elements
+        each, zero-padded at the end), fp32 on the host; the whole tensor under ZeRO-2."""
+        flat = tensor.reshape(-1).to("cpu", torch.float32)
         if self.stage != 3:
-            return local
-        param = self._encoder_params[name]
-        world = dist.get_world_size()
-        flat = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+            return flat.view(tensor.shape).clone()
+        world, rank = self.ctx.world, self.ctx.rank
+        part = -(-flat.numel() // world)
+        share = torch.zeros(part, dtype=torch.float32)
+        piece = flat[rank * part: (rank + 1) * part]
+        share[: piece.numel()] = piece
+        return share
+
+    def _set_master(self, name: str, share: torch.Tensor) -> None:
+        """Overwrite this rank's fp32 master of trainable parameter ``name`` with ``share`` (as cut above)."""
+        param = self._params[name]
+        if self.stage == 3:
+            from deepspeed.utils import safe_set_local_fp32_param
+            safe_set_local_fp32_param(param, share.to(self.ctx.device))
+            return
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:
+            start, numel = self._fragment_address(name)
+            with torch.no_grad():
+                mapping.get_hp_fragment().copy_(share.reshape(-1)[start:start + numel])
+
+    def _local_part(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's ZeRO-3 partition of a full tensor of parameter ``name`` (all of it under ZeRO-2)."""
+        if self.stage != 3:
+            return full
+        part = self._params[name].ds_tensor.numel()
+        flat = torch.zeros(part * self.ctx.world, dtype=full.dtype, device=full.device)
+        flat[: full.numel()] = full.reshape(-1)
+        return flat[self.ctx.rank * part: (self.ctx.rank + 1) * part].clone()
+
+    def _gather_partition(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The full tensor from every rank's ZeRO-3 partition (collective)."""
+        param = self._params[name]
+        local = local.to(self.ctx.device)
+        flat = torch.empty(self.ctx.world * local.numel(), dtype=local.dtype, device=local.device)
         dist.all_gather_into_tensor(flat, local.contiguous())
         return flat[: param.ds_numel].view(param.ds_shape)
 
+    def _fragment_address(self, name: str):
+        mapping = getattr(self._params[name], "_hp_mapping", None)
+        return (0, 0) if mapping is None else (mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
+
+    def local_views(self):
+        views = {}
+        for name in self.trainable_encoder:
+            param = self._params[f"encoder.{name}"]
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param
+                views[name] = safe_get_local_fp32_param(param)
+            else:
+                # ZeRO-2: this rank's fragment of the flat fp32 master (empty when another rank owns it all)
+                mapping = getattr(param, "_hp_mapping", None)
+                views[name] = (mapping.get_hp_fragment() if mapping is not None
+                               else torch.empty(0, dtype=torch.float32, device=self.ctx.device))
+        return views
+
+    def to_full(self, name, local):
+        key = f"encoder.{name}"
+        if self.stage == 3:
+            return self._gather_partition(key, local)
+        param = self._params[key]
+        start, numel = self._fragment_address(key)
+        flat = torch.zeros(param.numel(), dtype=local.dtype, device=self.ctx.device)
+        flat[start:start + numel] = local.reshape(-1).to(self.ctx.device)
+        dist.all_reduce(flat)  # each element lives in exactly one rank's fragment
+        return flat.view(param.shape)
+
     def to_local(self, name, full):
-        if self.stage != 3:
-            return full
-        param = self._encoder_params[name]
-        part = param.ds_tensor.numel()
-        flat = torch.zeros(part * dist.get_world_size(), dtype=full.dtype, device=full.device)
-        flat[: full.numel()] = full.reshape(-1)
-        return flat[dist.get_rank() * part: (dist.get_rank() + 1) * part]
+        key = f"encoder.{name}"
+        if self.stage == 3:
+            return self._local_part(key, full)
+        start, numel = self._fragment_address(key)
+        return full.reshape(-1)[start:start + numel].clone()
+
+    def full_parameter(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` of the model in full, fp32, from the fp32 master (trainable) or the fp32 copy kept
+        here (frozen), never from the bf16 compute copy (collective)."""
+        param = self._params[name]
+        if param.requires_grad:
+            from deepspeed.utils import safe_get_full_fp32_param
+            return safe_get_full_fp32_param(param).view(param.ds_shape if self.stage == 3 else param.shape)
+        if name in self._frozen_fp32:
+            local = self._frozen_fp32[name]
+            return self._gather_partition(name, local) if self.stage == 3 else local
+        if self.stage == 3:  # fp32 run: the partition itself is fp32
+            return self._gather_partition(name, param.ds_tensor.detach())
+        return param.detach()
 
     def full_state(self):
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-            return cpu_state_copy(self.model.state_dict())
+        state = {}
+        for key, value in self.model.state_dict().items():
+            if key in self._params:
+                state[key] = self.full_parameter(key).detach().to("cpu", torch.float32, copy=True)
+            else:
+                state.update(cpu_state_copy({key: value}))
+        return state
 
     # -------------------------------------------------------------------------------------- checkpoints
     def save(self, directory: Path) -> None:
-        import deepspeed
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
-        frozen = [(n, p) for n, p in self.model.named_parameters() if not p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
-            if self.ctx.is_main:
-                atomic_save({n: p.detach().cpu().clone() for n, p in frozen}, directory / "frozen_params.pt")
+        frozen = {n: self.full_parameter(n).detach().to("cpu", copy=True)
+                  for n, p in self._params.items() if not p.requires_grad}  # collective: every rank
+        if self.ctx.is_main:
+            atomic_save(frozen, directory / "frozen_params.pt")
         atomic_save({n: b.detach().cpu() for n, b in self.model.named_buffers()},
                     directory / f"buffers_rank{self.ctx.rank}.pt")
 
@@ -131,16 +244,15 @@ class ZeroEngine(Engine):
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
         frozen_state = torch.load(directory / "frozen_params.pt", map_location="cpu", weights_only=True)
-        frozen = [(n, p) for n, p in self.model.named_parameters() if not p.requires_grad]
+        frozen = [(n, p) for n, p in self._params.items() if not p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0):
             if self.ctx.is_main:
                 with torch.no_grad():
                     for n, p in frozen:
                         p.copy_(frozen_state[n])
-        buffers_file = directory / f"buffers_rank{self.ctx.rank}.pt"
-        if not buffers_file.is_file():  # resumed at a larger world size: take rank 0's statistics
-            buffers_file = directory / "buffers_rank0.pt"
-        buffers = torch.load(buffers_file, map_location="cpu", weights_only=True)
+        for n in self._frozen_fp32:
+            self._frozen_fp32[n] = self._local_part(n, frozen_state[n].float())
+        buffers = torch.load(directory / f"buffers_rank{self.ctx.rank}.pt", map_location="cpu", weights_only=True)
         with torch.no_grad():
             for n, b in self.model.named_buffers():
                 b.copy_(buffers[n])
