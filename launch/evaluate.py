@@ -52,6 +52,8 @@ def parse_args(argv):
     p.add_argument("--kmeans-split", default="test", choices=("train", "test"))
     p.add_argument("--tsne", type=int, default=0, help="t-SNE plot of N test samples (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="feature extraction under autocast: auto = bf16 on a GPU, fp32 on the CPU")
     args, unknown = p.parse_known_args(argv)
     unknown = [u for u in unknown if not u.startswith("--local_rank")]  # deepspeed's launcher adds it
     if unknown:
@@ -85,7 +87,7 @@ def load_data(args, cfg, split: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from scale_refiner.engine.distributed import init_distributed
+    from scale_refiner.engine.distributed import init_distributed, resolve_precision
     from scale_refiner.eval.features import extract_features
     from scale_refiner.eval.linear import LinearProbeConfig
     from scale_refiner.eval.loading import EvalInputError, load_from_run, load_from_weights
@@ -123,10 +125,11 @@ def main(argv=None) -> int:
     log.info("extracting features of %d train / %d test images at %d px on %d rank(s)", len(train_x), len(test_x),
              cfg.augment.global_size, ctx.world)
     keys = feature_keys(protocols)
+    dtype = resolve_precision(args.precision, ctx.device)
     train = extract_features(model, train_x, args.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device,
-                             keys=keys)
+                             keys=keys, autocast_dtype=dtype)
     test = extract_features(model, test_x, args.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device,
-                            keys=keys)
+                            keys=keys, autocast_dtype=dtype)
     extract_s = time.time() - started
     if not ctx.is_main:
         return 0  # rank 0 runs the protocols; nothing collective follows
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
                                            "embed_dim": model.embed_dim, "patch_size": model.patch_size},
                "dataset": (f"shards train={args.train_shards} test={args.test_shards}" if args.train_shards
                            else args.dataset),
-               "img_size": cfg.augment.global_size, "limit": args.limit,
+               "img_size": cfg.augment.global_size, "limit": args.limit, "precision": str(dtype).split(".")[-1],
                "world_size": ctx.world, "protocols": protocols, "options": options_dict(opts), **metrics}
     out = Path(args.out)
     title = f"{Path(source['path']).as_posix()} ({source.get('encoder', source['kind'])})"

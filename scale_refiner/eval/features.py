@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, Optional, Sequence
 
@@ -108,10 +109,12 @@ def extract_distributed(fn: Callable[[torch.Tensor], Dict[str, torch.Tensor]], i
 def extract_features(encoder, images: torch.Tensor, batch_size: int = 256, last_n: int = 4,
                      rank: Optional[int] = None, world: Optional[int] = None,
                      device: Optional[torch.device] = None,
-                     keys: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+                     keys: Optional[Sequence[str]] = None,
+                     autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
     """``block_features_batch`` over ``images``; distributed over the default process group when one is
     initialised with more than one rank (``rank``/``world`` default to it). ``keys`` keeps only those outputs
-    (the per-block taps are depth times the size of the rest: drop them when no per-block k-NN is run)."""
+    (the per-block taps are depth times the size of the rest: drop them when no per-block k-NN is run).
+    ``autocast_dtype`` (bf16 on a GPU) runs the forward under autocast; the features come back fp32."""
     wanted = None if keys is None else set(keys)
     if wanted is not None and not wanted <= FEATURE_KEYS:
         raise ValueError(f"unknown feature keys {sorted(wanted - FEATURE_KEYS)}; known: {sorted(FEATURE_KEYS)}")
@@ -126,7 +129,9 @@ def extract_features(encoder, images: torch.Tensor, batch_size: int = 256, last_
     encoder.eval()
     try:
         def fn(x):
-            out = block_features_batch(encoder, x, last_n)
+            with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32)
+                  else contextlib.nullcontext()):
+                out = block_features_batch(encoder, x, last_n)
             return out if wanted is None else {k: v for k, v in out.items() if k in wanted}
         return extract_distributed(fn, images, batch_size, rank, world, device)
     finally:
