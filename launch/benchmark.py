@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from scale_refiner.config import ConfigError, load_config, validate  # noqa: E402
+from scale_refiner.config import ConfigError, micro_batch_for, load_config, validate  # noqa: E402
 
 log = logging.getLogger("scale_refiner.bench")
 
@@ -153,9 +153,14 @@ def main(argv=None) -> int:
         per_rank = max(cfg.data.batch_size // ctx.world, 1)
     elif args.batch == "auto":
         cap = args.max_batch or (1024 if ctx.device.type == "cuda" else max(cfg.data.batch_size // ctx.world, 1))
+        recipe_batch = cfg.data.batch_size
         per_rank = runner.find_batch(cfg, ctx, args.stage, cap, args.mem_budget_gb or None)
         if ctx.is_main:
             print(f"--batch auto: per-rank batch {per_rank} (cap {cap})")
+            micro, steps = micro_batch_for(recipe_batch, ctx.world, per_rank)
+            print(f"--batch auto: the recipe's global batch {recipe_batch} on {ctx.world} rank(s) runs as {steps} "
+                  f"micro-batch(es) of {micro} per rank: data.micro_batch_size={micro}"
+                  + ("" if steps == 1 else " (gradient accumulation; README 'Gradient accumulation')"))
     else:
         per_rank = int(args.batch)
     cfg.data.batch_size = per_rank * ctx.world

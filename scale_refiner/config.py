@@ -412,3 +412,11 @@ def accumulation_steps(cfg, world_size: int) -> int:
     per_rank = cfg.data.batch_size // world_size
     micro = cfg.data.micro_batch_size or per_rank
     return per_rank // micro
+
+
+def micro_batch_for(global_batch: int, world_size: int, fits: int) -> tuple:
+    """The largest ``data.micro_batch_size`` not above ``fits`` (what a rank can hold) that divides the
+    per-rank share of ``global_batch``, and the accumulation steps it gives: (micro, steps)."""
+    per_rank = max(global_batch // world_size, 1)
+    micro = max(d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0)
+    return micro, per_rank // micro

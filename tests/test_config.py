@@ -70,3 +70,17 @@ def test_world_size_must_divide_batch():
     validate(cfg, world_size=2)
     with pytest.raises(ConfigError, match="data.batch_size"):
         validate(cfg, world_size=3)
+
+
+def test_micro_batch_and_accumulation_steps():
+    from scale_refiner.config import accumulation_steps, micro_batch_for
+    assert micro_batch_for(512, 8, 128) == (64, 1)  # fits whole: no accumulation
+    assert micro_batch_for(512, 2, 100) == (64, 4)  # 256 per rank in 4 micro-batches of 64 (100 fits)
+    assert micro_batch_for(96, 1, 40) == (32, 3)  # the largest divisor of 96 not above 40
+    cfg = load_config(None, ["data.batch_size=512", "data.micro_batch_size=64"])
+    assert accumulation_steps(cfg, 2) == 4 and accumulation_steps(cfg, 8) == 1
+    validate(cfg, world_size=8)
+    with pytest.raises(ConfigError, match="data.micro_batch_size"):
+        validate(load_config(None, ["data.batch_size=512", "data.micro_batch_size=48"]), world_size=2)
+    with pytest.raises(ConfigError, match="data.micro_batch_size"):
+        load_config(None, ["data.micro_batch_size=-1"])
