@@ -35,5 +35,9 @@ def to_device_async(x: torch.Tensor, device: torch.device | str) -> torch.Tensor
     keeps the block alive until the copy has run); elsewhere the tensor as it is, moved."""
     device = torch.device(device)
     if device.type == "cuda" and x.device.type == "cpu":
-        return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+        # a non-contiguous source (a micro-batch's slice of the view-major crops) would be made contiguous in
+        # pageable memory by the copy itself, which makes it synchronous: pin a contiguous copy instead
+        if not (x.is_pinned() and x.is_contiguous()):
+            x = x.contiguous().pin_memory()
+        return x.to(device, non_blocking=True)
     return x.to(device)

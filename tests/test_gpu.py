@@ -87,7 +87,7 @@ def _steady_state_setup(device: torch.device, *extra):
     from scale_refiner.engine.ema import EncoderEMA
     # a queue of 32: full after the two warm-up steps (16 entries each), so the timed steps run the steady state
     # (every slot valid, FIFO overwrite) rather than the filling phase; top-20 of the 30 not the query's own
-    cfg = _tiny_cfg("queue.size=32", *extra)
+    cfg = _tiny_cfg("queue.size=32", "data.batch_size=16", *extra)
     ctx = DistContext(rank=0, world=1, local_rank=0, device=device)
     engine = build(cfg, ctx, "refine")
     ema = EncoderEMA(engine, 0.99)
@@ -98,16 +98,17 @@ def _steady_state_setup(device: torch.device, *extra):
 
 
 def _train_steps(engine, ema, cfg, batch, device, steps: int, step0: int = 0):
-    """What run_stage does per step (without gradient accumulation): set_lr, refiner_inputs, forward, backward,
-    step (no clipping), EMA update. Returns the last loss (a device tensor, not read)."""
-    from scale_refiner.engine.trainer import refiner_inputs
+    """What run_stage does per step: set_lr, per micro-batch (``engine.accumulation`` of them) refiner_inputs,
+    forward, backward; then step (no clipping), EMA update. Returns the last loss (a device tensor, not read)."""
+    from scale_refiner.engine.trainer import micro_batches, refiner_inputs
     stage_cfg = cfg.stages.refine
     loss = None
     for step in range(step0, step0 + steps):
         engine.set_lr(1e-5)
-        args, kwargs = refiner_inputs(batch, device, stage_cfg, step)
-        loss, _ = engine.forward(*args, **kwargs)
-        engine.backward(loss)
+        for index, micro in enumerate(micro_batches(batch, engine.accumulation)):
+            args, kwargs = refiner_inputs(micro, device, stage_cfg, step, index)
+            loss, _ = engine.forward(*args, **kwargs)
+            engine.backward(loss)
         engine.step(None)
         ema.update()
     return loss
@@ -115,13 +116,15 @@ def _train_steps(engine, ema, cfg, batch, device, steps: int, step0: int = 0):
 
 @gpu
 @cuda
-def test_gpu_steady_state_step_has_no_host_sync():
+@pytest.mark.parametrize("extra", [(), ("data.micro_batch_size=8",)], ids=["one-batch", "two-micro-batches"])
+def test_gpu_steady_state_step_has_no_host_sync(extra):
     """After warm-up, a whole training step (inputs to the device, forward with the queue lookup and enqueue,
     backward, optimiser step, EMA) queues its work without the host once waiting for the GPU: under
     ``torch.cuda.set_sync_debug_mode("error")`` any synchronising call (``.item()``, a blocking copy, a
-    ``nonzero``, a data-dependent shape) raises."""
+    ``nonzero``, a data-dependent shape) raises. Also with two micro-batches (non-contiguous slices of the
+    pinned batch)."""
     device = torch.device("cuda", 0)
-    cfg, engine, ema, batch = _steady_state_setup(device)
+    cfg, engine, ema, batch = _steady_state_setup(device, *extra)
     assert engine.dtype == torch.bfloat16
     _train_steps(engine, ema, cfg, batch, device, 2)  # warm-up: lazy CUDA / cuBLAS / allocator set-up
     torch.cuda.synchronize()
@@ -141,7 +144,8 @@ def test_gpu_steady_state_step_has_no_host_sync():
 def test_steady_state_step_loop_runs_on_cpu():
     """The loop of the test above, on the CPU in fp32: keeps that GPU-only test's calls in step with the code."""
     device = torch.device("cpu")
-    cfg, engine, ema, batch = _steady_state_setup(device, "engine.precision=fp32")
+    cfg, engine, ema, batch = _steady_state_setup(device, "engine.precision=fp32", "data.micro_batch_size=8")
+    assert engine.accumulation == 2
     before = {n: t.clone() for n, t in ema.shadow.items()}
     loss = _train_steps(engine, ema, cfg, batch, device, 5)
     assert torch.isfinite(loss)
