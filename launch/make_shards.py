@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--test-fraction", type=float, default=0.0,
                    help="folder source without train/ and val/: fraction of each class written as test")
     p.add_argument("--skip-bad", action="store_true",
-                   help="skip undecodable images (listed in the manifest's 'skipped') instead of failing")
+                   help="skip undecodable images, and keep what a truncated tar holds before its cut, listing "
+                        "each in the manifest's 'skipped', instead of failing")
     p.add_argument("--validate", metavar="SHARDS", help="validate an existing shard set and exit")
     a = p.parse_args(argv)
     try:

@@ -341,10 +341,25 @@ def source_folder(path: PathLike, fmt: str = "png", quality: int = 95, limit: in
     return out, classes
 
 
+class TruncatedTarError(ShardError):
+    """A tar that ends before its end-of-archive marker: the samples after ``last_key`` are lost."""
+
+    def __init__(self, message: str, last_key: Optional[str]):
+        super().__init__(message)
+        self.last_key = last_key
+
+
 def iter_tar_samples(tar_path: PathLike) -> Iterator[Tuple[str, Dict[str, bytes]]]:
-    """(key, {ext: bytes}) for each sample of a webdataset tar, grouping consecutive members by key."""
-    key, parts = None, {}
+    """(key, {ext: bytes}) for each sample of a webdataset tar, grouping consecutive members by key.
+
+    Python's ``tarfile`` ends its iteration quietly at a header cut short past the first member, so a
+    truncated tar would look like a shorter one: every member's data is checked to be whole, and the archive
+    to end with its end-of-archive marker (two zero blocks, which every tar writer appends); otherwise
+    ``TruncatedTarError`` names the file and the last sample read (it is yielded first when its members were
+    read whole; one cut off after them shows as a missing component)."""
+    key, parts, whole = None, {}, None  # whole: the last sample yielded
     try:
+        size = os.path.getsize(tar_path)
         with tarfile.open(tar_path, "r:") as tar:
             for m in tar:
                 if not m.isfile():
@@ -355,12 +370,43 @@ def iter_tar_samples(tar_path: PathLike) -> Iterator[Tuple[str, Dict[str, bytes]
                 if k != key:
                     if key is not None:
                         yield key, parts
+                        whole = key
                     key, parts = k, {}
-                parts[ext.lower()] = tar.extractfile(m).read()
+                data = tar.extractfile(m).read()
+                if len(data) != m.size:
+                    raise TruncatedTarError(f"{tar_path}: truncated inside member {m.name!r} ({len(data)} of "
+                                            f"{m.size} bytes); samples after {whole!r} are lost", whole)
+                parts[ext.lower()] = data
+            end = tar.offset  # just past the last member: the end-of-archive marker starts here
+            tar.fileobj.seek(end)
+            marker = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+    except TruncatedTarError:
+        raise
+    except tarfile.ReadError as e:
+        if "unexpected end of data" in str(e):  # a member's data cut short by the end of the file
+            raise TruncatedTarError(f"{tar_path}: truncated inside sample {key!r}; samples after {whole!r} "
+                                    f"are lost", whole) from e
+        raise ShardError(f"{tar_path}: unreadable tar after key {key!r} ({type(e).__name__}: {e})") from e
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{tar_path}: unreadable tar after key {key!r} ({type(e).__name__}: {e})") from e
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.count(0) != len(marker):
+        if key is not None:  # its members were read whole; one cut off after them shows as a missing part
+            yield key, parts
+        raise TruncatedTarError(f"{tar_path}: no end-of-archive marker after byte {end} of {size} (the file is "
+                                f"truncated or damaged); samples after {key!r} are lost", key)
     if key is not None:
         yield key, parts
+
+
+def _whole_samples(tar_path: str, skip_bad: bool, stats: Dict) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """``iter_tar_samples``; with ``skip_bad`` a truncated tar keeps the samples read whole and records the
+    truncation in ``stats["skipped"]`` (the manifest's list), instead of failing."""
+    try:
+        yield from iter_tar_samples(tar_path)
+    except TruncatedTarError as e:
+        if not skip_bad:
+            raise ShardError(f"{e} (--skip-bad keeps the samples before it and records the loss)") from None
+        stats["skipped"].append(f"{tar_path}: truncated after sample {e.last_key!r}; the rest of the file is lost")
 
 
 def source_tar(pattern: str, fmt: str = "png", quality: int = 95, limit: int = 0, skip_bad: bool = False,
@@ -379,7 +425,7 @@ def source_tar(pattern: str, fmt: str = "png", quality: int = 95, limit: int = 0
     for p in paths:
         name = Path(p).name.lower()
         split = "test" if ("test" in name or "val" in name) else "train"
-        for key, parts in iter_tar_samples(p):
+        for key, parts in _whole_samples(p, skip_bad, stats):
             if limit and len(out[split]) >= limit:
                 break
             what = f"{p}: sample {key!r}"
@@ -440,6 +486,12 @@ def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed:
         data, names = source_tar(source[len("tar:"):], fmt, quality, limit, skip_bad, stats)
     else:
         raise ValueError(f"unknown source {source!r}: expected fashion-mnist, digits, folder:PATH or tar:GLOB")
+    if not any(data.values()):
+        skipped = f" ({len(stats['skipped'])} skipped as unreadable)" if stats["skipped"] else ""
+        raise ShardError(f"source {source!r} holds no images{skipped}: nothing to write")
+    if source.startswith(("folder:", "tar:")) and not data.get("train"):
+        raise ShardError(f"source {source!r} holds no training images (splits found: "
+                         f"{', '.join(f'{k}={len(v)}' for k, v in data.items())})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
