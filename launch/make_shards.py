@@ -5,6 +5,14 @@
     python launch/make_shards.py --source folder:/data/imagenet --out shards/imagenet --format jpg
     python launch/make_shards.py --source 'tar:/data/other/*.tar' --out shards/reindexed
     python launch/make_shards.py --validate shards/fashion-mnist      # decode every sample, report bad ones
+
+How splits are found:
+    folder:PATH   PATH/train/<class>/* and PATH/val/<class>/* (or PATH/test/<class>/*) are the train and test
+                  splits; without train/, PATH/<class>/* is all train, and --test-fraction F holds out F of
+                  each class as test (without it the set has no test split, and a warning says so). A class is
+                  one folder of images: images in sub-folders of a class folder are refused, not merged.
+                  Class ids follow the class-folder names, numeric names by value (2 before 10).
+    tar:GLOB      a file whose name contains "test" or "val" is test, every other file train.
 """
 import argparse
 import sys

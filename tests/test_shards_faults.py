@@ -73,3 +73,32 @@ def test_folder_source_without_images_is_an_error(tmp_path):
     with pytest.raises(S.ShardError, match="no images"):
         S.make_shards(f"folder:{tmp_path / 'src'}", tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _png(path: Path, value: int) -> None:
+    import numpy as np
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(S.encode_array(np.full((8, 8), value, dtype=np.uint8), "png"))
+
+
+def test_folder_classes_sort_numerically_and_a_missing_test_split_is_reported(tmp_path):
+    for name in ("10", "2", "1"):
+        for i in range(3):
+            _png(tmp_path / "src" / name / f"{i}.png", int(name) * 10 + i)
+    notes = []
+    manifest = json.loads(S.make_shards(f"folder:{tmp_path / 'src'}", tmp_path / "out", log=notes.append)
+                          .read_text())
+    assert manifest["class_names"] == ["1", "2", "10"]  # not the text order 1, 10, 2
+    assert "test" not in manifest["splits"]
+    assert any(n.startswith("warning:") and "--test-fraction" in n for n in notes), notes
+    notes.clear()
+    S.make_shards(f"folder:{tmp_path / 'src'}", tmp_path / "out2", test_fraction=0.34, log=notes.append)
+    assert not any("warning" in n for n in notes)
+
+
+def test_nested_class_folders_are_refused(tmp_path):
+    _png(tmp_path / "src" / "animals" / "cat" / "0.png", 1)
+    _png(tmp_path / "src" / "animals" / "dog" / "0.png", 2)
+    _png(tmp_path / "src" / "plants" / "0.png", 3)
+    with pytest.raises(S.ShardError, match="sub-folders"):
+        S.make_shards(f"folder:{tmp_path / 'src'}", tmp_path / "out")

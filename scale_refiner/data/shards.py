@@ -281,11 +281,18 @@ def source_digits(fmt: str = "png", quality: int = 95, limit: int = 0, upscale: 
 _FOLDER_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
+def _class_order(name: str):
+    """Natural order of class-folder names: numeric names by value, before the others (sorted as text)."""
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
 def source_folder(path: PathLike, fmt: str = "png", quality: int = 95, limit: int = 0, skip_bad: bool = False,
                   test_fraction: float = 0.0, seed: int = 0, stats: Optional[Dict] = None) -> SourceData:
     """ImageNet-style ``PATH/<class>/<image>``; with ``PATH/train`` and ``PATH/val`` (or ``test``) subfolders
-    they become the splits, else every image goes to train (and ``test_fraction`` of each class to test).
-    Class ids follow the sorted class-folder names of train."""
+    they become the splits, else every image goes to train (and ``test_fraction`` of each class to test; with
+    none, a note in ``stats["notes"]`` says the set has no test split). Class ids follow the class-folder names
+    of train in natural order (numeric names by value: ``2`` before ``10``). A class folder holding sub-folders
+    of images is refused: its images would otherwise be merged into one class."""
     root = Path(path)
     if not root.is_dir():
         raise ShardError(f"folder source {root}: no such directory")
@@ -296,7 +303,7 @@ def source_folder(path: PathLike, fmt: str = "png", quality: int = 95, limit: in
             break
     if not split_dirs["train"].is_dir():
         split_dirs = {"train": root}
-    classes = sorted(p.name for p in split_dirs["train"].iterdir() if p.is_dir())
+    classes = sorted((p.name for p in split_dirs["train"].iterdir() if p.is_dir()), key=_class_order)
     if not classes:
         raise ShardError(f"folder source {split_dirs['train']}: no class sub-folders")
     class_id = {c: i for i, c in enumerate(classes)}
@@ -305,14 +312,24 @@ def source_folder(path: PathLike, fmt: str = "png", quality: int = 95, limit: in
 
     def files_of(d: Path) -> List[Tuple[Path, int]]:
         out = []
-        for c in sorted(p.name for p in d.iterdir() if p.is_dir()):
+        for c in sorted((p.name for p in d.iterdir() if p.is_dir()), key=_class_order):
             if c not in class_id:
                 raise ShardError(f"{d / c}: class folder not present in {split_dirs['train']}")
-            out += [(f, class_id[c]) for f in sorted((d / c).rglob("*"))
+            nested = sorted({f.parent for f in (d / c).rglob("*")
+                             if f.is_file() and f.suffix.lower() in _FOLDER_EXTS and f.parent != d / c})
+            if nested:
+                raise ShardError(f"{d / c}: images in sub-folders ({', '.join(str(n) for n in nested[:3])}"
+                                 f"{', ...' if len(nested) > 3 else ''}); a class is one folder of images: "
+                                 f"point folder: at the level whose sub-folders are the classes")
+            out += [(f, class_id[c]) for f in sorted((d / c).iterdir())
                     if f.is_file() and f.suffix.lower() in _FOLDER_EXTS]
         return out
 
     listing = {s: files_of(d) for s, d in split_dirs.items()}
+    if "test" not in listing and not test_fraction:
+        stats.setdefault("notes", []).append(
+            f"folder source {root} has no test/ or val/ folder and --test-fraction is 0: the shard set has no "
+            f"test split, which evaluation reads; pass --test-fraction 0.1 to hold out a tenth of each class")
     if "test" not in listing:
         rng = random.Random(seed)
         train, test = [], []
@@ -450,6 +467,9 @@ def source_tar(pattern: str, fmt: str = "png", quality: int = 95, limit: int = 0
             out[split].append(Sample(data, label, len(out[split])))
     if not out["test"]:
         del out["test"]
+        stats.setdefault("notes", []).append(
+            f"tar source {pattern!r}: no file name contains 'test' or 'val', so the shard set has no test split, "
+            f"which evaluation reads")
     names = None
     sibling = Path(paths[0]).parent / MANIFEST
     if sibling.is_file():
@@ -492,6 +512,8 @@ def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed:
     if source.startswith(("folder:", "tar:")) and not data.get("train"):
         raise ShardError(f"source {source!r} holds no training images (splits found: "
                          f"{', '.join(f'{k}={len(v)}' for k, v in data.items())})")
+    for note in stats.get("notes", ()):
+        log(f"warning: {note}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
