@@ -150,3 +150,24 @@ def test_cli_on_shards(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_train"] == 1437 and metrics["n_test"] == 360  # digits: 80/20 stratified
     assert metrics["dataset"].startswith("shards") and 0.1 < metrics["knn"]["10"] <= 1
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="needs dataset-fashion-mnist")
+def test_cli_bf16_features_track_fp32(tmp_path):
+    """--precision bf16 (a GPU's default, CPU autocast here): the features are extracted under bf16 autocast and
+    the k-NN lands within 2 points of fp32's; the report records the precision."""
+    weights, _ = tiny_weights(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        proc = subprocess.run([sys.executable, str(EVALUATE), "--model", "vit_test_patch4", "--weights",
+                               str(weights), "--limit", "300", "--out", str(out), "--protocols", "knn,kmeans",
+                               "--kmeans-runs", "1", "--precision", precision],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[precision] = json.loads((out / "metrics.json").read_text())
+    assert results["bf16"]["precision"] == "bfloat16" and results["fp32"]["precision"] == "float32"
+    for k in ("10", "20"):
+        assert abs(results["bf16"]["knn"][k] - results["fp32"]["knn"][k]) <= 0.02, (k, results)
