@@ -227,6 +227,97 @@ def load_checkpoint_file(path: PathLike) -> Dict[str, torch.Tensor]:
     return flat
 
 
+# ------------------------------------------------------------------------------- reading tensors lazily
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class TensorSource:
+    """One tensor of a checkpoint, read only as far as asked: ``flat(start, stop)`` gives elements
+    ``[start, stop)`` of its row-major flattening (the file's dtype), ``full()`` the whole tensor. A ZeRO-3 rank
+    reads its partition of each parameter through ``flat`` and never holds the rest."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def flat(self, start: int, stop: int) -> torch.Tensor:
+        return self.full().reshape(-1)[start:stop]
+
+    def full(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TensorView(TensorSource):
+    """A tensor in memory or memory-mapped (``torch.load(mmap=True)``): a slice of a contiguous one is a view, so
+    only the pages of that slice are read."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+
+    def flat(self, start, stop):
+        # a non-contiguous tensor (rare in a checkpoint) is copied whole here, one tensor at a time
+        return self.tensor.reshape(-1)[start:stop]
+
+    def full(self):
+        return self.tensor
+
+
+class SafetensorsEntry(TensorSource):
+    """A tensor of an open safetensors file: ``flat`` reads the rows that cover the range, nothing else."""
+
+    def __init__(self, handle, key: str):
+        self._handle, self._key = handle, key  # the handle keeps the file mapped
+        self._slice = handle.get_slice(key)
+        self.shape = torch.Size(self._slice.get_shape())
+        dtype = self._slice.get_dtype()
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise WeightsError(f"tensor {key!r} has the safetensors dtype {dtype}, which is not supported here")
+        self.dtype = _SAFETENSORS_DTYPES[dtype]
+
+    def flat(self, start, stop):
+        if len(self.shape) == 0 or stop <= start:
+            return self.full().reshape(-1)[start:stop]
+        row = math.prod(self.shape[1:])
+        first, last = start // row, -(-stop // row)
+        rows = self._slice[first:last]
+        return rows.reshape(-1)[start - first * row: stop - first * row]
+
+    def full(self):
+        return self._handle.get_tensor(self._key)
+
+
+class ComputedTensor(TensorSource):
+    """A value a key mapping has to compute from whole source tensors (a concatenation, a resampled position
+    embedding): computed when read, one at a time, and not kept."""
+
+    def __init__(self, compute: Callable[[], torch.Tensor], shape, dtype):
+        self._compute, self.shape, self.dtype = compute, torch.Size(shape), dtype
+
+    def full(self):
+        return self._compute()
+
+
+def open_checkpoint(path: PathLike) -> Dict[str, TensorSource]:
+    """``load_checkpoint_file``'s flat state dict, each tensor as a ``TensorSource`` that reads nothing until
+    asked: torch files memory-mapped (the pre-1.6 format read whole), safetensors files opened, not read."""
+    path = Path(path)
+    if path.suffix.lower() != SAFETENSORS_SUFFIX:
+        return {key: TensorView(value) for key, value in load_checkpoint_file(path).items()}
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        from safetensors import safe_open
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        entries = {key: SafetensorsEntry(handle, key) for key in handle.keys()}
+    except WeightsError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for a corrupt header
+        raise WeightsError(f"cannot read safetensors file {path}: {exc}") from exc
+    return entries
+
+
 def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Layout of a flat (unwrapped) state dict, one of ``FORMATS``, from keys only one layout has.
 
@@ -342,6 +433,77 @@ def _describe(model: nn.Module) -> str:
     return f"{type(model).__name__}({', '.join(([arch] if arch else []) + dims)})"
 
 
+@dataclass
+class PretrainedPlan:
+    """What ``load_pretrained`` loads, checked against the model and not yet read: our parameter names ->
+    ``TensorSource`` (a mapped or open file tensor, or a value computed from one), and the report."""
+
+    tensors: Dict[str, TensorSource]
+    report: dict
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Every tensor whole: mapped file tensors as they are (no copy), computed ones computed."""
+        return {name: source.full() for name, source in self.tensors.items()}
+
+
+def plan_pretrained(model: nn.Module, path: PathLike, fmt: str = "auto") -> PretrainedPlan:
+    """Read the keys, shapes and dtypes of a local checkpoint, map them through ``LAYOUTS[fmt]`` and check them
+    against ``model`` (any device: a meta-built model will do; only its ``state_dict`` keys and shapes are used),
+    raising ``load_pretrained``'s errors, without reading a tensor. Mapped values (data2vec 2.0 positions, a
+    resampled ``pos_embed``) are computed from their whole source tensor when read, one at a time."""
+    path = Path(path)
+    source = open_checkpoint(path)
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    if fmt not in LAYOUTS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; known: auto, {', '.join(FORMATS)}")
+    layout = LAYOUTS[fmt]
+    # the conversion runs on meta stand-ins: every name, shape and note, and no data
+    conv = convert_state_dict({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in source.items()},
+                              fmt)
+    state = conv.state_dict
+    expected = model.state_dict()
+    source_name = {target: src for src, target in conv.renamed.items()}
+    tensors: Dict[str, TensorSource] = {}
+    for target, value in state.items():
+        origin = source[source_name.get(target, target)]
+        converter = layout.value_converters.get(target)
+        tensors[target] = (origin if converter is None else
+                           ComputedTensor(lambda o=origin, c=converter: c(o.full()), value.shape, value.dtype))
+
+    resampled = None
+    pos, target_pos = state.get("pos_embed"), expected.get("pos_embed")
+    if (pos is not None and target_pos is not None and pos.shape != target_pos.shape and pos.ndim == 3
+            and pos.shape[0] == 1 and pos.shape[-1] == target_pos.shape[-1]):
+        old_grid, new_grid = _square_grid(pos.shape[1] - 1), _square_grid(target_pos.shape[1] - 1)
+        if old_grid and new_grid:
+            # Bicubic without antialiasing, as MAE's interpolate_pos_embed (and our crop resampling) do it;
+            # timm keeps the CLS slot as is and the dtype of the checkpoint.
+            original = tensors["pos_embed"]
+
+            def resample(original=original, old=old_grid, new=new_grid):
+                return resample_abs_pos_embed(original.full(), new_size=[new, new], old_size=[old, old],
+                                              num_prefix_tokens=1, interpolation="bicubic", antialias=False)
+
+            shape = (1, 1 + new_grid * new_grid, pos.shape[-1])
+            tensors["pos_embed"] = ComputedTensor(resample, shape, pos.dtype)
+            state["pos_embed"] = torch.empty(shape, dtype=pos.dtype, device="meta")
+            resampled = {"from": [old_grid, old_grid], "to": [new_grid, new_grid]}
+
+    check_state_dict(model, state, f"{path} (format {fmt!r})", source_name=source_name,
+                     unknown=[f"{k} (no rule in the {fmt!r} table)" for k in conv.unknown],
+                     conflicts=conv.conflicts)
+    report = {
+        "file": str(path),
+        "format": fmt,
+        "loaded": len(state),
+        "renamed": conv.renamed,
+        "dropped": conv.dropped,
+        "conversions": conv.notes,
+        "resampled_pos_embed": resampled,
+    }
+    return PretrainedPlan(tensors, report)
+
+
 def load_pretrained(model: nn.Module, path: PathLike, fmt: str = "auto") -> dict:
     """Load a local checkpoint into ``model`` (CPU tensors) and return a report of what was done.
 
@@ -353,43 +515,13 @@ def load_pretrained(model: nn.Module, path: PathLike, fmt: str = "auto") -> dict
     Report keys: ``file``, ``format``, ``loaded`` (number of tensors), ``renamed`` (source -> ours),
     ``dropped`` (source keys from the drop table), ``conversions`` (notes), ``resampled_pos_embed``
     (``None`` or ``{'from': [h, w], 'to': [h, w]}``).
+
+    A model partitioned by ``deepspeed.zero.Init`` is loaded partition by partition instead
+    (``plan_pretrained`` checked against a meta-built twin, then ``engine.zero.load_state_partitioned``).
     """
-    path = Path(path)
-    source = load_checkpoint_file(path)
-    fmt = detect_format(source) if fmt == "auto" else fmt
-    if fmt not in LAYOUTS:
-        raise ValueError(f"unknown checkpoint format {fmt!r}; known: auto, {', '.join(FORMATS)}")
-    conv = convert_state_dict(source, fmt)
-    state = conv.state_dict
-    expected = model.state_dict()
-
-    resampled = None
-    pos, target_pos = state.get("pos_embed"), expected.get("pos_embed")
-    if (pos is not None and target_pos is not None and pos.shape != target_pos.shape and pos.ndim == 3
-            and pos.shape[0] == 1 and pos.shape[-1] == target_pos.shape[-1]):
-        old_grid, new_grid = _square_grid(pos.shape[1] - 1), _square_grid(target_pos.shape[1] - 1)
-        if old_grid and new_grid:
-            # Bicubic without antialiasing, as MAE's interpolate_pos_embed (and our crop resampling) do it;
-            # timm keeps the CLS slot as is and the dtype of the checkpoint.
-            state["pos_embed"] = resample_abs_pos_embed(
-                pos, new_size=[new_grid, new_grid], old_size=[old_grid, old_grid], num_prefix_tokens=1,
-                interpolation="bicubic", antialias=False)
-            resampled = {"from": [old_grid, old_grid], "to": [new_grid, new_grid]}
-
-    source_name = {target: src for src, target in conv.renamed.items()}
-    check_state_dict(model, state, f"{path} (format {fmt!r})", source_name=source_name,
-                     unknown=[f"{k} (no rule in the {fmt!r} table)" for k in conv.unknown],
-                     conflicts=conv.conflicts)
-    model.load_state_dict(state, strict=True)
-    return {
-        "file": str(path),
-        "format": fmt,
-        "loaded": len(state),
-        "renamed": conv.renamed,
-        "dropped": conv.dropped,
-        "conversions": conv.notes,
-        "resampled_pos_embed": resampled,
-    }
+    plan = plan_pretrained(model, path, fmt)
+    model.load_state_dict(plan.state_dict(), strict=True)
+    return plan.report
 
 
 # -------------------------------------------------------------------------------------------- export
