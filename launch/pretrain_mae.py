@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from scale_refiner.atomic import atomic_path, atomic_write  # noqa: E402
 from scale_refiner.config import ConfigError, PretrainConfig, load_config, to_dict  # noqa: E402
-from scale_refiner.engine.checkpoint import CheckpointDir, check_out_dir  # noqa: E402
+from scale_refiner.engine.checkpoint import CheckpointDir, CheckpointError, check_out_dir  # noqa: E402
 from scale_refiner.engine.distributed import start_job  # noqa: E402
 from scale_refiner.engine.trainer import build_engine, run_stage  # noqa: E402
 from scale_refiner.mae import build_mae, mae_state_dict  # noqa: E402
@@ -61,7 +61,8 @@ def mae_inputs(batch, device, stage, step, micro=0):
 def recipe_of(cfg: PretrainConfig) -> dict:
     """The recipe a weights file is reused for: everything but where and how often the run logs."""
     recipe = to_dict(cfg)
-    for key in ("out_dir", "log_every", "save_every", "resume", "keep_checkpoints", "knn_every", "stop_after"):
+    for key in ("out_dir", "log_every", "save_every", "resume", "keep_checkpoints", "knn_every", "stop_after",
+                "verify_checkpoint"):
         recipe["run"].pop(key)
     recipe["data"].pop("num_workers")
     return recipe
@@ -99,12 +100,12 @@ def main(argv=None) -> int:
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_mae(cfg)
-    checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints)
+    checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints, verify=cfg.run.verify_checkpoint)
     if args.force:
         log.info("--force: pre-training from scratch, whatever checkpoints %s holds", out_dir)
     try:
         point = None if args.force else checkpoints.resume_point(cfg.run.resume)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     signature = mae_signature(cfg)

@@ -2,10 +2,12 @@
 
 A reader never sees a half-written file and a write killed at any point leaves the previous file (or none)
 and no temporary behind: the one mechanism behind checkpoints, exports, shards, indexes and manifests.
+Also the one file hash (SHA-256) that shard manifests and checkpoints record.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -40,3 +42,14 @@ def atomic_write(path: PathLike, mode: str = "wb"):
     with atomic_path(path) as tmp:
         with open(tmp, mode) as f:
             yield f
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)

@@ -137,6 +137,9 @@ class RunConfig:
     stop_after: int = 0  # stop after this many steps of a stage, saving a checkpoint to resume from; 0 = never
     keep_checkpoints: int = 2  # periodic checkpoints kept (stage ends are always kept)
     knn_every: int = 0  # steps between k-NN evaluations of the online encoder on held-out data; 0 = off
+    # Resume only from a checkpoint whose files match the SHA-256 its save recorded (engine/checkpoint.py);
+    # false trusts the files as they are (e.g. a checkpoint written before hashes were recorded).
+    verify_checkpoint: bool = True
 
 
 @dataclass

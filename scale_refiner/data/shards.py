@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import glob as globlib
-import hashlib
 import io
 import json
 import os
@@ -34,7 +33,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 from PIL import Image
 
-from scale_refiner.atomic import atomic_path, atomic_write
+from scale_refiner.atomic import atomic_path, atomic_write, sha256_file  # noqa: F401 (re-exported)
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "scale-refiner-wds"
@@ -55,15 +54,6 @@ class ShardError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------
 # small helpers
-
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def split_key(name: str) -> Tuple[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from scale_refiner.atomic import atomic_write
+from scale_refiner.atomic import atomic_write, sha256_file
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -37,17 +37,25 @@ def check_out_dir(path: Path) -> None:
 #       client_rank<r>.pt       this rank's queues, RNG states
 #       ema.pt                  the EMA as full tensors (refine stage)
 #       model_state.pt          at the end of a stage: the full refiner state, what the next stage starts from
-#       state.json              stage, step, data position; written last inside the directory
+#       state.json              stage, step, data position, and the SHA-256 of every other file in the
+#                               directory ("files"); written last inside the directory
 #   checkpoints/latest          the tag of the newest complete checkpoint; moved last
 #
 # Everything is written into checkpoints/.tmp-<tag>, which rank 0 renames to <tag> once every rank is done
 # (os.replace of a directory is atomic), and only then is `latest` replaced. A save killed at any point
 # leaves the previous checkpoint and pointer untouched.
+#
+# Resuming verifies the hashes before anything is loaded: a changed, missing or foreign file (one the save did
+# not write) is refused, naming it. Several of the files are pickles that DeepSpeed loads with
+# weights_only=False, so a file swapped in after the save could run code on load; the check stops that,
+# and any silent corruption, before the first byte is unpickled. Each rank hashes an equal share of the files.
 # ----------------------------------------------------------------------------------------------------------
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
-from typing import Dict, Optional  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -73,11 +81,22 @@ def set_rng_state(state: Dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be resumed from (changed, missing or foreign files); the message names them."""
+
+
+def _checkpoint_files(directory: Path) -> List[str]:
+    """Every file under ``directory`` but state.json, as sorted POSIX paths relative to it."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.relative_to(directory).as_posix() != "state.json")
+
+
 class CheckpointDir:
-    def __init__(self, out_dir: Path, ctx, keep: int = 2):
+    def __init__(self, out_dir: Path, ctx, keep: int = 2, verify: bool = True):
         self.root = Path(out_dir) / "checkpoints"
         self.ctx = ctx
         self.keep = keep
+        self.verify = verify  # False: resume from a checkpoint without checking its files (run.verify_checkpoint)
 
     def latest(self) -> Optional[Path]:
         pointer = self.root / "latest"
@@ -94,11 +113,42 @@ class CheckpointDir:
         if resume == "none":
             return None
         if resume == "auto":
-            return self.latest()
-        path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"config key 'run.resume': {path} is not a complete checkpoint directory")
+            path = self.latest()
+        else:
+            path = Path(resume)
+            if not (path / "state.json").is_file():
+                raise FileNotFoundError(f"config key 'run.resume': {path} is not a complete checkpoint directory")
+        if path is not None and self.verify:
+            self.check_files(path)
         return path
+
+    # ------------------------------------------------------------------------------------------- hashes
+    def _hash_share(self, directory: Path, names: List[str]) -> Dict[str, str]:
+        """SHA-256 of this rank's share of ``names`` (every world-th file); all shares, on every rank."""
+        mine = {n: sha256_file(directory / n) for n in names[self.ctx.rank::self.ctx.world]}
+        if self.ctx.world == 1:
+            return mine
+        shares = [None] * self.ctx.world
+        dist.all_gather_object(shares, mine)
+        return {k: v for share in shares for k, v in share.items()}
+
+    def check_files(self, path: Path) -> None:
+        """Collective. Refuse ``path`` unless its files are exactly those its save hashed, with those hashes."""
+        path = Path(path)
+        recorded = self.read_state(path).get("files")
+        if recorded is None:
+            raise CheckpointError(f"checkpoint {path} records no file hashes (written by an older version): its "
+                                  f"files cannot be checked before loading; if you trust it, resume with "
+                                  f"run.verify_checkpoint=false")
+        present = _checkpoint_files(path)
+        problems = [f"{n}: not written by the save (foreign file)" for n in present if n not in recorded]
+        problems += [f"{n}: missing" for n in recorded if n not in present]
+        found = self._hash_share(path, [n for n in present if n in recorded])
+        problems += [f"{n}: changed since the save (sha256 {found[n][:12]}..., recorded {recorded[n][:12]}...)"
+                     for n in sorted(found) if found[n] != recorded[n]]
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise CheckpointError(f"checkpoint {path} does not match what was saved, refusing to load it: {shown}")
 
     def save(self, tag: str, engine, state: Dict, client: Dict, ema=None, model_state: Optional[Dict] = None) -> Path:
         """Collective. ``client`` is this rank's own state (queues, RNG); ``state`` is shared (JSON)."""
@@ -116,7 +166,11 @@ class CheckpointDir:
                 atomic_save(ema_state, tmp / "ema.pt")
             if model_state is not None:
                 atomic_save(model_state, tmp / "model_state.pt")
-            (tmp / "state.json").write_text(json.dumps(dict(state, world_size=self.ctx.world), indent=2))
+        self.ctx.barrier()  # every file is written: hash them, each rank a share
+        files = self._hash_share(tmp, _checkpoint_files(tmp))
+        if self.ctx.is_main:
+            (tmp / "state.json").write_text(json.dumps(dict(state, world_size=self.ctx.world, files=files),
+                                                       indent=2))
         self.ctx.barrier()
         final = self.root / tag
         if self.ctx.is_main:
