@@ -154,17 +154,69 @@ class MIMRefiner(nn.Module):
         return self
 
 
-def build_refiner(cfg, load_weights: bool = True) -> MIMRefiner:
-    """Encoder (with pre-trained weights when configured) + heads + queues from a ``RefineConfig``."""
-    encoder = build_vit(cfg.model)
-    if cfg.model.weights and load_weights:
-        from scale_refiner.models.weights import load_pretrained
-        load_pretrained(encoder, cfg.model.weights, cfg.model.weights_format)
+def build_refiner(cfg, load_weights: bool = True, partitioned: bool = False) -> MIMRefiner:
+    """Encoder (with pre-trained weights when configured) + heads + queues from a ``RefineConfig``.
+
+    ``partitioned``: when the engine is ZeRO-3 (``engine.kind=deepspeed``, stage 3; ignored otherwise), build it
+    partitioned over the ranks from the start, so that no rank ever holds the whole model:
+    - the encoder is constructed under ``deepspeed.zero.Init`` (``engine.zero.zero_init``, fp32 partitions): a
+      layer's full parameters exist only while it is built and initialised;
+    - the weights file is checked against a meta-built twin (``plan_pretrained``: the errors of
+      ``load_pretrained``) and read partition by partition from its memory map (``load_state_partitioned``):
+      each rank reads only its part of each tensor, and a value the key mapping computes (a concatenation, a
+      resampled position embedding) is the only full tensor, one at a time;
+    - heads and queues are built as usual (small; the same on every rank under the same seed), then the heads'
+      parameters are partitioned too.
+    The weights and the random stream afterwards are those of the plain build. Needs the process group.
+    """
+    from scale_refiner.engine.zero import zero3_config
+    zero_config = zero3_config(cfg) if partitioned else None
+    if zero_config is None:
+        encoder = build_vit(cfg.model)
+        if cfg.model.weights and load_weights:
+            from scale_refiner.models.weights import load_pretrained
+            load_pretrained(encoder, cfg.model.weights, cfg.model.weights_format)
+    else:
+        encoder = build_vit(cfg.model, zero_init_config=zero_config)
+        if cfg.model.weights and load_weights:
+            from scale_refiner.engine.zero import load_state_partitioned
+            from scale_refiner.models.weights import plan_pretrained
+            plan = plan_pretrained(build_vit(cfg.model, device="meta"), cfg.model.weights, cfg.model.weights_format)
+            load_state_partitioned(encoder, plan.tensors)
     encoder.set_grad_checkpointing(cfg.model.checkpointing)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
-    return MIMRefiner(encoder, cfg.heads.blocks, cfg.heads.temperature, cfg.heads.objective,
-                      cfg.heads.proj_hidden_dim, cfg.heads.proj_out_dim, cfg.heads.pred_hidden_dim,
-                      cfg.heads.norm, cfg.queue.size, seed=cfg.run.seed, queue_sharded=cfg.queue.sharded,
-                      queue_search=cfg.queue.search, world=world, rank=rank,
-                      queue_block=max(1, cfg.data.batch_size // world))
+    refiner = MIMRefiner(encoder, cfg.heads.blocks, cfg.heads.temperature, cfg.heads.objective,
+                         cfg.heads.proj_hidden_dim, cfg.heads.proj_out_dim, cfg.heads.pred_hidden_dim,
+                         cfg.heads.norm, cfg.queue.size, seed=cfg.run.seed, queue_sharded=cfg.queue.sharded,
+                         queue_search=cfg.queue.search, world=world, rank=rank,
+                         queue_block=max(1, cfg.data.batch_size // world))
+    if zero_config is not None:
+        from scale_refiner.engine.zero import zero_init
+        zero_init(zero_config, module=refiner)  # the heads' parameters: the encoder's are partitioned already
+    return refiner
+
+
+def is_partitioned_build(refiner: MIMRefiner) -> bool:
+    """Built by ``build_refiner(..., partitioned=True)`` under ZeRO-3: the parameters are ZeRO-3 partitions."""
+    from scale_refiner.engine.zero import is_partitioned
+    return any(is_partitioned(p) for p in refiner.parameters())
+
+
+def starting_encoder_state(refiner: MIMRefiner, cfg) -> Dict[str, torch.Tensor]:
+    """The full state of the encoder a run starts from, on every rank (for the k-NN before refinement).
+
+    A plain build: its own state dict. A partitioned one (``build_refiner(partitioned=True)``) holds no full
+    tensor, so: with a weights file, the checked, mapped tensors of the file itself -- memory-mapped torch files
+    are used as they are, one page-cache copy for all the ranks of a node; a value the mapping computes, a
+    tensor stored in another dtype than fp32 (cast here) and a safetensors file (read here) are per-rank copies;
+    without one (random initialisation, the demo and test sizes), gathered from the partitions: a full copy on
+    every rank. Either way it is exactly what the partitions hold (collective in the second case)."""
+    if not is_partitioned_build(refiner):
+        return refiner.encoder.state_dict()
+    if cfg.model.weights:
+        from scale_refiner.models.weights import plan_pretrained
+        plan = plan_pretrained(build_vit(cfg.model, device="meta"), cfg.model.weights, cfg.model.weights_format)
+        return {k: v if v.dtype == torch.float32 else v.float() for k, v in plan.state_dict().items()}
+    from scale_refiner.engine.zero import gather_partitioned_state
+    return gather_partitioned_state(refiner.encoder)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,106 @@ def load_ds_config(path: str | Path) -> dict:
     if stage not in (2, 3):
         raise ValueError(f"DeepSpeed config {path}: zero_optimization.stage is {stage!r}; use 2 or 3")
     return config
+
+
+# ------------------------------------------------------------------ building partitioned, loading by partition
+def zero3_config(cfg) -> Optional[dict]:
+    """The DeepSpeed JSON of ``cfg`` when its engine is ZeRO-3 (``engine.kind=deepspeed``, stage 3), else None:
+    the case where the model is built partitioned (``zero_init``) and loaded partition by partition."""
+    if cfg.engine.kind != "deepspeed":
+        return None
+    config = load_ds_config(cfg.engine.zero_config)
+    return config if config["zero_optimization"]["stage"] == 3 else None
+
+
+def zero_init(ds_config: dict, module: Optional[nn.Module] = None):
+    """``deepspeed.zero.Init`` as the builds here use it: a context under which each module's parameters are
+    partitioned over the ranks as soon as the module is constructed, or, given ``module``, the partitioning of
+    its parameters that are not partitioned yet.
+
+    Partitions are fp32 whatever the run's precision: they hold the loaded values exactly, and the engine takes
+    its fp32 masters from them before casting them to the compute dtype (``ZeroEngine``). Layers are constructed
+    and initialised on the host, in fp32, as in a plain build (no device or dtype override of tensor factories),
+    so they draw the same random numbers from the same generator; each full parameter lives only until its module
+    is built (DeepSpeed broadcasts rank 0's and partitions it)."""
+    import deepspeed
+    config = {k: v for k, v in ds_config.items() if k not in ("bf16", "fp16")}
+    config.setdefault("train_micro_batch_size_per_gpu", 1)  # DeepSpeed's config parser insists on a batch size
+    return deepspeed.zero.Init(module=module, config_dict_or_path=config, dtype=torch.float32, tensor_overrides=[])
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter: ``param`` itself is an empty placeholder, ``param.ds_tensor`` this rank's part."""
+    return getattr(param, "ds_tensor", None) is not None
+
+
+def partition_range(param) -> Tuple[int, int, int]:
+    """``(start, stop, size)``: this rank's ZeRO-3 partition of ``param`` holds elements ``[start, stop)`` of the
+    flattened parameter, in a partition of ``size`` elements (``ceil(numel / world)``; zero-padded at the end)."""
+    size = param.ds_tensor.ds_numel
+    rank = dist.get_rank(group=param.ds_process_group)
+    start = min(rank * size, param.ds_numel)
+    return start, min(start + size, param.ds_numel), size
+
+
+@torch.no_grad()
+def fill_partition(param, read: Callable[[int, int], torch.Tensor]) -> None:
+    """Set this rank's partition of ``param`` to elements ``[start, stop)`` of its new value, as ``read(start,
+    stop)`` gives them (any dtype and device; cast and copied here); the padding is zeroed."""
+    start, stop, size = partition_range(param)
+    local = param.ds_tensor
+    if stop > start:
+        local[: stop - start].copy_(read(start, stop).reshape(-1))
+    if stop - start < size:
+        local[stop - start:].zero_()
+
+
+def load_state_partitioned(model: nn.Module, state: Mapping, strict: bool = True):
+    """``model.load_state_dict(state)`` for a model built under ``zero_init``: each partitioned parameter reads
+    only its partition from its value (a tensor, e.g. memory-mapped, or a ``models.weights.TensorSource``), so no
+    rank holds a full parameter; buffers and extra state are loaded as they are. Returns ``(missing,
+    unexpected)``; with ``strict`` either raises."""
+    from scale_refiner.models.weights import TensorSource, TensorView
+    params = dict(model.named_parameters())
+    rest, filled = {}, set()
+    for key, value in state.items():
+        param = params.get(key)
+        if param is not None and is_partitioned(param):
+            source = value if isinstance(value, TensorSource) else TensorView(value)
+            if tuple(source.shape) != tuple(param.ds_shape):
+                raise RuntimeError(f"size mismatch for {key}: copying a param with shape {tuple(source.shape)}, the "
+                                   f"shape in the model is {tuple(param.ds_shape)}")
+            fill_partition(param, source.flat)
+            filled.add(key)
+        else:
+            rest[key] = value.full() if isinstance(value, TensorSource) else value
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k not in filled]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"state does not match the model: missing {missing}, unexpected {unexpected}")
+    return missing, unexpected
+
+
+def _all_gather_flat(local: torch.Tensor, group=None) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    flat = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(flat, local.contiguous(), group=group)
+    return flat
+
+
+def gather_partitioned_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The full state dict of a ``zero_init`` model on every rank (collective), one parameter gathered at a time;
+    fp32 CPU. A full copy per rank: for what needs the whole model on every rank (the k-NN of a randomly
+    initialised encoder)."""
+    params = dict(model.named_parameters())
+    state = {}
+    for key, value in model.state_dict().items():
+        param = params.get(key)
+        if param is not None and is_partitioned(param):
+            flat = _all_gather_flat(param.ds_tensor.detach(), param.ds_process_group)
+            value = flat[: param.ds_numel].view(param.ds_shape)
+        state.update(cpu_state_copy({key: value}))
+    return state
 
 
 class ZeroEngine(Engine):
@@ -80,8 +180,15 @@ class ZeroEngine(Engine):
         # bf16 mode casts the model to bf16 and then builds its fp32 masters from the bf16 copy: the loaded
         # weights would be rounded for good. This rank's share of every parameter's fp32 values is taken first
         # (its ZeRO-3 partition, 1/world of the model; the whole tensor under ZeRO-2) and put back below.
-        fp32_shares = ({n: self._share_before_init(p.detach()) for n, p in model.named_parameters()}
+        fp32_shares = ({n: self._share_before_init(p) for n, p in model.named_parameters()}
                        if dtype != torch.float32 else {})
+        if dtype != torch.float32:
+            # Built under zero_init: DeepSpeed leaves such a model's dtype alone, so its fp32 partitions are cast to
+            # the compute dtype here, as DeepSpeed casts a plain model (their fp32 values are the shares above).
+            for param in model.parameters():
+                if is_partitioned(param):
+                    param.ds_tensor.data = param.ds_tensor.data.to(dtype)
+                    param.data = param.data.to(dtype)
         model.to(ctx.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self._params = dict(model.named_parameters())
@@ -94,7 +201,7 @@ class ZeroEngine(Engine):
             if param.requires_grad:
                 self._set_master(name, share)
             else:
-                self._frozen_fp32[name] = share
+                self._frozen_fp32[name] = share.to("cpu")
         del fp32_shares
         self._micro = 0
 
@@ -124,12 +231,19 @@ class ZeroEngine(Engine):
         return norm if norm is not None else float("nan")
 
     # --------------------------------------------------------------------- fp32 storage, local <-> full
-    def _share_before_init(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's ZeRO-3 partition of ``tensor`` as DeepSpeed will cut it (ceil(numel / world) elements
-        each, zero-padded at the end), fp32 on the host; the whole tensor under ZeRO-2."""
-        flat = tensor.reshape(-1).to("cpu", torch.float32)
+    def _share_before_init(self, param: torch.Tensor) -> torch.Tensor:
+        """This rank's ZeRO-3 partition of ``param`` as DeepSpeed will cut it (ceil(numel / world) elements
+        each, zero-padded at the end), fp32 on the host; the whole tensor under ZeRO-2. A parameter built under
+        ``zero_init`` already is that partition, in fp32: its storage is taken as it is (no copy), and the
+        partition itself gets a cast copy below."""
+        if is_partitioned(param):
+            if param.ds_tensor.dtype != torch.float32:
+                raise RuntimeError("a parameter built under zero.Init holds a non-fp32 partition: build with "
+                                   "engine.zero.zero_init, whose partitions are fp32")
+            return param.ds_tensor.data
+        flat = param.detach().reshape(-1).to("cpu", torch.float32)
         if self.stage != 3:
-            return flat.view(tensor.shape).clone()
+            return flat.view(param.shape).clone()
         world, rank = self.ctx.world, self.ctx.rank
         part = -(-flat.numel() // world)
         share = torch.zeros(part, dtype=torch.float32)
@@ -226,12 +340,82 @@ class ZeroEngine(Engine):
                 state.update(cpu_state_copy({key: value}))
         return state
 
+    # ------------------------------------------------------------------------- ZeRO-3: no full copy per rank
+    def _local_fp32(self, name: str) -> torch.Tensor:
+        """This rank's fp32 ZeRO-3 partition of parameter ``name`` (flat, padded): the master of a trainable one,
+        the copy kept here of a frozen one under bf16, DeepSpeed's own partition in an fp32 run."""
+        param = self._params[name]
+        if param.requires_grad:
+            from deepspeed.utils import safe_get_local_fp32_param
+            return safe_get_local_fp32_param(param).reshape(-1)
+        if name in self._frozen_fp32:
+            return self._frozen_fp32[name].reshape(-1)
+        return param.ds_tensor.detach().reshape(-1)
+
+    def _gather_to_main(self, name: str, local: torch.Tensor) -> Optional[torch.Tensor]:
+        """The full tensor of parameter ``name`` from every rank's partition ``local``, on rank 0 only (None on the
+        others; collective)."""
+        param = self._params[name]
+        local = local.reshape(-1).to(self.ctx.device).contiguous()
+        if not self.ctx.is_main:
+            dist.gather(local, None, dst=0)
+            return None
+        flat = torch.empty(self.ctx.world * local.numel(), dtype=local.dtype, device=local.device)
+        dist.gather(local, list(flat.chunk(self.ctx.world)), dst=0)
+        return flat[: param.ds_numel].view(param.ds_shape)
+
+    def stage_end_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        """What ``model_state.pt`` holds at the end of a stage, fp32 CPU (collective). Under ZeRO-3 gathered to
+        rank 0 only, one parameter at a time, and None on the other ranks, which hand their weights on with
+        ``hand_off`` instead; under ZeRO-2, where every rank holds the whole model anyway, ``full_state()``."""
+        if self.stage != 3:
+            return self.full_state()
+        state = {} if self.ctx.is_main else None
+        for key, value in self.model.state_dict().items():
+            if key in self._params:
+                full = self._gather_to_main(key, self._local_fp32(key))
+                if full is not None:  # fp32 already; a copy only where it comes from a device
+                    state[key] = full.to("cpu", torch.float32)
+            elif state is not None:
+                state.update(cpu_state_copy({key: value}))
+        return state
+
+    @torch.no_grad()
+    def hand_off(self, model: nn.Module) -> None:
+        """Give ``model`` -- the same model built afresh under ``zero_init`` on the same ranks, hence partitioned
+        alike -- this engine's weights, partition by partition, with no communication and no full tensor: the
+        fp32 master of each trainable parameter, the fp32 partition of each frozen one; and this rank's buffers
+        and extra state (BN statistics, queues), as ``full_state`` would hand them on."""
+        if self.stage != 3:
+            raise RuntimeError("hand_off moves ZeRO-3 partitions; under ZeRO-2 start from full_state()")
+        params = dict(model.named_parameters())
+        if params.keys() != self._params.keys():
+            raise RuntimeError(f"hand_off: the new model's parameters differ: "
+                               f"{sorted(params.keys() ^ self._params.keys())}")
+        for name in self._params:
+            target, local = params[name], self._local_fp32(name)
+            if not is_partitioned(target) or target.ds_tensor.numel() != local.numel():
+                raise RuntimeError(f"hand_off: {name} is not partitioned like this engine's (build the model under "
+                                   f"engine.zero.zero_init, on the same ranks)")
+            target.ds_tensor.copy_(local)
+        rest = {k: v for k, v in self.model.state_dict().items() if k not in self._params}
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+        if unexpected or set(missing) - set(params):
+            raise RuntimeError(f"hand_off: buffers do not match: missing {missing}, unexpected {unexpected}")
+
     # -------------------------------------------------------------------------------------- checkpoints
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
-        frozen = {n: self.full_parameter(n).detach().to("cpu", copy=True)
-                  for n, p in self._params.items() if not p.requires_grad}  # collective: every rank
+        frozen_names = [n for n, p in self._params.items() if not p.requires_grad]
+        if self.stage == 3:  # gathered to rank 0 only, one at a time (for the heads stage: the whole encoder)
+            frozen = {}
+            for n in frozen_names:
+                full = self._gather_to_main(n, self._local_fp32(n))
+                if full is not None:
+                    frozen[n] = full.to("cpu")
+        else:
+            frozen = {n: self.full_parameter(n).detach().to("cpu", copy=True) for n in frozen_names}
         if self.ctx.is_main:
             atomic_save(frozen, directory / "frozen_params.pt")
         atomic_save({n: b.detach().cpu() for n, b in self.model.named_buffers()},
@@ -243,8 +427,20 @@ class ZeroEngine(Engine):
         path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
-        frozen_state = torch.load(directory / "frozen_params.pt", map_location="cpu", weights_only=True)
+        # mapped: each rank reads its partitions of the frozen weights, the ranks of a node one page-cache copy
+        frozen_state = torch.load(directory / "frozen_params.pt", map_location="cpu", weights_only=True, mmap=True)
         frozen = [(n, p) for n, p in self._params.items() if not p.requires_grad]
+        if self.stage == 3:
+            for n, p in frozen:
+                flat = frozen_state[n].reshape(-1)
+                if n in self._frozen_fp32:  # bf16: the fp32 partition kept here, and its cast in DeepSpeed's
+                    share = torch.zeros_like(self._frozen_fp32[n])
+                    start, stop, _ = partition_range(p)
+                    share[: stop - start] = flat[start:stop]
+                    self._frozen_fp32[n] = share
+                fill_partition(p, lambda a, b: flat[a:b])
+            self._load_buffers(directory)
+            return
         with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0):
             if self.ctx.is_main:
                 with torch.no_grad():
@@ -252,6 +448,9 @@ class ZeroEngine(Engine):
                         p.copy_(frozen_state[n])
         for n in self._frozen_fp32:
             self._frozen_fp32[n] = self._local_part(n, frozen_state[n].float())
+        self._load_buffers(directory)
+
+    def _load_buffers(self, directory: Path) -> None:
         buffers = torch.load(directory / f"buffers_rank{self.ctx.rank}.pt", map_location="cpu", weights_only=True)
         with torch.no_grad():
             for n, b in self.model.named_buffers():

@@ -127,22 +127,20 @@ class VisionTransformer(nn.Module):
     # ----------------------------------------------------------------------------------------------- set-up
     @torch.no_grad()
     def _init_weights(self):
-        # On the meta device, or partitioned at construction by deepspeed.zero.Init, there is nothing here to
-        # initialise: such models get their weights from a checkpoint (layers keep their own default init).
-        if self.pos_embed.is_meta or any(hasattr(p, "ds_id") for p in self.parameters()):
+        # On the meta device there is nothing to initialise: such a model gets its weights assigned.
+        if self.pos_embed.is_meta:
             return
-        self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid).unsqueeze(0))
-        nn.init.normal_(self.cls_token, std=0.02)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        _init_(self.pos_embed, lambda t: t.copy_(sincos_pos_embed(self.embed_dim, self.grid).unsqueeze(0)))
+        _init_(self.cls_token, lambda t: nn.init.normal_(t, std=0.02))
+        _init_(self.patch_embed.proj.weight, lambda w: nn.init.xavier_uniform_(w.view(w.shape[0], -1)))
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                _init_(m.weight, nn.init.xavier_uniform_)
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    _init_(m.bias, nn.init.zeros_)
             elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                _init_(m.weight, nn.init.ones_)
+                _init_(m.bias, nn.init.zeros_)
 
     def freeze(self, num_blocks: int, whole: bool = False) -> None:
         """Freeze patch embedding, cls, pos and the first ``num_blocks`` blocks (or, ``whole``, everything).
@@ -247,6 +245,21 @@ class VisionTransformer(nn.Module):
         return self.norm(xs[0])
 
 
+def _init_(param: torch.Tensor, init) -> None:
+    """``init(param)`` in place. A parameter already partitioned by ``deepspeed.zero.Init`` (the layers inside the
+    ViT are, when it is built under it) is initialised as a full fp32 tensor on the host, the same random draws as
+    in a plain build, of which this rank keeps its partition: one full tensor at a time, no communication (every
+    rank draws the same numbers from the same seed)."""
+    from scale_refiner.engine.zero import fill_partition, is_partitioned
+    if not is_partitioned(param):
+        init(param)
+        return
+    full = torch.empty(param.ds_shape, dtype=torch.float32)
+    init(full)
+    flat = full.view(-1)
+    fill_partition(param, lambda start, stop: flat[start:stop])
+
+
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     """2-D sin-cos position embedding (1 + grid^2, dim), zero for the CLS slot, as MAE initialises it."""
     if dim % 4:
@@ -267,13 +280,15 @@ def build_vit(model_cfg, device=None, zero_init_config: Optional[dict] = None) -
     """Build from a ``ModelConfig``.
 
     ``device='meta'`` constructs without allocating weights; ``zero_init_config`` (a DeepSpeed config dict)
-    constructs under ``deepspeed.zero.Init``, so each rank only ever holds its partition of every parameter.
+    constructs under ``deepspeed.zero.Init`` (``engine.zero.zero_init``: fp32 partitions), so each rank keeps only
+    its partition of every parameter, and a full one exists only while its layer is built and initialised. The
+    initial weights are those of a plain build under the same seed.
     """
     dims = resolve_model_dims(model_cfg)
     kwargs = dict(dims, img_size=model_cfg.img_size, in_chans=model_cfg.in_chans, arch=model_cfg.arch)
     if zero_init_config is not None:
-        import deepspeed
-        with deepspeed.zero.Init(config_dict_or_path=zero_init_config):
+        from scale_refiner.engine.zero import zero_init
+        with zero_init(zero_init_config):
             return VisionTransformer(**kwargs)
     if device is not None:
         with torch.device(device):
