@@ -24,7 +24,8 @@ from scale_refiner.engine.checkpoint import CheckpointDir, check_out_dir  # noqa
 from scale_refiner.engine.distributed import start_job  # noqa: E402
 from scale_refiner.engine.trainer import build_engine, model_signature, restore_client, run_stage  # noqa: E402
 from scale_refiner.eval.knn import knn_of_state  # noqa: E402
-from scale_refiner.refiner import build_refiner  # noqa: E402
+from scale_refiner.engine.zero import load_state_partitioned  # noqa: E402
+from scale_refiner.refiner import build_refiner, is_partitioned_build, starting_encoder_state  # noqa: E402
 
 log = logging.getLogger("scale_refiner")
 
@@ -50,6 +51,18 @@ def export(encoder_state, cfg, out_dir: Path, name: str):
                 extra_config={"recipe": to_dict(cfg)})
 
 
+def end_encoder_states(point: Path):
+    """The online encoder's state and the EMA encoder's (None without ``ema.pt``: the heads stage keeps none) of a
+    stage-end checkpoint, memory-mapped: full tensors that the ranks of a node share, and no copy per rank."""
+    end_state = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    online = {k[len("encoder."):]: v for k, v in end_state.items() if k.startswith("encoder.")}
+    ema_state = None
+    if (point / "ema.pt").is_file():
+        ema_state = dict(online)
+        ema_state.update(torch.load(point / "ema.pt", map_location="cpu", weights_only=True, mmap=True))
+    return online, ema_state
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -71,18 +84,16 @@ def main(argv=None) -> int:
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     ctx.barrier()
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights (heads, non-loaded parts) on every rank
-    refiner = build_refiner(cfg)
     checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints)
     stages = list(cfg.stages.run)
-    first, resume_from, global_step, finished_client, ema_state = 0, None, 0, None, None
+    first, resume_from, global_step, finished_client = 0, None, 0, None
     try:
         point = checkpoints.resume_point(cfg.run.resume)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if point is not None:
-        state = CheckpointDir.read_state(point)
+    state = CheckpointDir.read_state(point) if point is not None else None
+    if state is not None:
         if state.get("model") != model_signature(cfg):
             print(f"error: checkpoint {point} was written for model {state.get('model')}, but this config builds "
                   f"{model_signature(cfg)}", file=sys.stderr)
@@ -91,19 +102,28 @@ def main(argv=None) -> int:
             print(f"error: checkpoint {point} is of stage {state['stage']!r}, not in stages.run {stages}",
                   file=sys.stderr)
             return 2
+    finished = state is not None and state["stage_done"]
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights (heads, non-loaded parts) on every rank
+    # Under ZeRO-3 built partitioned: no rank holds the whole model (build_refiner); a finished stage's end state
+    # replaces the pre-trained weights, which are then not read at all
+    refiner = build_refiner(cfg, load_weights=not finished, partitioned=True)
+    if state is not None:
         first = stages.index(state["stage"])
-        if state["stage_done"]:  # start the next stage from this one's end state
-            # mmap: the ranks of a node share one page-cache copy of the full state instead of one each
+        if finished:  # start the next stage from this one's end state
+            # mmap: the ranks of a node share one page-cache copy of the full state instead of one each, and a
+            # partitioned refiner reads only its partitions of it
             end_state = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True, mmap=True)
             if cfg.queue.sharded:  # rank 0's shards: each rank's own come from its client file just below
                 # (engine.load on resume may load rank 0's shard too: a warning, then restore_client fixes it)
                 end_state = {k: v for k, v in end_state.items() if not k.startswith("queues.")}
-            missing, unexpected = refiner.load_state_dict(end_state, strict=not cfg.queue.sharded)
+            if is_partitioned_build(refiner):
+                missing, unexpected = load_state_partitioned(refiner, end_state, strict=False)
+            else:
+                missing, unexpected = refiner.load_state_dict(end_state, strict=not cfg.queue.sharded)
             if unexpected or any(not k.startswith("queues.") for k in missing):
                 raise RuntimeError(f"model_state.pt does not match: missing {missing}, unexpected {unexpected}")
-            if state["stage"] == "refine" and (point / "ema.pt").is_file():  # a finished run: export it again
-                ema_state = {k[len("encoder."):]: v for k, v in end_state.items() if k.startswith("encoder.")}
-                ema_state.update(torch.load(point / "ema.pt", map_location="cpu", weights_only=True, mmap=True))
+            del end_state
             finished_client = checkpoints.load_client(point)
             restore_client(refiner, finished_client)  # the reader position: once the stream exists, below
             first, global_step = first + 1, state["global_step"]
@@ -121,7 +141,7 @@ def main(argv=None) -> int:
             eval_data = (eval_arrays(cfg, "train", args.eval_samples, uint8=True),
                          eval_arrays(cfg, "test", args.eval_samples, uint8=True))
         if point is None:
-            results["before"] = knn_of_state(refiner.encoder.state_dict(), cfg, ctx.device, eval_data)
+            results["before"] = knn_of_state(starting_encoder_state(refiner, cfg), cfg, ctx.device, eval_data)
             log.info("k-NN before refinement: %s", results["before"])
 
     from scale_refiner.data.loaders import train_stream
@@ -139,6 +159,7 @@ def main(argv=None) -> int:
             log.info("%s, global step %d: k-NN %s", stage, step, accuracy)
 
     started = time.time()
+    final_point = point  # the checkpoint whose end state the run ends with: the last stage's end
     for stage in stages[first:]:
         engine = build_engine(refiner, cfg, stage, ctx)
         last = run_stage(engine, cfg, stage, stream, ctx, writer, checkpoints, resume_from, global_step,
@@ -148,14 +169,22 @@ def main(argv=None) -> int:
         if last["stopped"]:
             ctx.barrier()
             return 0
-        full = engine.end_state
-        ema_state = engine.ema.encoder_state(full) if engine.ema is not None else ema_state
+        final_point = checkpoints.root / f"{stage}-end"
+        if stage == stages[-1]:
+            break
         # A fresh, unwrapped refiner for the next stage: the engine's sharding is not undone in place.
+        if is_partitioned_build(refiner):
+            # ZeRO-3: built partitioned alike and given the engine's fp32 partitions, rank by rank: no full copy
+            refiner = build_refiner(cfg, load_weights=False, partitioned=True)
+            engine.hand_off(refiner)
+        else:  # the full end state, which these engines hold on every rank
+            refiner = build_refiner(cfg, load_weights=False)
+            refiner.load_state_dict(engine.end_state)
         del engine
-        refiner = build_refiner(cfg, load_weights=False)
-        refiner.load_state_dict(full)
 
-    online = refiner.encoder.state_dict()
+    # What the run ends with, from the last stage's end checkpoint, memory-mapped: every rank reads the same
+    # page-cache copy for its share of the k-NN, and rank 0 writes the exports from it
+    online, ema_state = end_encoder_states(final_point)
     if eval_data is not None:
         results["online"] = knn_of_state(online, cfg, ctx.device, eval_data)
         if ema_state is not None:

@@ -139,7 +139,8 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
     ``evaluate(engine, name, global_step)`` (collective) runs every ``run.knn_every`` steps.
 
     Returns the last logged metrics plus ``steps``; the EMA (refine stage) is left on ``engine.ema`` and, when
-    the stage ran to its end, the full model state on ``engine.end_state``.
+    the stage ran to its end, the full model state on ``engine.end_state`` (under ZeRO-3 on rank 0 only: None on
+    the other ranks).
     """
     stage: StageConfig = getattr(cfg.stages, name)
     model = engine.model
@@ -230,8 +231,10 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
         coordinator = coordinator_of(model)
         if coordinator is not None:
             coordinator.sync()  # fold the last step's async-BN statistics into the running ones
-        # gathered once: the stage-end checkpoint, the next stage and the exports all start from it
-        engine.end_state = engine.full_state()
+        # gathered once: the stage-end checkpoint, the next stage and the exports all start from it. ZeRO-3 gathers
+        # it to rank 0 only, one parameter at a time (None on the other ranks): the next stage takes its weights
+        # partition by partition (ZeroEngine.hand_off), the exports read the checkpoint
+        engine.end_state = getattr(engine, "stage_end_state", engine.full_state)()
         if checkpoints is not None:
             save(f"{name}-end", model_state=engine.end_state)
     last["steps"] = step
