@@ -9,6 +9,7 @@ Without a GPU the ranks run on the CPU with gloo. See the README for multi-node 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -174,13 +175,20 @@ def main(argv=None) -> int:
             break
         # A fresh, unwrapped refiner for the next stage: the engine's sharding is not undone in place.
         if is_partitioned_build(refiner):
-            # ZeRO-3: built partitioned alike and given the engine's fp32 partitions, rank by rank: no full copy
+            # ZeRO-3: built partitioned alike and given the engine's fp32 partitions, rank by rank: no full copy.
+            # Rank 0's gathered end state is in model_state.pt by now: dropped before the next build.
+            engine.end_state = None
             refiner = build_refiner(cfg, load_weights=False, partitioned=True)
             engine.hand_off(refiner)
         else:  # the full end state, which these engines hold on every rank
             refiner = build_refiner(cfg, load_weights=False)
             refiner.load_state_dict(engine.end_state)
+        # The old model and its partitions go before the next engine is set up: DeepSpeed holds on to a ZeRO-3
+        # model (close), and its engine and optimiser hold it in reference cycles (collected now, not later)
+        if hasattr(engine, "close"):
+            engine.close()
         del engine
+        gc.collect()
 
     # What the run ends with, from the last stage's end checkpoint, memory-mapped: every rank reads the same
     # page-cache copy for its share of the k-NN, and rank 0 writes the exports from it

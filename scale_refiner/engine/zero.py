@@ -204,6 +204,8 @@ class ZeroEngine(Engine):
                 self._frozen_fp32[name] = share.to("cpu")
         del fp32_shares
         self._micro = 0
+        # set by stage_end_state (ZeRO-3): the full state on rank 0, None elsewhere, and a flag on every rank
+        self.end_state, self._end_gathered = None, False
 
     @property
     def module(self) -> nn.Module:
@@ -370,6 +372,9 @@ class ZeroEngine(Engine):
         ``hand_off`` instead; under ZeRO-2, where every rank holds the whole model anyway, ``full_state()``."""
         if self.stage != 3:
             return self.full_state()
+        # save() of the stage-end checkpoint, which comes next, takes the frozen weights from this state instead
+        # of gathering them again: rank 0 would otherwise hold them twice (the whole encoder in the heads stage)
+        self._end_gathered = True
         state = {} if self.ctx.is_main else None
         for key, value in self.model.state_dict().items():
             if key in self._params:
@@ -378,6 +383,7 @@ class ZeroEngine(Engine):
                     state[key] = full.to("cpu", torch.float32)
             elif state is not None:
                 state.update(cpu_state_copy({key: value}))
+        self.end_state = state
         return state
 
     @torch.no_grad()
@@ -403,12 +409,25 @@ class ZeroEngine(Engine):
         if unexpected or set(missing) - set(params):
             raise RuntimeError(f"hand_off: buffers do not match: missing {missing}, unexpected {unexpected}")
 
+    def close(self) -> None:
+        """Let go of the model, so that it and its partitions are freed with this engine: DeepSpeed keeps the top
+        module of every ZeRO-3 engine in a module-level list (``parameter_offload.FWD_MODULE_STACK``) and its hooks
+        on it. For the hand-off between stages; the engine is unusable afterwards."""
+        self.engine.destroy()
+        if self.stage == 3:
+            from deepspeed.runtime.zero import parameter_offload
+            stack = parameter_offload.FWD_MODULE_STACK
+            stack[:] = [m for m in stack if m is not self.model]
+        self.end_state = None
+
     # -------------------------------------------------------------------------------------- checkpoints
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
         frozen_names = [n for n, p in self._params.items() if not p.requires_grad]
-        if self.stage == 3:  # gathered to rank 0 only, one at a time (for the heads stage: the whole encoder)
+        if self.stage == 3 and self._end_gathered:  # the stage end: rank 0 holds them in end_state already
+            frozen = {n: self.end_state[n] for n in frozen_names} if self.ctx.is_main else {}
+        elif self.stage == 3:  # gathered to rank 0 only, one at a time (for the heads stage: the whole encoder)
             frozen = {}
             for n in frozen_names:
                 full = self._gather_to_main(n, self._local_fp32(n))
