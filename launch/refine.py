@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from scale_refiner.config import ConfigError, load_config, to_dict  # noqa: E402
-from scale_refiner.engine.checkpoint import CheckpointDir, check_out_dir  # noqa: E402
+from scale_refiner.engine.checkpoint import CheckpointDir, CheckpointError, check_out_dir  # noqa: E402
 from scale_refiner.engine.distributed import start_job  # noqa: E402
 from scale_refiner.engine.trainer import build_engine, model_signature, restore_client, run_stage  # noqa: E402
 from scale_refiner.eval.knn import knn_of_state  # noqa: E402
-from scale_refiner.engine.zero import load_state_partitioned  # noqa: E402
-from scale_refiner.refiner import build_refiner, is_partitioned_build, starting_encoder_state  # noqa: E402
+from scale_refiner.refiner import (build_refiner, is_partitioned_build, load_refiner_state,  # noqa: E402
+                                   starting_encoder_state)
 
 log = logging.getLogger("scale_refiner")
 
@@ -85,12 +85,12 @@ def main(argv=None) -> int:
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     ctx.barrier()
 
-    checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints)
+    checkpoints = CheckpointDir(out_dir, ctx, keep=cfg.run.keep_checkpoints, verify=cfg.run.verify_checkpoint)
     stages = list(cfg.stages.run)
     first, resume_from, global_step, finished_client = 0, None, 0, None
     try:
         point = checkpoints.resume_point(cfg.run.resume)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     state = CheckpointDir.read_state(point) if point is not None else None
@@ -106,20 +106,20 @@ def main(argv=None) -> int:
     finished = state is not None and state["stage_done"]
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights (heads, non-loaded parts) on every rank
-    # Under ZeRO-3 built partitioned: no rank holds the whole model (build_refiner); a finished stage's end state
-    # replaces the pre-trained weights, which are then not read at all
+    # Under ZeRO-3 and FSDP2 built partitioned: no rank holds the whole model (build_refiner); a finished stage's
+    # end state replaces the pre-trained weights, which are then not read at all
     refiner = build_refiner(cfg, load_weights=not finished, partitioned=True)
     if state is not None:
         first = stages.index(state["stage"])
         if finished:  # start the next stage from this one's end state
             # mmap: the ranks of a node share one page-cache copy of the full state instead of one each, and a
-            # partitioned refiner reads only its partitions of it
+            # partitioned refiner reads only its partitions (ZeRO-3) or shards (FSDP2) of it
             end_state = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True, mmap=True)
             if cfg.queue.sharded:  # rank 0's shards: each rank's own come from its client file just below
                 # (engine.load on resume may load rank 0's shard too: a warning, then restore_client fixes it)
                 end_state = {k: v for k, v in end_state.items() if not k.startswith("queues.")}
             if is_partitioned_build(refiner):
-                missing, unexpected = load_state_partitioned(refiner, end_state, strict=False)
+                missing, unexpected = load_refiner_state(refiner, end_state, strict=False)
             else:
                 missing, unexpected = refiner.load_state_dict(end_state, strict=not cfg.queue.sharded)
             if unexpected or any(not k.startswith("queues.") for k in missing):
@@ -174,9 +174,10 @@ def main(argv=None) -> int:
         if stage == stages[-1]:
             break
         # A fresh, unwrapped refiner for the next stage: the engine's sharding is not undone in place.
-        if is_partitioned_build(refiner):
-            # ZeRO-3: built partitioned alike and given the engine's fp32 partitions, rank by rank: no full copy.
-            # Rank 0's gathered end state is in model_state.pt by now: dropped before the next build.
+        if getattr(engine, "can_hand_off", False):
+            # ZeRO-3 / FSDP2: built partitioned alike (zero.Init / a meta encoder) and given the engine's fp32
+            # partitions or shards, rank by rank: no full copy. Rank 0's gathered end state is in model_state.pt
+            # by now: dropped before the next build.
             engine.end_state = None
             refiner = build_refiner(cfg, load_weights=False, partitioned=True)
             engine.hand_off(refiner)

@@ -157,8 +157,8 @@ class MIMRefiner(nn.Module):
 def build_refiner(cfg, load_weights: bool = True, partitioned: bool = False) -> MIMRefiner:
     """Encoder (with pre-trained weights when configured) + heads + queues from a ``RefineConfig``.
 
-    ``partitioned``: when the engine is ZeRO-3 (``engine.kind=deepspeed``, stage 3; ignored otherwise), build it
-    partitioned over the ranks from the start, so that no rank ever holds the whole model:
+    ``partitioned``: build it so that no rank ever holds the whole model, where the engine shards it.
+    ZeRO-3 (``engine.kind=deepspeed``, stage 3), partitioned over the ranks from the start:
     - the encoder is constructed under ``deepspeed.zero.Init`` (``engine.zero.zero_init``, fp32 partitions): a
       layer's full parameters exist only while it is built and initialised;
     - the weights file is checked against a meta-built twin (``plan_pretrained``: the errors of
@@ -167,11 +167,26 @@ def build_refiner(cfg, load_weights: bool = True, partitioned: bool = False) -> 
       resampled position embedding) is the only full tensor, one at a time;
     - heads and queues are built as usual (small; the same on every rank under the same seed), then the heads'
       parameters are partitioned too.
-    The weights and the random stream afterwards are those of the plain build. Needs the process group.
+    FSDP2 (``engine.kind=fsdp2``), when there are weights to come (a weights file, or ``load_weights=False``: the
+    previous stage's or a checkpoint's, through ``FSDPEngine.hand_off`` / ``load_refiner_state``): the encoder on
+    the meta device, its weights pending as lazy sources (``encoder.pending_weights``) that ``FSDPEngine`` reads
+    shard by shard after ``fully_shard``; heads and queues built as usual. A random initialisation (no weights
+    file) is built as usual.
+    The weights and the random stream afterwards are those of the plain build (a meta encoder makes the plain
+    build's random draws, ``VisionTransformer.draw_init``). Needs the process group.
     """
     from scale_refiner.engine.zero import zero3_config
     zero_config = zero3_config(cfg) if partitioned else None
-    if zero_config is None:
+    meta = (partitioned and cfg.engine.kind == "fsdp2" and (bool(cfg.model.weights) or not load_weights))
+    if meta:
+        encoder = build_vit(cfg.model, device="meta")
+        encoder.draw_init()
+        encoder.pending_weights = None  # this stage's weights: the file's here, or set by whoever builds it
+        if cfg.model.weights and load_weights:
+            from scale_refiner.models.weights import plan_pretrained
+            encoder.pending_weights = plan_pretrained(build_vit(cfg.model, device="meta"), cfg.model.weights,
+                                                      cfg.model.weights_format).tensors
+    elif zero_config is None:
         encoder = build_vit(cfg.model)
         if cfg.model.weights and load_weights:
             from scale_refiner.models.weights import load_pretrained
@@ -198,22 +213,57 @@ def build_refiner(cfg, load_weights: bool = True, partitioned: bool = False) -> 
 
 
 def is_partitioned_build(refiner: MIMRefiner) -> bool:
-    """Built by ``build_refiner(..., partitioned=True)`` under ZeRO-3: the parameters are ZeRO-3 partitions."""
+    """Built by ``build_refiner(..., partitioned=True)`` and not given to an engine yet: ZeRO-3 partitions, or an
+    encoder on the meta device awaiting its FSDP2 shards."""
     from scale_refiner.engine.zero import is_partitioned
-    return any(is_partitioned(p) for p in refiner.parameters())
+    return any(is_partitioned(p) or p.is_meta for p in refiner.parameters())
+
+
+def load_refiner_state(refiner: MIMRefiner, state, strict: bool = False):
+    """``load_state_dict`` for a partitioned build (``model_state.pt``, memory-mapped, on resume): ZeRO-3
+    partitions read their slices (``load_state_partitioned``); a meta encoder takes its tensors as pending
+    sources, read shard by shard by the FSDP2 engine. Returns ``(missing, unexpected)``."""
+    from scale_refiner.engine.zero import load_state_partitioned
+    encoder = refiner.encoder
+    if not any(p.is_meta for p in encoder.parameters()):
+        return load_state_partitioned(refiner, state, strict=strict)
+    from scale_refiner.models.weights import TensorSource, TensorView
+    shapes = {n: p.shape for n, p in encoder.named_parameters()}
+    pending, rest = {}, {}
+    for key, value in state.items():
+        name = key[len("encoder."):] if key.startswith("encoder.") else None
+        if name in shapes:
+            source = value if isinstance(value, TensorSource) else TensorView(value)
+            if tuple(source.shape) != tuple(shapes[name]):
+                raise RuntimeError(f"size mismatch for {key}: {tuple(source.shape)} in the state, "
+                                   f"{tuple(shapes[name])} in the model")
+            pending[name] = source
+        else:
+            rest[key] = value.full() if isinstance(value, TensorSource) else value
+    missing, unexpected = refiner.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not (k.startswith("encoder.") and k[len("encoder."):] in pending)]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"state does not match the model: missing {missing}, unexpected {unexpected}")
+    encoder.pending_weights = pending
+    return missing, unexpected
 
 
 def starting_encoder_state(refiner: MIMRefiner, cfg) -> Dict[str, torch.Tensor]:
     """The full state of the encoder a run starts from, on every rank (for the k-NN before refinement).
 
     A plain build: its own state dict. A partitioned one (``build_refiner(partitioned=True)``) holds no full
-    tensor, so: with a weights file, the checked, mapped tensors of the file itself -- memory-mapped torch files
-    are used as they are, one page-cache copy for all the ranks of a node; a value the mapping computes, a
-    tensor stored in another dtype than fp32 (cast here) and a safetensors file (read here) are per-rank copies;
-    without one (random initialisation, the demo and test sizes), gathered from the partitions: a full copy on
-    every rank. Either way it is exactly what the partitions hold (collective in the second case)."""
+    tensor, so: with a weights file, the checked, mapped tensors of the file itself (for FSDP2: the pending
+    sources its shards are filled from) -- memory-mapped torch files are used as they are, one page-cache copy
+    for all the ranks of a node; a value the mapping computes, a tensor stored in another dtype than fp32 (cast
+    here) and a safetensors file (read here) are per-rank copies; without one (random initialisation, the demo
+    and test sizes; ZeRO-3 only, FSDP2 builds those plainly), gathered from the partitions: a full copy on every
+    rank. Either way it is exactly what the partitions or shards hold (collective in the last case)."""
     if not is_partitioned_build(refiner):
         return refiner.encoder.state_dict()
+    if any(p.is_meta for p in refiner.encoder.parameters()):  # FSDP2: what its shards will be filled from
+        pending = refiner.encoder.pending_weights
+        return {k: v if v.dtype == torch.float32 else v.float() for k, v in
+                ((name, source.full()) for name, source in pending.items())}
     if cfg.model.weights:
         from scale_refiner.models.weights import plan_pretrained
         plan = plan_pretrained(build_vit(cfg.model, device="meta"), cfg.model.weights, cfg.model.weights_format)

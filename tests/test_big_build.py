@@ -1,6 +1,6 @@
-"""Big models built without a full copy per rank (ZeRO-3): the refiner is constructed under deepspeed.zero.Init,
+"""Big models built without a full copy per rank. ZeRO-3: the refiner is constructed under deepspeed.zero.Init,
 the weights file is read partition by partition from its memory map, and the next stage takes its weights from
-the previous engine's partitions.
+the previous engine's partitions. FSDP2: the encoder is built on the meta device and each rank fills its shards.
 
 - the partitions after loading are the file's tensors' slices, bit for bit (torch ``.pth`` in the MAE layout,
   and a safetensors file whose position embedding is resampled, a value the mapping computes), and the heads
@@ -14,7 +14,10 @@ the previous engine's partitions.
 - through the real ``deepspeed`` launcher on 2 CPU ranks, with a weights file and both stages: the losses and
   the end state are the 1-process run's, the heads stage leaves the loaded encoder unchanged, the starting
   k-NN is the 1-process value exactly, and a finished heads stage resumed into the refine stage (loaded from
-  ``model_state.pt`` partition by partition) trains the same refine stage.
+  ``model_state.pt`` partition by partition) trains the same refine stage;
+- FSDP2: the encoder built on the meta device (with the plain build's random draws: same heads), each rank's
+  shards read from the mapped file (its rows, bit for bit) with no full tensor, the stage end gathered to rank 0
+  only, the next engine given the shards handed on; through torchrun, the 1-process losses and end state.
 """
 import json
 import weakref
@@ -116,6 +119,19 @@ def test_wrong_file_is_refused_with_load_pretrained_s_message(tmp_path):
 
 
 # --------------------------------------------------------------------------- no full copy of a large tensor
+def _storage_ptr(value):
+    """The data pointer of a tensor's (or storage's) memory; None for what has none here (meta tensors, tensor
+    subclasses such as DTensor, whose local tensors the tracker sees on their own)."""
+    if isinstance(value, torch.UntypedStorage):
+        return value.data_ptr()
+    if value.is_meta or type(value) is not torch.Tensor and not isinstance(value, torch.nn.Parameter):
+        return None
+    try:
+        return value.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
+
+
 class LargeAllocations(TorchDispatchMode):
     """Every storage of at least ``min_bytes`` that an operator allocates (a view of, or an op writing into, an
     existing storage is not an allocation), with how many of them were alive at once (storages are followed to
@@ -133,13 +149,11 @@ class LargeAllocations(TorchDispatchMode):
         kwargs = kwargs or {}
         inputs = set()
         for value in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if isinstance(value, torch.Tensor):
-                inputs.add(value.untyped_storage().data_ptr())
-            elif isinstance(value, torch.UntypedStorage):
-                inputs.add(value.data_ptr())
+            if isinstance(value, (torch.Tensor, torch.UntypedStorage)):
+                inputs.add(_storage_ptr(value))
         out = func(*args, **kwargs)
         for value in torch.utils._pytree.tree_leaves(out):
-            if not isinstance(value, torch.Tensor) or value.is_meta:
+            if not isinstance(value, torch.Tensor) or _storage_ptr(value) is None:
                 continue
             storage = value.untyped_storage()
             if storage.nbytes() >= self.min_bytes and storage.data_ptr() not in inputs:
@@ -294,7 +308,8 @@ BOTH = ["stages.run=[heads,refine]", "data.samples_per_epoch=48", "stages.heads.
 
 
 def launch(kind, out, extra, eval_samples=0, ranks=2):
-    """The main job through its launcher: 1 process, or ``deepspeed --num_gpus 2`` (CPU ranks, gloo)."""
+    """The main job through its launcher: 1 process, ``deepspeed --num_gpus 2`` or ``torchrun --nproc_per_node 2``
+    (FSDP2); CPU ranks, gloo."""
     import os
     import subprocess
     import sys
@@ -303,6 +318,9 @@ def launch(kind, out, extra, eval_samples=0, ranks=2):
             f"run.out_dir={out}", "data.num_workers=0", "data.pipeline=memory"] + TINY + list(extra)
     if kind == "single":
         cmd = [sys.executable] + args + ["engine.kind=single"]
+    elif kind == "fsdp2":
+        cmd = [sys.executable, str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks),
+               "--master_port", str(free_port())] + args + ["engine.kind=fsdp2"]
     else:
         cmd = [sys.executable, str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
                "--master_port", str(free_port())] + args + ["engine.kind=deepspeed"]
@@ -395,3 +413,80 @@ def test_finished_heads_stage_resumes_into_refine_partition_by_partition(zero3_r
     for key in a:
         if torch.is_tensor(a[key]):
             assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------------------------- FSDP2
+def _fsdp2_shards_are_file_rows(rank, world, weights):
+    from scale_refiner.engine.distributed import DistContext
+    from scale_refiner.engine.trainer import build_engine
+    from scale_refiner.models.vit import build_vit
+    from scale_refiner.refiner import build_refiner
+    cfg = load_config(ROOT / "configs/demo.yaml", TINY + ["engine.kind=fsdp2", f"model.weights={weights}",
+                                                          "model.name=vit_mini_patch4"])
+    file = torch.load(weights, weights_only=True)["model"]
+    meta = build_vit(cfg.model, device="meta")
+    large = {n: p.numel() for n, p in meta.named_parameters() if p.numel() >= 49152}
+    min_bytes = 4 * min(large.values())
+    with LargeAllocations(min_bytes) as building:
+        torch.manual_seed(0)
+        refiner = build_refiner(cfg, partitioned=True)
+    torch.manual_seed(0)  # the plain build: the same heads (the meta build made the plain build's draws)
+    plain = build_refiner(load_config(ROOT / "configs/demo.yaml", TINY + [f"model.weights={weights}",
+                                                                          "model.name=vit_mini_patch4"]))
+    assert all(p.is_meta for p in refiner.encoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(refiner.heads.state_dict().values(),
+                                                 plain.heads.state_dict().values()))
+    ctx = DistContext(rank=rank, world=world, local_rank=rank, device=torch.device("cpu"))
+    with LargeAllocations(min_bytes) as sharding:
+        engine = build_engine(refiner, cfg, "heads", ctx)
+
+    def check(encoder):
+        for name, param in encoder.named_parameters():
+            local = param.to_local().detach()
+            start, stop = engine._shard_rows(param)
+            assert torch.equal(local, file[name][start:stop]), name
+
+    check(engine.model.encoder)
+    with LargeAllocations(min_bytes) as ending:
+        end_state = engine.stage_end_state()
+    following = build_refiner(cfg, load_weights=False, partitioned=True)
+    with LargeAllocations(min_bytes) as handing:
+        engine.hand_off(following)
+        second = build_engine(following, cfg, "refine", ctx)
+    check(second.model.encoder)
+    assert building.peak == 1 and sharding.peak == 0 and handing.peak == 0, (building.peak, sharding.peak,
+                                                                               handing.peak)
+    if rank == 0:
+        assert len(ending.created) == len(large)
+        assert all(torch.equal(end_state[f"encoder.{k}"], file[k]) for k in meta.state_dict())
+    else:
+        assert end_state is None and not ending.created
+    return True
+
+
+def test_fsdp2_meta_build_fills_each_shard_from_the_file(gloo, tmp_path):
+    """FSDP2: the encoder built on the meta device (with the plain build's random draws, so the heads are the
+    plain build's), sharded, then each rank's shards read from the mapped file (its rows, bit for bit) with no
+    full tensor; the stage end gathers to rank 0 only, and the next stage's engine gets the shards handed on."""
+    weights = tmp_path / "mini.pth"
+    write_mae_weights(weights, ["model.name=vit_mini_patch4"])
+    assert gloo(_fsdp2_shards_are_file_rows, 2, str(weights))
+
+
+def test_fsdp2_meta_build_equals_one_process(single_run, weights_file, tmp_path):
+    """Through torchrun, both stages from the weights file: the meta-built, shard-filled FSDP2 run gives the
+    1-process losses and end state, the heads stage leaves the loaded encoder unchanged, and the next stage
+    starts from the handed-on shards."""
+    launch("fsdp2", tmp_path, BOTH + [f"model.weights={weights_file}"], eval_samples=300)
+    one, two = metrics(single_run), metrics(tmp_path)
+    assert [m["stage"] for m in two] == ["heads"] * 3 + ["refine"] * 3
+    a, b = torch.tensor([m["loss"] for m in one]), torch.tensor([m["loss"] for m in two])
+    assert torch.allclose(a, b, rtol=1e-4), (a, b)
+    file = {k: v for k, v in torch.load(weights_file, weights_only=True)["model"].items()
+            if not k.startswith(("decoder", "mask"))}
+    heads_end = model_state(tmp_path, "heads")
+    assert all(torch.equal(heads_end[f"encoder.{k}"], v) for k, v in file.items())
+    assert_same_weights(model_state(single_run, "refine"), model_state(tmp_path, "refine"),
+                        sum(m["lr"] for m in one))
+    before = [json.loads((run / "results.json").read_text())["before"] for run in (single_run, tmp_path)]
+    assert before[0] == before[1]

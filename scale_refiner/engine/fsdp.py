@@ -7,6 +7,11 @@ about one block's full parameters. Parameters become DTensors sharded on dim 0 o
 not sharded and stay replicated, which the refiner keeps consistent itself (global-batch BN, gathered
 enqueue). Frozen parameters are sharded too but left out of the optimiser, so they never change and carry no
 optimiser state; the model runs the frozen prefix under ``no_grad``, so they get no gradient either.
+
+An encoder built on the meta device (``build_refiner(partitioned=True)``) is sharded as it is and then given
+storage for this rank's shards only, each filled with its rows of the encoder's pending weights (the weights
+file memory-mapped, a checkpoint, or the previous stage's shards, ``hand_off``): no rank holds it whole. The
+stage end gathers ``model_state.pt`` to rank 0 only (``stage_end_state``).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -30,7 +36,13 @@ class FSDPEngine(Engine):
     def __init__(self, model, groups, betas, ctx, dtype, accumulation: int = 1,
                  reduce_dtype: torch.dtype = torch.float32):
         super().__init__(model, groups, betas, ctx, dtype, accumulation)  # trainable encoder names, pre-sharding
-        model.to(ctx.device)
+        # An encoder built on the meta device (build_refiner(partitioned=True)) is sharded as it is, and only then
+        # materialised, each rank its own shards, read from its pending weights: no rank holds it whole
+        meta = any(p.is_meta for p in model.encoder.parameters())
+        if meta:
+            model._apply(lambda t: t if t.is_meta else t.to(ctx.device))
+        else:
+            model.to(ctx.device)
         self.mesh = init_device_mesh(ctx.device.type, (ctx.world,))
         # Compute in ``dtype`` (bf16 on GPU), reduce gradients in ``reduce_dtype`` (fp32 unless configured);
         # the shards themselves, frozen ones included, stay fp32, and buffers are never cast. The heads' norms
@@ -39,6 +51,8 @@ class FSDPEngine(Engine):
         for unit in model.shard_units():
             fully_shard(unit, mesh=self.mesh, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
+        if meta:
+            self._materialise(model.encoder)
 
         # fully_shard replaced every parameter by a DTensor: rebuild the same groups from the new objects.
         params = dict(model.named_parameters())
@@ -49,6 +63,35 @@ class FSDPEngine(Engine):
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         encoder_params = dict(model.encoder.named_parameters())
         self._encoder_params = {n: encoder_params[n] for n in self.trainable_encoder}
+
+    def _shard_rows(self, param) -> tuple:
+        """``(start, stop)``: the rows (dim 0) of ``param`` this rank's shard holds, as FSDP2 cuts them
+        (``torch.chunk``: ceil(rows / world) each, the last ones shorter or empty)."""
+        rows = param.shape[0]
+        size = -(-rows // self.ctx.world)
+        start = min(self.ctx.rank * size, rows)
+        return start, min(start + size, rows)
+
+    @torch.no_grad()
+    def _materialise(self, encoder: nn.Module) -> None:
+        """Give the sharded meta encoder its storage, this rank's shards only, and fill each shard with its rows
+        of ``encoder.pending_weights`` (lazy sources: the memory-mapped weights file, a checkpoint, the previous
+        engine's shards)."""
+        sources = getattr(encoder, "pending_weights", None)
+        if sources is None:
+            raise RuntimeError("the encoder was built on the meta device with no weights to fill it: build it with "
+                               "a weights file, or give it the previous stage's (FSDPEngine.hand_off) or a "
+                               "checkpoint's (refiner.load_refiner_state)")
+        if next(encoder.buffers(), None) is not None:  # to_empty would leave them uninitialised
+            raise RuntimeError("a meta-built encoder with buffers: give them values before sharding")
+        encoder.to_empty(device=self.ctx.device)
+        for name, param in encoder.named_parameters():
+            local = param.to_local()  # under no_grad: the shard itself
+            start, stop = self._shard_rows(param)
+            if local.shape[0] != stop - start:
+                raise RuntimeError(f"{name}: a shard of {local.shape[0]} rows, expected rows {start}..{stop}")
+            local.copy_(sources[name].rows(start, stop))
+        encoder.pending_weights = None
 
     @property
     def module(self) -> nn.Module:
@@ -99,6 +142,58 @@ class FSDPEngine(Engine):
             state.update(cpu_state_copy({key: value.full_tensor() if isinstance(value, DTensor) else value}))
         return state
 
+    def _gather_to_main(self, param) -> Optional[torch.Tensor]:
+        """The full tensor of a sharded parameter on rank 0 only (None elsewhere; collective): each rank's shard,
+        padded to the common row count, gathered."""
+        local = param.to_local().detach()
+        start, stop = self._shard_rows(param)
+        size = -(-param.shape[0] // self.ctx.world)
+        padded = local.new_zeros((size,) + tuple(param.shape[1:]))
+        padded[: stop - start] = local
+        if not self.ctx.is_main:
+            dist.gather(padded, None, dst=0)
+            return None
+        flat = local.new_empty((size * self.ctx.world,) + tuple(param.shape[1:]))
+        dist.gather(padded, list(flat.chunk(self.ctx.world)), dst=0)
+        return flat[: param.shape[0]]
+
+    def stage_end_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        """What ``model_state.pt`` holds at the end of a stage, fp32 CPU (collective): gathered to rank 0 only,
+        one parameter at a time; None on the other ranks, which hand their shards on with ``hand_off``."""
+        state = {} if self.ctx.is_main else None
+        for key, value in self.model.state_dict().items():
+            if isinstance(value, DTensor):
+                full = self._gather_to_main(value)
+                if state is not None:  # gathered afresh: fp32 already, a copy only where it comes from a device
+                    state[key] = full.detach().to("cpu", torch.float32)
+            elif state is not None:
+                state.update(cpu_state_copy({key: value}))
+        self.end_state = state
+        return state
+
+    can_hand_off = True
+
+    @torch.no_grad()
+    def hand_off(self, model: nn.Module) -> None:
+        """Give ``model`` -- the refiner built again with its encoder on the meta device
+        (``build_refiner(cfg, load_weights=False, partitioned=True)``) -- this engine's weights: the encoder's as
+        this rank's shards, pending until the next engine shards it the same way (same ranks, same cuts) and
+        copies them in; the heads (small) whole, and this rank's buffers and extra state (BN statistics, queues)."""
+        encoder = model.encoder
+        if not all(p.is_meta for p in encoder.parameters()):
+            raise RuntimeError("hand_off: build the next refiner with its encoder on the meta device "
+                               "(build_refiner(..., load_weights=False, partitioned=True))")
+        own = dict(self.model.encoder.named_parameters())
+        if own.keys() != dict(encoder.named_parameters()).keys():
+            raise RuntimeError("hand_off: the new encoder's parameters differ")
+        encoder.pending_weights = {n: _OwnShard(p.to_local().detach(), p.shape) for n, p in own.items()}
+        rest = {k: (v.full_tensor() if isinstance(v, DTensor) else v)
+                for k, v in self.model.state_dict().items() if not k.startswith("encoder.")}
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+        if unexpected or any(not k.startswith("encoder.") for k in missing):
+            raise RuntimeError(f"hand_off: the rest of the model does not match: missing {missing}, unexpected "
+                               f"{unexpected}")
+
     # -------------------------------------------------------------------------------------- checkpoints
     def _dcp_state(self) -> Dict:
         # Model state includes the queues' ``_extra_state`` (a dict holding the generator's ByteTensor):
@@ -117,3 +212,20 @@ class FSDPEngine(Engine):
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
+
+
+class _OwnShard:
+    """A pending source for ``FSDPEngine._materialise`` that holds this rank's shard only (the previous engine's):
+    asked for exactly those rows, it gives them."""
+
+    def __init__(self, local: torch.Tensor, shape):
+        self.local, self.shape, self.dtype = local, torch.Size(shape), local.dtype
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        if stop - start != self.local.shape[0]:
+            raise RuntimeError(f"a handed-on shard holds {self.local.shape[0]} rows, asked for {start}..{stop}: "
+                               f"the next engine must shard over the same ranks")
+        return self.local
+
+    def full(self):
+        raise RuntimeError("a handed-on shard is not the full tensor")

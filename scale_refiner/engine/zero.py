@@ -386,6 +386,11 @@ class ZeroEngine(Engine):
         self.end_state = state
         return state
 
+    @property
+    def can_hand_off(self) -> bool:
+        """Whether the next stage takes its weights by ``hand_off`` (ZeRO-3) rather than from ``end_state``."""
+        return self.stage == 3
+
     @torch.no_grad()
     def hand_off(self, model: nn.Module) -> None:
         """Give ``model`` -- the same model built afresh under ``zero_init`` on the same ranks, hence partitioned

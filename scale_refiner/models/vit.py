@@ -127,9 +127,28 @@ class VisionTransformer(nn.Module):
     # ----------------------------------------------------------------------------------------------- set-up
     @torch.no_grad()
     def _init_weights(self):
-        # On the meta device there is nothing to initialise: such a model gets its weights assigned.
+        # On the meta device there is nothing to initialise: such a model gets its weights assigned, or, built for
+        # FSDP2, its shards filled (``draw_init`` makes the random draws of a plain build)
         if self.pos_embed.is_meta:
             return
+        self._initialise()
+
+    @torch.no_grad()
+    def draw_init(self) -> None:
+        """On a model built on the meta device: make exactly the random draws a plain build makes -- each layer's
+        own initialisation as it is constructed, then ``_init_weights`` -- one layer or tensor at a time on the
+        host, keeping nothing. The random stream afterwards is the plain build's, so what is built next (the
+        heads) comes out the same."""
+        if not self.pos_embed.is_meta:
+            raise RuntimeError("draw_init is for a model built on the meta device")
+        for module in self.modules():  # construction order: every layer registers its children as it builds them
+            if hasattr(module, "reset_parameters") and next(module.parameters(recurse=False), None) is not None:
+                module.to_empty(device="cpu", recurse=False)
+                module.reset_parameters()
+                module.to_empty(device="meta", recurse=False)
+        self._initialise()  # on meta parameters: the draws of full host tensors, dropped
+
+    def _initialise(self):
         _init_(self.pos_embed, lambda t: t.copy_(sincos_pos_embed(self.embed_dim, self.grid).unsqueeze(0)))
         _init_(self.cls_token, lambda t: nn.init.normal_(t, std=0.02))
         _init_(self.patch_embed.proj.weight, lambda w: nn.init.xavier_uniform_(w.view(w.shape[0], -1)))
@@ -249,8 +268,11 @@ def _init_(param: torch.Tensor, init) -> None:
     """``init(param)`` in place. A parameter already partitioned by ``deepspeed.zero.Init`` (the layers inside the
     ViT are, when it is built under it) is initialised as a full fp32 tensor on the host, the same random draws as
     in a plain build, of which this rank keeps its partition: one full tensor at a time, no communication (every
-    rank draws the same numbers from the same seed)."""
+    rank draws the same numbers from the same seed). A meta parameter only has the draws made."""
     from scale_refiner.engine.zero import fill_partition, is_partitioned
+    if param.is_meta:  # draw_init: the draws of the full tensor, kept nowhere
+        init(torch.empty(param.shape, dtype=torch.float32))
+        return
     if not is_partitioned(param):
         init(param)
         return

@@ -235,14 +235,19 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 class TensorSource:
     """One tensor of a checkpoint, read only as far as asked: ``flat(start, stop)`` gives elements
-    ``[start, stop)`` of its row-major flattening (the file's dtype), ``full()`` the whole tensor. A ZeRO-3 rank
-    reads its partition of each parameter through ``flat`` and never holds the rest."""
+    ``[start, stop)`` of its row-major flattening (the file's dtype), ``rows(start, stop)`` a range along the first
+    dimension, ``full()`` the whole tensor. A ZeRO-3 rank reads its partition of each parameter through ``flat``,
+    an FSDP2 rank its dim-0 shard through ``rows``, and neither holds the rest."""
 
     shape: torch.Size
     dtype: torch.dtype
 
     def flat(self, start: int, stop: int) -> torch.Tensor:
         return self.full().reshape(-1)[start:stop]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` along the first dimension (an FSDP2 shard)."""
+        return self.full()[start:stop]
 
     def full(self) -> torch.Tensor:
         raise NotImplementedError
@@ -259,6 +264,9 @@ class TensorView(TensorSource):
     def flat(self, start, stop):
         # a non-contiguous tensor (rare in a checkpoint) is copied whole here, one tensor at a time
         return self.tensor.reshape(-1)[start:stop]
+
+    def rows(self, start, stop):
+        return self.tensor[start:stop]
 
     def full(self):
         return self.tensor
@@ -283,6 +291,9 @@ class SafetensorsEntry(TensorSource):
         first, last = start // row, -(-stop // row)
         rows = self._slice[first:last]
         return rows.reshape(-1)[start - first * row: stop - first * row]
+
+    def rows(self, start, stop):
+        return self._slice[start:stop] if len(self.shape) else self.full()
 
     def full(self):
         return self._handle.get_tensor(self._key)
