@@ -26,7 +26,9 @@ from scale_refiner.atomic import atomic_path, atomic_write  # noqa: E402
 from scale_refiner.config import ConfigError, PretrainConfig, load_config, to_dict  # noqa: E402
 from scale_refiner.engine.checkpoint import CheckpointDir, CheckpointError, check_out_dir  # noqa: E402
 from scale_refiner.engine.distributed import start_job  # noqa: E402
-from scale_refiner.engine.trainer import build_engine, run_stage  # noqa: E402
+from scale_refiner.engine.divergence import DivergenceError, check_finite  # noqa: E402
+from scale_refiner.engine.run_control import EXIT_PREEMPTED  # noqa: E402
+from scale_refiner.engine.trainer import ResumeError, build_engine, run_stage  # noqa: E402
 from scale_refiner.mae import build_mae, mae_state_dict  # noqa: E402
 from scale_refiner.precision import to_device_async  # noqa: E402
 
@@ -77,6 +79,17 @@ def existing_weights(out_dir: Path, cfg: PretrainConfig):
 
 
 def main(argv=None) -> int:
+    try:
+        return _run(argv)
+    except (DivergenceError, CheckpointError) as err:  # a diverged run, a full disk: the last checkpoint stands
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except ResumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(argv) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -136,11 +149,15 @@ def main(argv=None) -> int:
                          metrics_file=out_dir / "metrics.jsonl", inputs=mae_inputs, signature=signature)
         if writer is not None:
             writer.close()
+        if last["preempted"]:  # a stop signal: its checkpoint is written, every rank leaves now
+            ctx.barrier()
+            return EXIT_PREEMPTED
         if last["stopped"]:
             ctx.barrier()
             return 0
         full = engine.end_state
     if ctx.is_main:
+        check_finite(full, f"MAE weights {out_dir / WEIGHTS_NAME}")
         with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
             torch.save({"model": mae_state_dict(full)}, tmp)
         with atomic_write(out_dir / RECIPE_NAME, "w") as handle:  # written last: it marks the weights complete

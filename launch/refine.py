@@ -23,7 +23,10 @@ import torch  # noqa: E402
 from scale_refiner.config import ConfigError, load_config, to_dict  # noqa: E402
 from scale_refiner.engine.checkpoint import CheckpointDir, CheckpointError, check_out_dir  # noqa: E402
 from scale_refiner.engine.distributed import start_job  # noqa: E402
-from scale_refiner.engine.trainer import build_engine, model_signature, restore_client, run_stage  # noqa: E402
+from scale_refiner.engine.divergence import DivergenceError  # noqa: E402
+from scale_refiner.engine.run_control import EXIT_PREEMPTED  # noqa: E402
+from scale_refiner.engine.trainer import (ResumeError, build_engine, model_signature, restore_client,  # noqa: E402
+                                          run_stage)
 from scale_refiner.eval.knn import knn_of_state  # noqa: E402
 from scale_refiner.refiner import (build_refiner, is_partitioned_build, load_refiner_state,  # noqa: E402
                                    starting_encoder_state)
@@ -65,6 +68,17 @@ def end_encoder_states(point: Path):
 
 
 def main(argv=None) -> int:
+    try:
+        return _run(argv)
+    except (DivergenceError, CheckpointError) as err:  # a diverged run, a full disk: the last checkpoint stands
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except ResumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(argv) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -167,6 +181,9 @@ def main(argv=None) -> int:
                          metrics_file=out_dir / "metrics.jsonl", evaluate=periodic_knn)
         resume_from, global_step = None, last["global_step"]
         results[f"{stage}_last"] = last
+        if last["preempted"]:  # a stop signal: its checkpoint is written, every rank leaves now
+            ctx.barrier()
+            return EXIT_PREEMPTED
         if last["stopped"]:
             ctx.barrier()
             return 0

@@ -140,6 +140,16 @@ class RunConfig:
     # Resume only from a checkpoint whose files match the SHA-256 its save recorded (engine/checkpoint.py);
     # false trusts the files as they are (e.g. a checkpoint written before hashes were recorded).
     verify_checkpoint: bool = True
+    # Preemption (engine/run_control.py): these signals make every rank finish its step, write a checkpoint and
+    # exit with status 75; checked every control_every steps (one small host-side all-reduce)
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    control_every: int = 1
+    save_every_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one; 0 = off
+    # A collective that waits longer for a peer fails, and a rank that makes no step for this long dumps its
+    # stacks and exits (engine/watchdog.py); 0 = the backend's default and no watchdog
+    timeout_minutes: float = 30.0
+    # Resume despite a changed data.batch_size / schedule / engine.kind (keys listed here); empty = refuse
+    resume_allow_changes: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -396,6 +406,19 @@ def _validate_shared(cfg, world_size: Optional[int], choices) -> None:
                 "run.knn_every"):
         if _get(cfg, key) < 0 or (key == "run.log_every" and _get(cfg, key) == 0):
             fail(key, "must be >= 0" if key != "run.log_every" else "must be > 0")
+    for key in ("run.save_every_minutes", "run.timeout_minutes"):
+        if _get(cfg, key) < 0:
+            fail(key, "must be >= 0 (0: off)")
+    if cfg.run.control_every < 1:
+        fail("run.control_every", "must be >= 1")
+    import signal
+    for name in cfg.run.stop_signals:
+        if name not in signal.Signals.__members__:
+            fail("run.stop_signals", f"unknown signal {name!r} (e.g. SIGTERM, SIGUSR1)")
+    allowed = ("data.batch_size", "schedule", "engine.kind")
+    for key in cfg.run.resume_allow_changes:
+        if key not in allowed:
+            fail("run.resume_allow_changes", f"{key!r} is not one of {list(allowed)}")
     if cfg.data.shuffle_buffer < 1:
         fail("data.shuffle_buffer", "must be >= 1")
     if cfg.data.samples_per_epoch < 0:

@@ -83,6 +83,11 @@ class TrainStream:
     def load_state_dict(self, state: Dict) -> None:
         pass
 
+    @property
+    def skipped_samples(self) -> int:
+        """Bad samples this rank has dropped so far, this run and the runs it resumes (``data.on_error=skip``)."""
+        return 0
+
 
 class MemoryStream(TrainStream):
     """Every rank computes the same permutation of the epoch (seeded by run seed and epoch) and takes its part
@@ -159,6 +164,11 @@ class ShardStream(TrainStream):
     def load_state_dict(self, state):
         if state:
             self.loader = self._build(state)
+
+    @property
+    def skipped_samples(self) -> int:
+        skipped = getattr(self.loader, "skipped", None)  # webdataset's counter; DALI raises on a bad sample
+        return int(skipped.value) if skipped is not None else 0
 
 
 def train_stream(cfg: RefineConfig, rank: int = 0, world: int = 1) -> TrainStream:

@@ -204,12 +204,13 @@ class WdsMultiCropLoader:
         return -(-self._rank_samples(self.rank, self.epoch) // self.batch_size)
 
     def state_dict(self) -> Dict:
-        return {"epoch": self.epoch, "step": self.step}
+        return {"epoch": self.epoch, "step": self.step, "skipped": int(self.skipped.value)}
 
     def load_state_dict(self, state: Dict) -> None:
         """Resume: the next iteration re-creates the epoch and skips the batches already produced (their views
-        are recomputed and dropped: correct, not free)."""
+        are recomputed and dropped: correct, not free). The count of skipped bad samples carries on."""
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.skipped.value = int(state.get("skipped", 0))
 
     def _loader(self, epoch: int):
         """Workers yield single samples (batch_size=None) and the batches are formed here: per-worker batching

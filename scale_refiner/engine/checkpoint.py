@@ -85,6 +85,74 @@ class CheckpointError(RuntimeError):
     """A checkpoint that must not be resumed from (changed, missing or foreign files); the message names them."""
 
 
+def refuse_unsafe_pickles(files, allowed=()) -> None:
+    """Load each ``torch.save`` file with ``weights_only=True`` (memory-mapped: the pickle is parsed, the tensor
+    data is not read), ``allowed`` the classes besides tensors and plain containers it may hold. An engine calls
+    this before handing the same files to a library that loads them with ``weights_only=False`` (DeepSpeed):
+    a file that passes holds nothing that can run code when unpickled. Raises ``CheckpointError`` naming the
+    file and what it holds."""
+    import pickle
+    for path in files:
+        try:
+            with torch.serialization.safe_globals(list(allowed)):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
+            reason = str(err).strip().splitlines()
+            found = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0])
+            raise CheckpointError(f"{path}: refused, it holds more than weights and plain values ({found.strip()});"
+                                  f" loading it could run code. Resume only from checkpoints this project "
+                                  f"wrote") from None
+
+
+class _RestrictedUnpickler:
+    """``pickle.load`` that only reconstructs what ``allowed(module, name)`` accepts (find_class)."""
+
+    def __init__(self, allowed):
+        import pickle
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if not allowed(module, name):
+                    raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+                return super().find_class(module, name)
+        self.unpickler = Unpickler
+
+    def load(self, path):
+        with open(path, "rb") as handle:
+            return self.unpickler(handle).load()
+
+
+def refuse_unsafe_pickle(path, allowed) -> None:
+    """A plain pickle (not ``torch.save``: e.g. torch.distributed.checkpoint's ``.metadata``, which DCP reads
+    with ``pickle.load``) unpickled with only ``allowed(module, name)`` reconstructible; ``CheckpointError``
+    naming the file otherwise."""
+    import pickle
+    try:
+        _RestrictedUnpickler(allowed).load(path)
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: refused ({err}); loading it could run code. Resume only from "
+                              f"checkpoints this project wrote") from None
+
+
+def _out_of_space(err: Exception, directory: Path) -> bool:
+    """Whether a failed write is a full disk or quota: ENOSPC / EDQUOT, or -- torch.save reports it as a
+    RuntimeError ("unexpected pos ...", "iostream error", "file write failed") -- less than 64 MB left."""
+    import errno
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < 64 * 2 ** 20
+    except OSError:
+        return False
+
+
+def _tree_bytes(directory: Optional[Path]) -> int:
+    """Bytes of the files under ``directory`` (0 if it is gone)."""
+    if directory is None or not Path(directory).exists():
+        return 0
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
 def _checkpoint_files(directory: Path) -> List[str]:
     """Every file under ``directory`` but state.json, as sorted POSIX paths relative to it."""
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
@@ -151,8 +219,28 @@ class CheckpointDir:
             raise CheckpointError(f"checkpoint {path} does not match what was saved, refusing to load it: {shown}")
 
     def save(self, tag: str, engine, state: Dict, client: Dict, ema=None, model_state: Optional[Dict] = None) -> Path:
-        """Collective. ``client`` is this rank's own state (queues, RNG); ``state`` is shared (JSON)."""
+        """Collective. ``client`` is this rank's own state (queues, RNG); ``state`` is shared (JSON).
+        A full disk (or quota) raises ``CheckpointError`` saying so, with the space a checkpoint needs, after
+        removing the partial ``.tmp-<tag>``: the previous checkpoint and ``latest`` are untouched."""
         tmp = self.root / f".tmp-{tag}"
+        try:
+            return self._save(tmp, tag, engine, state, client, ema, model_state)
+        except (OSError, RuntimeError) as err:
+            if not _out_of_space(err, self.root):
+                raise
+            written = _tree_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # the space it held, back (any rank: same directory)
+            previous = self.latest() if (self.root / "latest").is_file() else None
+            need = _tree_bytes(previous) if previous is not None else written
+            free = shutil.disk_usage(self.root).free
+            raise CheckpointError(f"no space left on the device of {self.root} while writing checkpoint {tag} "
+                                  f"(rank {self.ctx.rank}: {getattr(err, 'strerror', None) or err}); a checkpoint of this run needs "
+                                  f"about {need / 1e9:.2f} GB"
+                                  f"{' (the size of ' + previous.name + ')' if previous is not None else ''}, "
+                                  f"{free / 1e9:.2f} GB are free; the partial checkpoint was removed and "
+                                  f"checkpoints/latest still names the last complete one") from None
+
+    def _save(self, tmp: Path, tag: str, engine, state: Dict, client: Dict, ema, model_state) -> Path:
         if self.ctx.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)  # left over from a killed save

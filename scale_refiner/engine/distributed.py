@@ -6,6 +6,7 @@ NCCL and each rank takes cuda:LOCAL_RANK; without one it is gloo on the CPU.
 from __future__ import annotations
 
 import atexit
+import datetime
 import faulthandler
 import logging
 import os
@@ -25,6 +26,9 @@ class DistContext:
     world: int
     local_rank: int
     device: torch.device
+    # Host-side (gloo) group for the trainer's control messages -- stop requests, timed saves -- so that polling
+    # them never waits for the GPU; None: the world group (already gloo on CPU ranks) or a single process
+    control_group: Optional[Any] = None
 
     @property
     def group(self) -> Optional[dist.ProcessGroup]:
@@ -40,8 +44,13 @@ class DistContext:
             dist.barrier()
 
 
-def init_distributed(use_deepspeed: bool = False, need_group: bool = False) -> DistContext:
-    """``need_group``: make a process group even for one process (FSDP2 shards over a device mesh)."""
+def init_distributed(use_deepspeed: bool = False, need_group: bool = False,
+                     timeout_minutes: float = 0.0) -> DistContext:
+    """``need_group``: make a process group even for one process (FSDP2 shards over a device mesh).
+    ``timeout_minutes`` (``run.timeout_minutes``; 0: the backend's default): how long any collective on any of
+    the job's groups waits for a peer before failing, so that a stalled or lost rank ends the job instead of
+    hanging it."""
+    timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes > 0 else None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -50,14 +59,25 @@ def init_distributed(use_deepspeed: bool = False, need_group: bool = False) -> D
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    control_group = None
+    _loopback_only_when_local()
     if world > 1 or use_deepspeed:
         if use_deepspeed:
             import deepspeed
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+            if "RANK" not in os.environ:
+                # `python launch/refine.py engine.kind=deepspeed` with no launcher: a 1-rank group on this
+                # machine. Without these DeepSpeed falls back to MPI discovery and dies importing mpi4py.
+                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+                _loopback_only_when_local()
+            extra = {"timeout": timeout} if timeout is not None else {}
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", **extra)
         elif not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                                     device_id=device if device.type == "cuda" else None)
         world, rank = dist.get_world_size(), dist.get_rank()
+        if world > 1 and dist.get_backend() != "gloo":
+            control_group = dist.new_group(backend="gloo", timeout=timeout)
     elif need_group and not dist.is_initialized():
         # a plain `python launch/refine.py`: a 1-rank group over an in-memory store, no rendezvous
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
@@ -69,7 +89,20 @@ def init_distributed(use_deepspeed: bool = False, need_group: bool = False) -> D
         # only the launcher's "exited with signal 6".
         if not faulthandler.is_enabled():
             faulthandler.enable()
-    return DistContext(rank=rank, world=world, local_rank=local_rank, device=device)
+    return DistContext(rank=rank, world=world, local_rank=local_rank, device=device, control_group=control_group)
+
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _loopback_only_when_local() -> None:
+    """A job whose rendezvous address is loopback runs on this machine alone: its gloo pairs and NCCL's
+    bootstrap then bind to the loopback interface instead of whichever one they would pick (every rank sets the
+    same, before its group exists; a value already in the environment wins). The launcher's TCPStore is not
+    ours to bind: it listens on all interfaces (README, "What listens where")."""
+    if os.environ.get("MASTER_ADDR", "127.0.0.1") in _LOOPBACK:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
 def start_job(cfg) -> DistContext:
@@ -77,7 +110,11 @@ def start_job(cfg) -> DistContext:
     warnings only from ranks other than 0, then the config validated against the world size. Raises
     ``ConfigError`` naming the key."""
     from scale_refiner.config import ConfigError, validate
-    ctx = init_distributed(use_deepspeed=cfg.engine.kind == "deepspeed", need_group=cfg.engine.kind == "fsdp2")
+    from scale_refiner.engine.run_control import install_stop_signals
+    # before the group exists: a stop signal from then on is remembered and acted on at the next step
+    install_stop_signals(cfg.run.stop_signals)
+    ctx = init_distributed(use_deepspeed=cfg.engine.kind == "deepspeed", need_group=cfg.engine.kind == "fsdp2",
+                           timeout_minutes=cfg.run.timeout_minutes)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     validate(cfg, world_size=ctx.world)

@@ -20,6 +20,8 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint._traverse import set_element
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -28,6 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from scale_refiner.engine.base import Engine, cpu_state_copy
+from scale_refiner.engine.checkpoint import CheckpointError, refuse_unsafe_pickle
 
 
 class FSDPEngine(Engine):
@@ -208,10 +211,41 @@ class FSDPEngine(Engine):
         dcp.save(self._dcp_state(), checkpoint_id=str(directory))  # each rank writes its shards
 
     def load(self, directory: Path) -> None:
+        # DCP unpickles its .metadata with pickle.load and its non-tensor items with weights_only=False: the
+        # first is proved to hold only DCP's own metadata classes, the second are loaded weights-only
+        metadata = Path(directory) / ".metadata"
+        if not metadata.is_file():
+            raise CheckpointError(f"{directory} holds no torch.distributed.checkpoint (.metadata): not written by "
+                                  f"the fsdp2 engine")
+        refuse_unsafe_pickle(metadata, _dcp_metadata_class)
         state = self._dcp_state()  # the layout to load into (this rank's shards)
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, checkpoint_id=str(directory), planner=_WeightsOnlyLoadPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
+
+
+def _dcp_metadata_class(module: str, name: str) -> bool:
+    """What a DCP ``.metadata`` pickle may reconstruct: DCP's own metadata classes, torch dtypes, sizes and
+    layouts, and a path."""
+    if module.startswith("torch.distributed.checkpoint."):
+        return True
+    if module == "torch":
+        return name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format))
+    return (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                              ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but its non-tensor items (the optimiser's param-group values, the queues' extra
+    state) are unpickled weights-only: DefaultLoadPlanner.load_bytes uses weights_only=False."""
+
+    def load_bytes(self, read_item, value) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 class _OwnShard:

@@ -21,8 +21,11 @@ from scale_refiner.config import RefineConfig, StageConfig, accumulation_steps
 from scale_refiner.engine.base import Engine
 from scale_refiner.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
 from scale_refiner.engine.distributed import DistContext, resolve_precision
+from scale_refiner.engine.divergence import NonFiniteGuard
 from scale_refiner.engine.ema import EncoderEMA
 from scale_refiner.engine.optim import param_groups, scaled_lr, warmup_cosine
+from scale_refiner.engine.run_control import RunControl
+from scale_refiner.engine.watchdog import Watchdog
 from scale_refiner.heads.async_bn import coordinator_of
 from scale_refiner.precision import to_device_async
 
@@ -85,6 +88,35 @@ def model_signature(cfg: RefineConfig) -> Dict:
     from scale_refiner.models.vit import resolve_model_dims
     return dict(resolve_model_dims(cfg.model), arch=cfg.model.arch, img_size=cfg.model.img_size,
                 heads=list(cfg.heads.blocks), proj_out_dim=cfg.heads.proj_out_dim, queue_size=cfg.queue.size)
+
+
+class ResumeError(ValueError):
+    """A checkpoint that this configuration must not continue (the message names the key)."""
+
+
+def run_signature(cfg: RefineConfig, engine: Engine, plan: StagePlan) -> Dict:
+    """What a mid-stage resume must keep for the step counter to mean the same thing: the global batch, the
+    stage's schedule and the engine whose files the checkpoint holds."""
+    return {"data.batch_size": cfg.data.batch_size, "engine.kind": cfg.engine.kind,
+            "schedule": {"total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
+                         "steps_per_epoch": plan.steps_per_epoch, "peak_lr": plan.peak_lr}}
+
+
+def check_resume(saved: Optional[Dict], now: Dict, allowed, path) -> None:
+    """Refuse to continue a stage whose checkpoint was written with another global batch, schedule or engine
+    (``run.resume_allow_changes`` lists the ones to accept). A checkpoint from before this was recorded passes."""
+    if saved is None:
+        log.warning("checkpoint %s records no batch size, schedule or engine: resuming unchecked", path)
+        return
+    for key in ("data.batch_size", "schedule", "engine.kind"):
+        if saved.get(key) != now[key]:
+            if key in allowed:
+                log.warning("resuming %s with %s changed (%s -> %s): allowed by run.resume_allow_changes", path,
+                            key, saved.get(key), now[key])
+                continue
+            raise ResumeError(f"checkpoint {path} was written with {key} = {saved.get(key)}, this run has "
+                              f"{now[key]}: resuming would change what its step counter means; restore the "
+                              f"setting, or allow it deliberately with run.resume_allow_changes=[{key}]")
 
 
 def client_state(model: nn.Module, stream=None) -> Dict:
@@ -151,6 +183,8 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
     step = 0
     if resume_from is not None:
         state = CheckpointDir.read_state(resume_from)
+        check_resume(state.get("schedule"), run_signature(cfg, engine, plan), cfg.run.resume_allow_changes,
+                     resume_from)
         engine.load(resume_from)
         restore_client(model, checkpoints.load_client(resume_from), stream)
         if engine.ema is not None:
@@ -162,16 +196,27 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
              engine.kind, ctx.world, engine.dtype, plan.total_steps, plan.steps_per_epoch, plan.warmup_steps,
              plan.peak_lr)
 
+    control = RunControl(ctx, cfg.run.save_every_minutes, cfg.run.control_every)
+    guard = NonFiniteGuard(ctx, name)
+    watchdog = Watchdog(cfg.run.timeout_minutes)
+
     def save(tag: str, model_state=None):
+        guard.check()  # never a checkpoint (nor `latest`, nor the exports made from it) after a non-finite step
+        watchdog.pause()  # a 2B checkpoint can take minutes; the collective timeout still covers it
         checkpoints.save(tag, engine, {"stage": name, "step": step, "global_step": global_offset + step,
-                                       "stage_done": step >= plan.total_steps, "model": signature},
+                                       "stage_done": step >= plan.total_steps, "model": signature,
+                                       "schedule": run_signature(cfg, engine, plan)},
                          client_state(model, stream), engine.ema, model_state)
+        control.saved()
+        watchdog.beat()
 
     last: Dict[str, float] = {}
     progress = tqdm(total=plan.total_steps, initial=step, desc=name, dynamic_ncols=True,
                     disable=not ctx.is_main or None)
     tick, logged_at = time.perf_counter(), step
     device = ctx.device
+    stop, skipped_logged = False, 0
+    watchdog.beat()
     while step < plan.total_steps:
         epoch, start_batch = divmod(step, plan.steps_per_epoch)
         step_at_epoch_start = step
@@ -192,8 +237,19 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
                 engine.ema.update()
             step += 1
             progress.update(1)
+            guard.observe(step, dict(metrics, grad_norm=grad_norm))  # device operations: no sync
             if step % cfg.run.log_every == 0 or step == plan.total_steps:
+                if cfg.data.on_error == "skip":  # summed over ranks: the mean times the world
+                    metrics = dict(metrics, **{"data/skipped_samples": torch.tensor(
+                        float(getattr(stream, "skipped_samples", 0)), device=metrics["loss"].device)})
                 last = _mean_over_ranks(metrics, ctx)
+                guard.check()  # the step synchronised above: reading the flags costs nothing more
+                if "data/skipped_samples" in last:
+                    last["data/skipped_samples"] = round(last["data/skipped_samples"] * ctx.world)
+                    if last["data/skipped_samples"] > skipped_logged and ctx.is_main:
+                        log.warning("%d bad samples skipped so far (data.on_error=skip; the shards named in the "
+                                    "reader's errors are damaged)", last["data/skipped_samples"])
+                    skipped_logged = last["data/skipped_samples"]
                 elapsed = time.perf_counter() - tick
                 last.update(lr=lr, grad_norm=float(grad_norm), step_time_s=elapsed / (step - logged_at),
                             images_per_s=(step - logged_at) * cfg.data.batch_size / max(elapsed, 1e-9))
@@ -210,23 +266,31 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
                         with open(metrics_file, "a") as handle:
                             handle.write(json.dumps(dict(last, stage=name, step=step)) + "\n")
             if evaluate is not None and cfg.run.knn_every and step % cfg.run.knn_every == 0:
+                watchdog.pause()
                 evaluate(engine, name, global_offset + step)
-            stopping = step == cfg.run.stop_after and step < plan.total_steps
+                watchdog.beat()
+            save_now, stop = control.poll(step)  # a stop signal on any rank, or save_every_minutes elapsed
+            stopping = stop or (step == cfg.run.stop_after and step < plan.total_steps)
             if checkpoints is not None and step < plan.total_steps and (
-                    stopping or (cfg.run.save_every and step % cfg.run.save_every == 0)):
+                    stopping or save_now or (cfg.run.save_every and step % cfg.run.save_every == 0)):
                 save(f"{name}-{step:07d}")
+            watchdog.beat()
             if stopping or step >= plan.total_steps:
                 break
         if step == step_at_epoch_start:
             raise RuntimeError(f"the {type(stream).__name__} yielded no batch in epoch {epoch} of stage {name}")
-        if cfg.run.stop_after and step == cfg.run.stop_after:
+        if stop or (cfg.run.stop_after and step == cfg.run.stop_after):
             break
+    watchdog.pause()
     progress.close()
     last["steps"] = step
     last["global_step"] = global_offset + step
     last["stopped"] = step < plan.total_steps
+    last["preempted"] = control.signal  # None unless a stop signal ended the stage early or at its last step
     if last["stopped"]:
-        log.info("stopped after step %d of stage %s (run.stop_after); resume with run.resume=auto", step, name)
+        why = f"{control.signal} received" if stop else "run.stop_after"
+        log.info("stopped after step %d of stage %s (%s)%s; resume with run.resume=auto", step, name, why,
+                 ", checkpoint written" if checkpoints is not None else "")
     else:
         coordinator = coordinator_of(model)
         if coordinator is not None:
@@ -234,9 +298,13 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
         # gathered once: the stage-end checkpoint, the next stage and the exports all start from it. ZeRO-3 gathers
         # it to rank 0 only, one parameter at a time (None on the other ranks): the next stage takes its weights
         # partition by partition (ZeroEngine.hand_off), the exports read the checkpoint
+        guard.check()  # before the gather: every rank agrees, none is left waiting in it
         engine.end_state = getattr(engine, "stage_end_state", engine.full_state)()
         if checkpoints is not None:
             save(f"{name}-end", model_state=engine.end_state)
+        if stop:
+            log.info("%s received at the last step of stage %s: its end checkpoint is written; resume with "
+                     "run.resume=auto", control.signal, name)
     last["steps"] = step
     last["global_step"] = global_offset + step
     return last

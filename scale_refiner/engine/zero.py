@@ -30,7 +30,7 @@ from torch import nn
 
 from scale_refiner.engine.base import Engine
 from scale_refiner.engine.base import cpu_state_copy
-from scale_refiner.engine.checkpoint import atomic_save
+from scale_refiner.engine.checkpoint import atomic_save, refuse_unsafe_pickles
 
 
 def offloads_optimizer(ds_config: dict) -> bool:
@@ -150,6 +150,15 @@ def gather_partitioned_state(model: nn.Module) -> Dict[str, torch.Tensor]:
             value = flat[: param.ds_numel].view(param.ds_shape)
         state.update(cpu_state_copy({key: value}))
     return state
+
+
+def _deepspeed_checkpoint_types() -> list:
+    """The classes DeepSpeed's optimiser-state files hold besides tensors and plain values (ZeRO-2/3, fp32 and
+    bf16; found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on the files it writes)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 class ZeroEngine(Engine):
@@ -448,6 +457,9 @@ class ZeroEngine(Engine):
     def load(self, directory: Path) -> None:
         import deepspeed
         directory = Path(directory)
+        # DeepSpeed unpickles its files with weights_only=False: each is first proved to hold only weights,
+        # plain values and the few DeepSpeed types its optimiser states carry
+        refuse_unsafe_pickles(sorted(directory.glob("*.pt")), _deepspeed_checkpoint_types())
         path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")

@@ -566,6 +566,11 @@ def export_timm(model: nn.Module, out_dir: PathLike, name: str,
     in ``callable_kwargs``, plus ``extra_config``). Each file is written atomically; the json goes last, so its
     presence means the weights are complete. Returns both paths."""
     out_dir = Path(out_dir)
+    # a diverged run's weights are not a result: refuse them before anything is written
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"export {name}: non-finite values in {', '.join(bad[:5])}"
+                         f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}; nothing written")
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs, callables = {}, []
     for key, value in model.timm_kwargs().items():
