@@ -182,7 +182,8 @@ def test_ensure_fashion_mnist_shards_idempotent(tmp_path, monkeypatch):
         calls.append(source)
         return real(source, out, limit=64, **kw)
 
-    monkeypatch.setattr(S, "make_shards", small)
+    from scale_refiner.data import shard_writer
+    monkeypatch.setattr(shard_writer, "make_shards", small)  # where ensure_fashion_mnist_shards looks it up
     m1 = S.ensure_fashion_mnist_shards(tmp_path / "fm", samples_per_shard=32)
     stamp = m1.stat().st_mtime_ns
     m2 = S.ensure_fashion_mnist_shards(tmp_path / "fm", samples_per_shard=32)

@@ -1,6 +1,6 @@
 """Reference torch multi-crop augmentation (BYOL settings, multi-crop), collate and an in-memory dataset.
 
-Views, in order ``[g1, g2, l1 .. lN]`` (DESIGN.md section 1, "Augmentation"):
+Views, in order ``[g1, g2, l1 .. lN]`` (BYOL's asymmetric global views plus DINO-style local crops):
 
     op                                  g1     g2     local
     RandomResizedCrop (bicubic, AA)     global size / scale  local size / scale

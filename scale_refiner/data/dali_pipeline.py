@@ -1,6 +1,7 @@
 """NVIDIA DALI decoding of webdataset shards into BYOL multi-crop views (GPU "mixed" decoding, or all-CPU).
 
-The same views as :class:`scale_refiner.data.augment.MultiCropAugment` (DESIGN.md section 1), in DALI ops:
+The same views as :class:`scale_refiner.data.augment.MultiCropAugment` (the BYOL multi-crop of the README,
+"Data"), in DALI ops:
 
     op                       DALI                                           g1    g2    local
     decode                   decoders.image (mixed on GPU, cpu otherwise), RGB
@@ -242,7 +243,7 @@ def _key_at_index_line(index_path: str, line_no: int) -> Optional[str]:
 
 def _find_bad_samples(tars: Sequence[str], limit: int = 5) -> List[str]:
     """Scan ``tars`` with PIL for the samples DALI cannot decode (DALI's decoder errors name no sample)."""
-    from scale_refiner.data.shards import IMAGE_EXTS, ShardError, check_image_bytes, iter_tar_samples
+    from scale_refiner.data.shard_format import IMAGE_EXTS, ShardError, check_image_bytes, iter_tar_samples
     bad = []
     for t in tars:
         try:

@@ -41,7 +41,8 @@ def _arrays(cfg: RefineConfig, split: str):
 
 
 def _shard_split(cfg: RefineConfig, split: str, key: str):
-    from scale_refiner.data.shards import ensure_fashion_mnist_shards, load_manifest
+    from scale_refiner.data.manifest import load_manifest
+    from scale_refiner.data.shard_writer import ensure_fashion_mnist_shards
     root = getattr(cfg.data, key)
     if root is None:
         if cfg.data.dataset != "fashion-mnist":

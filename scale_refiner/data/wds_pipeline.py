@@ -31,7 +31,7 @@ import webdataset as wds
 from PIL import Image
 
 from scale_refiner.data.augment import EvalTransform, MultiCropAugment, sample_seed
-from scale_refiner.data.shards import IMAGE_EXTS, ShardError
+from scale_refiner.data.shard_format import IMAGE_EXTS, ShardError
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Image bytes -> uint8 [C, H, W], C in (1, 3): 8-bit L/RGB as they are, 16-bit greyscale scaled to 8 bits,

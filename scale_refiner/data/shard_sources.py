@@ -1,0 +1,201 @@
+"""Where shard sets come from: Fashion-MNIST (Debian's package), scikit-learn's digits, class folders, and other
+webdataset tars (``make_shards --source``). Each returns the samples of each split and the class names."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import glob as globlib
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from scale_refiner.data.shard_format import (IMAGE_EXTS, LABEL_EXTS, MANIFEST, PathLike, SPLITS, Sample, ShardError,
+                                             TruncatedTarError, encode_array, iter_tar_samples,
+                                             normalize_image_bytes)
+
+
+SourceData = Tuple[Dict[str, List[Sample]], List[str]]
+
+
+def _from_arrays(images: np.ndarray, labels: np.ndarray, fmt: str, quality: int) -> List[Sample]:
+    return [Sample(encode_array(img, fmt, quality), int(y), i) for i, (img, y) in enumerate(zip(images, labels))]
+
+
+def source_fashion_mnist(fmt: str = "png", quality: int = 95, limit: int = 0, root: Optional[PathLike] = None
+                         ) -> SourceData:
+    from scale_refiner.data.fashion_mnist import CLASS_NAMES, DEFAULT_ROOT, load_fashion_mnist
+    out = {}
+    for split in SPLITS:
+        images, labels = load_fashion_mnist(split, root or DEFAULT_ROOT)
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        out[split] = _from_arrays(images, labels, fmt, quality)
+    return out, list(CLASS_NAMES)
+
+
+def source_digits(fmt: str = "png", quality: int = 95, limit: int = 0, upscale: int = 1) -> SourceData:
+    """scikit-learn's bundled 8x8 digits (1797 images), split 80/20 stratified with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    if upscale > 1:
+        images = np.stack([np.asarray(Image.fromarray(im).resize((8 * upscale, 8 * upscale), Image.BICUBIC))
+                           for im in images])
+    idx = np.arange(len(images))
+    tr, te = train_test_split(idx, test_size=0.2, stratify=d.target, random_state=0)
+    out = {}
+    for split, sel in (("train", np.sort(tr)), ("test", np.sort(te))):
+        if limit:
+            sel = sel[:limit]
+        out[split] = _from_arrays(images[sel], d.target[sel], fmt, quality)
+    return out, [str(i) for i in range(10)]
+
+
+_FOLDER_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def _class_order(name: str):
+    """Natural order of class-folder names: numeric names by value, before the others (sorted as text)."""
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def source_folder(path: PathLike, fmt: str = "png", quality: int = 95, limit: int = 0, skip_bad: bool = False,
+                  test_fraction: float = 0.0, seed: int = 0, stats: Optional[Dict] = None) -> SourceData:
+    """ImageNet-style ``PATH/<class>/<image>``; with ``PATH/train`` and ``PATH/val`` (or ``test``) subfolders
+    they become the splits, else every image goes to train (and ``test_fraction`` of each class to test; with
+    none, a note in ``stats["notes"]`` says the set has no test split). Class ids follow the class-folder names
+    of train in natural order (numeric names by value: ``2`` before ``10``). A class folder holding sub-folders
+    of images is refused: its images would otherwise be merged into one class."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ShardError(f"folder source {root}: no such directory")
+    split_dirs = {"train": root / "train"}
+    for name in ("val", "test"):
+        if (root / name).is_dir():
+            split_dirs["test"] = root / name
+            break
+    if not split_dirs["train"].is_dir():
+        split_dirs = {"train": root}
+    classes = sorted((p.name for p in split_dirs["train"].iterdir() if p.is_dir()), key=_class_order)
+    if not classes:
+        raise ShardError(f"folder source {split_dirs['train']}: no class sub-folders")
+    class_id = {c: i for i, c in enumerate(classes)}
+    stats = stats if stats is not None else {}
+    stats.setdefault("skipped", [])
+
+    def files_of(d: Path) -> List[Tuple[Path, int]]:
+        out = []
+        for c in sorted((p.name for p in d.iterdir() if p.is_dir()), key=_class_order):
+            if c not in class_id:
+                raise ShardError(f"{d / c}: class folder not present in {split_dirs['train']}")
+            nested = sorted({f.parent for f in (d / c).rglob("*")
+                             if f.is_file() and f.suffix.lower() in _FOLDER_EXTS and f.parent != d / c})
+            if nested:
+                raise ShardError(f"{d / c}: images in sub-folders ({', '.join(str(n) for n in nested[:3])}"
+                                 f"{', ...' if len(nested) > 3 else ''}); a class is one folder of images: "
+                                 f"point folder: at the level whose sub-folders are the classes")
+            out += [(f, class_id[c]) for f in sorted((d / c).iterdir())
+                    if f.is_file() and f.suffix.lower() in _FOLDER_EXTS]
+        return out
+
+    listing = {s: files_of(d) for s, d in split_dirs.items()}
+    if "test" not in listing and not test_fraction:
+        stats.setdefault("notes", []).append(
+            f"folder source {root} has no test/ or val/ folder and --test-fraction is 0: the shard set has no "
+            f"test split, which evaluation reads; pass --test-fraction 0.1 to hold out a tenth of each class")
+    if "test" not in listing:
+        rng = random.Random(seed)
+        train, test = [], []
+        for c in range(len(classes)):
+            items = [x for x in listing["train"] if x[1] == c]
+            rng.shuffle(items)
+            n_test = int(round(len(items) * test_fraction))
+            test += items[:n_test]
+            train += items[n_test:]
+        listing = {"train": sorted(train), "test": sorted(test)}
+    out = {}
+    for split, items in listing.items():
+        if limit:
+            items = items[:limit]
+        samples = []
+        for f, y in items:
+            try:
+                data = normalize_image_bytes(f.read_bytes(), fmt, quality, what=str(f))
+            except ShardError:
+                if not skip_bad:
+                    raise
+                stats["skipped"].append(str(f))
+                continue
+            samples.append(Sample(data, y, len(samples)))
+        out[split] = samples
+    return out, classes
+
+
+def _whole_samples(tar_path: str, skip_bad: bool, stats: Dict) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """``iter_tar_samples``; with ``skip_bad`` a truncated tar keeps the samples read whole and records the
+    truncation in ``stats["skipped"]`` (the manifest's list), instead of failing."""
+    try:
+        yield from iter_tar_samples(tar_path)
+    except TruncatedTarError as e:
+        if not skip_bad:
+            raise ShardError(f"{e} (--skip-bad keeps the samples before it and records the loss)") from None
+        stats["skipped"].append(f"{tar_path}: truncated after sample {e.last_key!r}; the rest of the file is lost")
+
+
+def source_tar(pattern: str, fmt: str = "png", quality: int = 95, limit: int = 0, skip_bad: bool = False,
+               stats: Optional[Dict] = None) -> SourceData:
+    """Existing webdataset shards matching ``pattern`` (e.g. ``/data/in-*.tar``); a file name containing
+    ``train``/``test``/``val`` assigns its split (default train). Images: png/jpg/jpeg/webp/...; labels: the
+    first of cls/class/label/target. Class names are taken from a sibling manifest.json if there is one."""
+    paths = sorted(globlib.glob(os.path.expanduser(pattern)))
+    paths = [p for p in paths if p.endswith(".tar")]
+    if not paths:
+        raise ShardError(f"tar source {pattern!r}: no .tar files match")
+    stats = stats if stats is not None else {}
+    stats.setdefault("skipped", [])
+    out: Dict[str, List[Sample]] = {s: [] for s in SPLITS}
+    max_label = -1
+    for p in paths:
+        name = Path(p).name.lower()
+        split = "test" if ("test" in name or "val" in name) else "train"
+        for key, parts in _whole_samples(p, skip_bad, stats):
+            if limit and len(out[split]) >= limit:
+                break
+            what = f"{p}: sample {key!r}"
+            img_ext = next((e for e in parts if e.split(".")[-1] in IMAGE_EXTS + ("webp", "bmp", "tif", "tiff",
+                                                                                    "ppm", "pgm")), None)
+            lab_ext = next((e for e in LABEL_EXTS if e in parts), None)
+            try:
+                if img_ext is None or lab_ext is None:
+                    missing = "an image" if img_ext is None else "a label (.cls)"
+                    raise ShardError(f"{what} has no {missing}; components: {sorted(parts)}")
+                try:
+                    label = int(parts[lab_ext].decode().strip())
+                except ValueError as e:
+                    raise ShardError(f"{what}: label {parts[lab_ext][:20]!r} is not an integer") from e
+                data = normalize_image_bytes(parts[img_ext], fmt, quality, what=what)
+            except ShardError:
+                if not skip_bad:
+                    raise
+                stats["skipped"].append(what)
+                continue
+            max_label = max(max_label, label)
+            out[split].append(Sample(data, label, len(out[split])))
+    if not out["test"]:
+        del out["test"]
+        stats.setdefault("notes", []).append(
+            f"tar source {pattern!r}: no file name contains 'test' or 'val', so the shard set has no test split, "
+            f"which evaluation reads")
+    names = None
+    sibling = Path(paths[0]).parent / MANIFEST
+    if sibling.is_file():
+        with contextlib.suppress(Exception):
+            names = json.loads(sibling.read_text())["class_names"]
+    if not names or len(names) <= max_label:
+        names = [str(i) for i in range(max_label + 1)]
+    return out, names

@@ -1,0 +1,164 @@
+"""Writing a shard set: samples shuffled across the whole split (DALI's reader shuffles only within a buffer of
+``initial_fill`` samples), tars and DALI indexes, and the manifest, written last.
+
+Layout of a shard set (``shards/NAME``)::
+
+    manifest.json                 written last; its presence means the set is complete
+    train-00000.tar  train-00000.idx  train-00001.tar ...
+    test-00000.tar   test-00000.idx   ...
+
+Every file is written to a temporary name in the same directory and renamed into place; the manifest is renamed
+last, so an interrupted run leaves no manifest and ``manifest.load_manifest`` refuses the directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+
+from scale_refiner.atomic import atomic_write, sha256_file
+from scale_refiner.data.shard_format import (FORMAT_NAME, FORMAT_VERSION, INDEX_VERSION, MANIFEST, PathLike, Sample,
+                                             ShardError, _pil_format, write_dali_index)
+from scale_refiner.data.shard_sources import source_digits, source_fashion_mnist, source_folder, source_tar
+from scale_refiner.data.manifest import load_manifest
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+DEFAULT_FMNIST_SHARDS = REPO_ROOT / "shards" / "fashion-mnist"
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_split(samples: Sequence[Sample], out_dir: PathLike, split: str, samples_per_shard: int,
+                image_ext: str, seed: int) -> List[Dict]:
+    """Shuffle ``samples`` (seeded) and write them as ``{split}-{i:05d}.tar`` + ``.idx``; returns shard records."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not samples:
+        raise ShardError(f"split {split!r} has no samples to write")
+    out_dir = Path(out_dir)
+    order = list(range(len(samples)))
+    random.Random(f"{seed}-{split}").shuffle(order)
+    records = []
+    for shard_no, start in enumerate(range(0, len(order), samples_per_shard)):
+        stem = f"{split}-{shard_no:05d}"
+        tar_path = out_dir / f"{stem}.tar"
+        with atomic_write(tar_path) as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for i in order[start:start + samples_per_shard]:
+                    s = samples[i]
+                    key = f"{split}{s.index:08d}"
+                    _add_member(tar, f"{key}.{image_ext}", s.image)
+                    _add_member(tar, f"{key}.cls", str(int(s.label)).encode())
+                    _add_member(tar, f"{key}.idx", str(int(s.index)).encode())
+        write_dali_index(tar_path, out_dir / f"{stem}.idx")
+        records.append(dict(tar=tar_path.name, index=f"{stem}.idx",
+                            num_samples=len(order[start:start + samples_per_shard]),
+                            bytes=tar_path.stat().st_size, sha256=sha256_file(tar_path),
+                            index_sha256=sha256_file(out_dir / f"{stem}.idx")))
+    return records
+
+
+def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed: int = 0, fmt: str = "png",
+                quality: int = 95, limit: int = 0, skip_bad: bool = False, upscale: int = 1,
+                test_fraction: float = 0.0, log: Callable[[str], None] = lambda s: None) -> Path:
+    """Write a shard set for ``source`` into ``out``; returns the manifest path (written last).
+
+    source: ``fashion-mnist`` | ``digits`` | ``folder:PATH`` | ``tar:GLOB``. ``limit`` keeps the first N samples
+    of each split (tests); ``skip_bad`` skips undecodable images (folder/tar sources) and records them in the
+    manifest instead of failing; ``upscale`` enlarges the digits (benchmarks at larger resolution).
+    """
+    fmt = "jpg" if fmt == "jpeg" else fmt
+    _pil_format(fmt)
+    stats: Dict = {"skipped": []}
+    if source == "fashion-mnist":
+        data, names = source_fashion_mnist(fmt, quality, limit)
+    elif source == "digits":
+        data, names = source_digits(fmt, quality, limit, upscale)
+    elif source.startswith("folder:"):
+        data, names = source_folder(source[len("folder:"):], fmt, quality, limit, skip_bad, test_fraction, seed,
+                                    stats)
+    elif source.startswith("tar:"):
+        data, names = source_tar(source[len("tar:"):], fmt, quality, limit, skip_bad, stats)
+    else:
+        raise ValueError(f"unknown source {source!r}: expected fashion-mnist, digits, folder:PATH or tar:GLOB")
+    if not any(data.values()):
+        skipped = f" ({len(stats['skipped'])} skipped as unreadable)" if stats["skipped"] else ""
+        raise ShardError(f"source {source!r} holds no images{skipped}: nothing to write")
+    if source.startswith(("folder:", "tar:")) and not data.get("train"):
+        raise ShardError(f"source {source!r} holds no training images (splits found: "
+                         f"{', '.join(f'{k}={len(v)}' for k, v in data.items())})")
+    for note in stats.get("notes", ()):
+        log(f"warning: {note}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST
+    with contextlib.suppress(FileNotFoundError):
+        manifest_path.unlink()  # the set is incomplete until the new manifest lands
+    splits = {}
+    for split, samples in data.items():
+        if not samples:
+            continue
+        records = write_split(samples, out, split, samples_per_shard, fmt, seed)
+        counts = np.bincount([s.label for s in samples], minlength=len(names)).tolist()
+        splits[split] = dict(num_samples=len(samples), class_counts=counts, shards=records)
+        log(f"{split}: {len(samples)} samples in {len(records)} shards")
+    # Remove stale shards of an earlier, larger run into the same directory.
+    listed = {r[k] for s in splits.values() for r in s["shards"] for k in ("tar", "index")}
+    for split in splits:
+        for stale in list(out.glob(f"{split}-*.tar")) + list(out.glob(f"{split}-*.idx")):
+            if stale.name not in listed:
+                stale.unlink()
+    manifest = dict(format=FORMAT_NAME, version=FORMAT_VERSION, source=source, seed=seed, image_ext=fmt,
+                    num_classes=len(names), class_names=list(names), keys=[fmt, "cls", "idx"],
+                    index_format=f"DALI webdataset index {INDEX_VERSION}", splits=splits,
+                    skipped=stats["skipped"])
+    with atomic_write(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest_path
+
+
+@contextlib.contextmanager
+def _dir_lock(path: Path):
+    import fcntl
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_fashion_mnist_shards(root: PathLike = DEFAULT_FMNIST_SHARDS, samples_per_shard: int = 5000,
+                                seed: int = 0) -> Path:
+    """The embedded default: Fashion-MNIST shards under ``root``, written on first use; returns the manifest.
+
+    Idempotent and safe when several ranks call it at once (a file lock; the others wait and reuse the set).
+    An existing set is accepted when its manifest loads and every listed file has its recorded size.
+    """
+    root = Path(root)
+    manifest = root / MANIFEST
+    with _dir_lock(root):
+        if manifest.is_file():
+            try:
+                load_manifest(manifest, verify="size")
+                return manifest
+            except ShardError:
+                pass  # damaged or partial: rewrite
+        return make_shards("fashion-mnist", root, samples_per_shard=samples_per_shard, seed=seed)
