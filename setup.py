@@ -14,4 +14,5 @@ setup(
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["scale-refiner=scale_refiner.cli.main:main"]},
 )

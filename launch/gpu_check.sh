@@ -22,6 +22,7 @@
 #   bash launch/gpu_check.sh       # PYTHON=... (default python3), OUT=..., SITE=..., GPU_CHECK_BUDGET_S=...
 set -u
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package from this checkout (not pip-installed there)
 OUT="${OUT:-./gpu_results}"
 PY="${PYTHON:-python3}"
 SITE="${SITE:-/tmp/site}"
@@ -159,7 +160,6 @@ elif ! item_ok sklearn; then
 else
     run_part dali 45 "$OUT/dali_gpu.log" "$PY" - <<'EOF'
 import sys, tempfile, time
-sys.path.insert(0, ".")
 import torch
 from scale_refiner.data import shards as S
 from scale_refiner.data.dali_pipeline import DaliMultiCropLoader

@@ -6,9 +6,10 @@
         --objective--> NNA loss per head, summed over heads with weight 1
     then the (gathered) g1 projections of this step are enqueued.
 
-The module holds the encoder, one ID head per tap and one queue per head. It knows a process-group
-handle and nothing else of distribution: predictions are gathered with gradient inside the objective, and
-projections are gathered (no gradient) before they are enqueued so every rank holds the same queue.
+The module holds the encoder, one ID head per tap and one queue per head. Its forward takes a process-group
+handle and knows nothing else of distribution: predictions are gathered with gradient inside the objective, and
+projections are gathered (no gradient) before they are enqueued so every rank holds the same queue (or, sharded,
+its part of it). ``build_refiner`` reads the world size and rank once, to size the sharded queue's parts.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from scale_refiner.heads.async_bn import attach
+from scale_refiner.heads.async_bn import attach, coordinator_of
 from scale_refiner.heads.id_head import IDHead
 from scale_refiner.memory.queue import NNQueue
 from scale_refiner.memory.sharded_queue import ShardedNNQueue, sharded_enqueue
-from scale_refiner.models.vit import VisionTransformer, build_vit
+from scale_refiner.models.vit import VisionTransformer, build_vit, resolve_model_dims
 from scale_refiner.objective.nna import nna_loss
+from scale_refiner.precision import to_device_async
 
 
 class MIMRefiner(nn.Module):
@@ -55,6 +57,13 @@ class MIMRefiner(nn.Module):
                            block=queue_block, search=queue_search) if queue_sharded
             else NNQueue(queue_size, proj_out_dim, seed=seed + 1000 * h)
             for h in range(len(self.head_names)))
+
+    def finish_stage(self) -> None:
+        """After a stage's last step (the trainer calls it): fold the last step's async-BN statistics into the
+        running ones, so the end state holds them."""
+        coordinator = coordinator_of(self)
+        if coordinator is not None:
+            coordinator.sync()
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, index: torch.Tensor,
                 label: Optional[torch.Tensor] = None, topk: int = 20, step: int = 0,
@@ -270,3 +279,17 @@ def starting_encoder_state(refiner: MIMRefiner, cfg) -> Dict[str, torch.Tensor]:
         return {k: v if v.dtype == torch.float32 else v.float() for k, v in plan.state_dict().items()}
     from scale_refiner.engine.zero import gather_partitioned_state
     return gather_partitioned_state(refiner.encoder)
+
+
+def refiner_signature(cfg) -> Dict:
+    """What a refiner checkpoint must match to be resumed: architecture, dimensions, taps and head sizes."""
+    return dict(resolve_model_dims(cfg.model), arch=cfg.model.arch, img_size=cfg.model.img_size,
+                heads=list(cfg.heads.blocks), proj_out_dim=cfg.heads.proj_out_dim, queue_size=cfg.queue.size)
+
+
+def refiner_inputs(batch: Dict[str, torch.Tensor], device: torch.device, stage, step: int, micro: int = 0):
+    """A stream (micro-)batch as ``MIMRefiner.forward`` arguments: (positional, keyword), for ``run_stage``.
+    ``micro``: the micro-batch's index within the step (the refiner draws nothing per micro-batch of its own)."""
+    # asynchronous copies (through pinned memory on a GPU): the host queues the step without waiting for them
+    return (tuple(to_device_async(batch[key], device) for key in ("global", "local", "index", "label")),
+            {"topk": stage.topk, "step": step})

@@ -1,15 +1,12 @@
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from scale_refiner.engine.distributed import spawn_gloo  # installed (pip install -e .), or pytest.ini's pythonpath
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
-
-
-from scale_refiner.engine.distributed import spawn_gloo  # noqa: E402  (after the path insert)
 
 
 def run_gloo(fn, world: int = 2, *args):

@@ -243,7 +243,8 @@ def _bf16_masters(rank, world, weights, out_dir):
     from deepspeed.utils import safe_get_local_fp32_param
     from scale_refiner.bench.runner import synthetic_batch
     from scale_refiner.engine.distributed import DistContext
-    from scale_refiner.engine.trainer import build_engine, refiner_inputs
+    from scale_refiner.engine.trainer import build_engine
+    from scale_refiner.refiner import refiner_inputs
     from scale_refiner.engine.zero import partition_range
     from scale_refiner.models.vit import vit_from_state
     from scale_refiner.models.weights import export_timm

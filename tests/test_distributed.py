@@ -1,4 +1,5 @@
 """The process-group helpers every launcher and distributed test stands on (scale_refiner/engine/distributed.py)."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -40,7 +41,6 @@ def test_spawn_gloo_raises_a_ranks_error():
 
 SCRIPT = textwrap.dedent("""
     import sys
-    sys.path.insert(0, {root!r})
     import torch.distributed as dist
     from scale_refiner.engine.distributed import init_distributed
     init_distributed(need_group=True)  # a 1-rank gloo group, as a plain `python launch/refine.py` makes
@@ -59,8 +59,9 @@ def test_group_destroyed_at_exit_unless_an_exception_escapes(tmp_path, how, dest
     """A finished job tears its group down before interpreter shutdown; a failing rank does not (with NCCL
     that would wait for collectives its peers never finish) and leaves ending the job to the launcher."""
     script = tmp_path / "job.py"
-    script.write_text(SCRIPT.format(root=str(ROOT)))
-    proc = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120)
+    script.write_text(SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # the package, installed or not
+    proc = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120, env=env)
     assert ("destroyed" in proc.stdout) == destroyed, (proc.stdout, proc.stderr[-2000:])
     assert (proc.returncode == 0) == (how == "return")
     if how == "raise":

@@ -221,7 +221,8 @@ def test_export_refuses_non_finite_weights(tmp_path):
     from scale_refiner.config import load_config
     from scale_refiner.models.vit import build_vit
     from scale_refiner.models.weights import export_timm
-    model = build_vit(load_config(ROOT / "configs/demo.yaml", ["model.name=vit_test_patch4", "heads.blocks=[1,2]"]).model)
+    cfg = load_config(ROOT / "configs/demo.yaml", ["model.name=vit_test_patch4", "heads.blocks=[1,2]"])
+    model = build_vit(cfg.model)
     with torch.no_grad():
         model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="blocks.1.mlp.fc1.weight"):

@@ -100,7 +100,8 @@ def _steady_state_setup(device: torch.device, *extra):
 def _train_steps(engine, ema, cfg, batch, device, steps: int, step0: int = 0):
     """What run_stage does per step: set_lr, per micro-batch (``engine.accumulation`` of them) refiner_inputs,
     forward, backward; then step (no clipping), EMA update. Returns the last loss (a device tensor, not read)."""
-    from scale_refiner.engine.trainer import micro_batches, refiner_inputs
+    from scale_refiner.engine.trainer import micro_batches
+    from scale_refiner.refiner import refiner_inputs
     stage_cfg = cfg.stages.refine
     loss = None
     for step in range(step0, step0 + steps):

@@ -98,7 +98,7 @@ def audit_bf16_step(engine, cfg, steps: int = 2):
     be fp32; returns the list of violations and the number of bf16 encoder matmul outputs seen."""
     from scale_refiner.bench.runner import synthetic_batch
     from scale_refiner.engine.ema import EncoderEMA
-    from scale_refiner.engine.trainer import refiner_inputs
+    from scale_refiner.refiner import refiner_inputs
     import scale_refiner.objective.nna as nna
 
     model, bad, bf16_linears = engine.model, [], []
@@ -250,7 +250,8 @@ def test_zero3_bf16_export_is_the_fp32_master_bit_for_bit(gloo, tmp_path):
 # ----------------------------------------------------------------------------------- gradient accumulation
 def _micro_grads_by_hand(engine, cfg, batch, parts):
     """Each micro-batch's gradient, one at a time (backward, read, zero), averaged: the reference."""
-    from scale_refiner.engine.trainer import micro_batches, refiner_inputs
+    from scale_refiner.engine.trainer import micro_batches
+    from scale_refiner.refiner import refiner_inputs
     total = None
     for index, micro in enumerate(micro_batches(batch, parts)):
         args, kwargs = refiner_inputs(micro, engine.ctx.device, cfg.stages.refine, 0, index)
@@ -268,7 +269,8 @@ def _full_grad(p):
 
 
 def _accumulated(engine, cfg, batch):
-    from scale_refiner.engine.trainer import micro_batches, refiner_inputs
+    from scale_refiner.engine.trainer import micro_batches
+    from scale_refiner.refiner import refiner_inputs
     for index, micro in enumerate(micro_batches(batch, engine.accumulation)):
         args, kwargs = refiner_inputs(micro, engine.ctx.device, cfg.stages.refine, 0, index)
         loss, _ = engine.forward(*args, **kwargs)

@@ -12,9 +12,13 @@ from scale_refiner.data.loaders import TrainStream
 from scale_refiner.engine.distributed import DistContext
 from scale_refiner.engine.ema import EncoderEMA
 from scale_refiner.engine.trainer import build_engine, run_stage
-from scale_refiner.refiner import build_refiner
+from scale_refiner.refiner import build_refiner, refiner_inputs, refiner_signature
 
 CTX = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+
+
+def CONTRACT(cfg):  # what run_stage needs from what it trains
+    return dict(inputs=refiner_inputs, signature=refiner_signature(cfg))
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.name=vit_test_patch4", "heads.blocks=[1,2]", "heads.proj_hidden_dim=64", "heads.proj_out_dim=16",
@@ -44,7 +48,7 @@ def test_heads_stage_leaves_encoder_bit_identical_and_trains_heads():
     refiner = build_refiner(cfg)
     enc_before, heads_before = snapshot(refiner.encoder), snapshot(refiner.heads)
     bn_before = refiner.encoder.state_dict()
-    run_stage(build_engine(refiner, cfg, "heads", CTX), cfg, "heads", SyntheticStream(), CTX)
+    run_stage(build_engine(refiner, cfg, "heads", CTX), cfg, "heads", SyntheticStream(), CTX, **CONTRACT(cfg))
     assert all(torch.equal(p, enc_before[n]) for n, p in refiner.encoder.named_parameters())
     assert all(torch.equal(v, bn_before[k]) for k, v in refiner.encoder.state_dict().items())
     assert not refiner.encoder.training  # frozen encoder stays in eval mode during the heads stage
@@ -61,7 +65,7 @@ def test_refine_stage_keeps_frozen_prefix_and_trains_the_rest(checkpointing):
     refiner = build_refiner(cfg)
     before = snapshot(refiner.encoder)
     engine = build_engine(refiner, cfg, "refine", CTX)
-    run_stage(engine, cfg, "refine", SyntheticStream(), CTX)
+    run_stage(engine, cfg, "refine", SyntheticStream(), CTX, **CONTRACT(cfg))
     for name, p in refiner.encoder.named_parameters():
         frozen = name.startswith(("patch_embed", "cls_token", "pos_embed", "blocks.0.", "blocks.1."))
         assert torch.equal(p, before[name]) == frozen, name

@@ -3,7 +3,7 @@
 Per image of N tokens (patches + CLS), width d, MLP hidden m = r.d, one block's forward is
 
     qkv 6.N.d^2 + attention scores and weighted sum 4.N^2.d + projection 2.N.d^2 + MLP 4.N.d.m
-    = 24.N.d^2 + 4.N^2.d  for r = 4                                           (DESIGN §2)
+    = 24.N.d^2 + 4.N^2.d  for r = 4
 
 plus the patch embedding 2.(N-1).(C.p^2).d. The ID heads run on the CLS token of every crop:
 projector 2.(D.H + H.H + H.o), predictor 2.(o.H' + H'.o) per crop and head.

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (configs/, shards/)
 GB = 1e9
 GIB = 1024 ** 3
 SHM_DIR = Path("/dev/shm")
@@ -67,7 +67,6 @@ def make_weights(path: Path, model_name: str, img_size: int, seed: int = 0) -> N
     if path.is_file():
         print(f"{path} exists ({path.stat().st_size / GB:.2f} GB): kept")
         return
-    sys.path.insert(0, str(ROOT))
     import torch
     from scale_refiner.config import ModelConfig
     from scale_refiner.models.vit import build_vit, sincos_pos_embed

@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from scale_refiner.data.shards import ensure_fashion_mnist_shards, load_manifest  # noqa: E402
+from scale_refiner.data.shards import ensure_fashion_mnist_shards, load_manifest
 
 PRESETS = {
     "demo": dict(global_size=32, local_size=16, num_local=4, batch=128),

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the repository (configs/, shards/)
 
-from scale_refiner.config import load_config  # noqa: E402
-from scale_refiner.data.loaders import eval_arrays  # noqa: E402
-from scale_refiner.engine.distributed import spawn_gloo  # noqa: E402
-from scale_refiner.eval.knn import knn_of_state  # noqa: E402
-from scale_refiner.models.vit import build_vit  # noqa: E402
+from scale_refiner.config import load_config
+from scale_refiner.data.loaders import eval_arrays
+from scale_refiner.engine.distributed import spawn_gloo
+from scale_refiner.eval.knn import knn_of_state
+from scale_refiner.models.vit import build_vit
 
 
 def measure(rank: int, world: int, config: str, samples: int):

@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scale_refiner.engine.distributed import spawn_gloo  # noqa: E402
+from scale_refiner.engine.distributed import spawn_gloo
 
 KINDS = ("bn", "syncbn", "async")
 PAPER_WIDTHS = (2048, 2048, 256, 4096, 256)  # the 5 BN layers of one ID head (projector 3, predictor 2)
@@ -70,9 +69,7 @@ def _refiner(kind, args):
     from scale_refiner.config import load_config
     from scale_refiner.heads.async_bn import async_bn_scope
     from scale_refiner.refiner import build_refiner
-    base = "syncbn" if kind == "async" else kind  # heads.norm=async is not accepted by the config yet
-    cfg = load_config("configs/demo.yaml", [f"heads.norm={base}", "queue.size=1024"])
-    cfg.heads.norm = kind
+    cfg = load_config("configs/demo.yaml", [f"heads.norm={kind}", "queue.size=1024"])
     torch.manual_seed(0)
     with async_bn_scope():
         refiner = build_refiner(cfg, load_weights=False)

@@ -28,12 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scale_refiner.engine.distributed import spawn_gloo  # noqa: E402
-from scale_refiner.memory.queue import NNQueue  # noqa: E402
-from scale_refiner.memory.search import IVFFlat, TorchMatmul, make_search  # noqa: E402
-from scale_refiner.memory.sharded_queue import ShardedNNQueue  # noqa: E402
+from scale_refiner.engine.distributed import spawn_gloo
+from scale_refiner.memory.queue import NNQueue
+from scale_refiner.memory.search import IVFFlat, TorchMatmul, make_search
+from scale_refiner.memory.sharded_queue import ShardedNNQueue
 
 
 def _unit(n, d, gen, chunk=1 << 18):

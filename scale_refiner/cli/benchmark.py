@@ -32,11 +32,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from scale_refiner.config import ConfigError, micro_batch_for, load_config, validate  # noqa: E402
+from scale_refiner.cli.args import parse_launched
+from scale_refiner.config import ConfigError, micro_batch_for, load_config, validate
 
 log = logging.getLogger("scale_refiner.bench")
 
@@ -59,11 +59,7 @@ def parse_args(argv):
     p.add_argument("--out", default="runs/bench/results.md")
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*")
-    args, unknown = p.parse_known_args(argv)
-    unknown = [u for u in unknown if not u.startswith("--local_rank")]
-    if unknown:
-        p.error(f"unrecognised arguments: {' '.join(unknown)}")
-    return args
+    return parse_launched(p, argv)
 
 
 def _deepspeed_available() -> bool:

@@ -26,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the repository (configs/, shards/)
 
 
 # --validate: the MAE 6x longer (3 full epochs), four refinements on 2 ranks, every protocol

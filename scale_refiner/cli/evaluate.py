@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
+from scale_refiner.cli.args import parse_launched
 
 log = logging.getLogger("scale_refiner.eval")
 
@@ -54,10 +54,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="feature extraction under autocast: auto = bf16 on a GPU, fp32 on the CPU")
-    args, unknown = p.parse_known_args(argv)
-    unknown = [u for u in unknown if not u.startswith("--local_rank")]  # deepspeed's launcher adds it
-    if unknown:
-        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    args = parse_launched(p, argv)
     if bool(args.checkpoint) == bool(args.weights):
         p.error("give either --checkpoint RUN_OR_CHECKPOINT_DIR or --weights FILE (with --model NAME)")
     if args.checkpoint and args.model:

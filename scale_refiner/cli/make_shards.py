@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scale_refiner.data.shards import ShardError, load_manifest, make_shards, validate_shards  # noqa: E402
+from scale_refiner.data.shards import ShardError, load_manifest, make_shards, validate_shards
 
 
 def main(argv=None) -> int:

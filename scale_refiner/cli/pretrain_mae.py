@@ -18,19 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from scale_refiner.atomic import atomic_path, atomic_write  # noqa: E402
-from scale_refiner.config import ConfigError, PretrainConfig, load_config, to_dict  # noqa: E402
-from scale_refiner.engine.checkpoint import CheckpointDir, CheckpointError, check_out_dir  # noqa: E402
-from scale_refiner.engine.distributed import start_job  # noqa: E402
-from scale_refiner.engine.divergence import DivergenceError, check_finite  # noqa: E402
-from scale_refiner.engine.run_control import EXIT_PREEMPTED  # noqa: E402
-from scale_refiner.engine.trainer import ResumeError, build_engine, run_stage  # noqa: E402
-from scale_refiner.mae import build_mae, mae_state_dict  # noqa: E402
-from scale_refiner.precision import to_device_async  # noqa: E402
+from scale_refiner.cli.args import parse_launched
+from scale_refiner.atomic import atomic_path, atomic_write
+from scale_refiner.config import ConfigError, PretrainConfig, load_config, to_dict
+from scale_refiner.engine.checkpoint import (CheckpointDir, CheckpointError, check_out_dir,
+                                             read_model_state)
+from scale_refiner.engine.distributed import start_job
+from scale_refiner.engine.divergence import DivergenceError, check_finite
+from scale_refiner.engine.run_control import EXIT_PREEMPTED
+from scale_refiner.engine.trainer import ResumeError, build_engine, run_stage
+from scale_refiner.mae import build_mae, mae_state_dict
+from scale_refiner.precision import to_device_async
 
 log = logging.getLogger("scale_refiner")
 WEIGHTS_NAME, RECIPE_NAME = "mae_pretrained.pth", "mae_pretrained.json"
@@ -41,11 +42,7 @@ def parse_args(argv):
     parser.add_argument("--config", required=True, help="pre-training recipe YAML, e.g. configs/demo_mae.yaml")
     parser.add_argument("--force", action="store_true", help="pre-train even if the same recipe's weights exist")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.mae.epochs=10")
-    args, unknown = parser.parse_known_intermixed_args(argv)  # --force may come after the overrides
-    unknown = [u for u in unknown if not u.startswith("--local_rank")]  # deepspeed's launcher adds it
-    if unknown:
-        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
-    return args
+    return parse_launched(parser, argv, intermixed=True)  # --force may come after the overrides
 
 
 def mae_signature(cfg: PretrainConfig) -> dict:
@@ -135,7 +132,7 @@ def _run(argv) -> int:
     started = time.time()
     if state is not None and state["stage_done"]:  # finished before the weights file was written: write it
         log.info("checkpoint %s ends the pre-training; writing its weights", point)
-        full = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True, mmap=True)
+        full = read_model_state(point)
         last = {"steps": state["step"]}
     else:
         writer = None

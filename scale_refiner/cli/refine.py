@@ -16,20 +16,20 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from scale_refiner.config import ConfigError, load_config, to_dict  # noqa: E402
-from scale_refiner.engine.checkpoint import CheckpointDir, CheckpointError, check_out_dir  # noqa: E402
-from scale_refiner.engine.distributed import start_job  # noqa: E402
-from scale_refiner.engine.divergence import DivergenceError  # noqa: E402
-from scale_refiner.engine.run_control import EXIT_PREEMPTED  # noqa: E402
-from scale_refiner.engine.trainer import (ResumeError, build_engine, model_signature, restore_client,  # noqa: E402
-                                          run_stage)
-from scale_refiner.eval.knn import knn_of_state  # noqa: E402
-from scale_refiner.refiner import (build_refiner, is_partitioned_build, load_refiner_state,  # noqa: E402
-                                   starting_encoder_state)
+from scale_refiner.cli.args import parse_launched
+from scale_refiner.config import ConfigError, load_config, to_dict
+from scale_refiner.engine.checkpoint import (CheckpointDir, CheckpointError, check_out_dir,
+                                             encoder_state, read_ema, read_model_state)
+from scale_refiner.engine.distributed import start_job
+from scale_refiner.engine.divergence import DivergenceError
+from scale_refiner.engine.run_control import EXIT_PREEMPTED
+from scale_refiner.engine.trainer import ResumeError, build_engine, restore_client, run_stage
+from scale_refiner.eval.knn import knn_of_state
+from scale_refiner.refiner import (build_refiner, is_partitioned_build, load_refiner_state,
+                                   refiner_inputs, refiner_signature, starting_encoder_state)
 
 log = logging.getLogger("scale_refiner")
 
@@ -40,31 +40,21 @@ def parse_args(argv):
     parser.add_argument("--eval-samples", type=int, default=10000,
                         help="train / test images of the before/after k-NN (0 skips it)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. queue.size=4096")
-    args, unknown = parser.parse_known_args(argv)
-    # deepspeed's launcher appends --local_rank=N; the rank is read from the environment instead.
-    unknown = [u for u in unknown if not u.startswith("--local_rank")]
-    if unknown:
-        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
-    return args
+    return parse_launched(parser, argv)
 
 
-def export(encoder_state, cfg, out_dir: Path, name: str):
+def export(state, cfg, out_dir: Path, name: str):
     from scale_refiner.models.vit import vit_from_state
     from scale_refiner.models.weights import export_timm
-    export_timm(vit_from_state(cfg.model, encoder_state), out_dir / "export", name,
+    export_timm(vit_from_state(cfg.model, state), out_dir / "export", name,
                 extra_config={"recipe": to_dict(cfg)})
 
 
 def end_encoder_states(point: Path):
     """The online encoder's state and the EMA encoder's (None without ``ema.pt``: the heads stage keeps none) of a
     stage-end checkpoint, memory-mapped: full tensors that the ranks of a node share, and no copy per rank."""
-    end_state = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True, mmap=True)
-    online = {k[len("encoder."):]: v for k, v in end_state.items() if k.startswith("encoder.")}
-    ema_state = None
-    if (point / "ema.pt").is_file():
-        ema_state = dict(online)
-        ema_state.update(torch.load(point / "ema.pt", map_location="cpu", weights_only=True, mmap=True))
-    return online, ema_state
+    online = encoder_state(point, "online")
+    return online, (encoder_state(point, "ema") if read_ema(point) is not None else None)
 
 
 def main(argv=None) -> int:
@@ -109,9 +99,9 @@ def _run(argv) -> int:
         return 2
     state = CheckpointDir.read_state(point) if point is not None else None
     if state is not None:
-        if state.get("model") != model_signature(cfg):
+        if state.get("model") != refiner_signature(cfg):
             print(f"error: checkpoint {point} was written for model {state.get('model')}, but this config builds "
-                  f"{model_signature(cfg)}", file=sys.stderr)
+                  f"{refiner_signature(cfg)}", file=sys.stderr)
             return 2
         if state["stage"] not in stages:
             print(f"error: checkpoint {point} is of stage {state['stage']!r}, not in stages.run {stages}",
@@ -128,7 +118,7 @@ def _run(argv) -> int:
         if finished:  # start the next stage from this one's end state
             # mmap: the ranks of a node share one page-cache copy of the full state instead of one each, and a
             # partitioned refiner reads only its partitions (ZeRO-3) or shards (FSDP2) of it
-            end_state = torch.load(point / "model_state.pt", map_location="cpu", weights_only=True, mmap=True)
+            end_state = read_model_state(point)
             if cfg.queue.sharded:  # rank 0's shards: each rank's own come from its client file just below
                 # (engine.load on resume may load rank 0's shard too: a warning, then restore_client fixes it)
                 end_state = {k: v for k, v in end_state.items() if not k.startswith("queues.")}
@@ -178,7 +168,8 @@ def _run(argv) -> int:
     for stage in stages[first:]:
         engine = build_engine(refiner, cfg, stage, ctx)
         last = run_stage(engine, cfg, stage, stream, ctx, writer, checkpoints, resume_from, global_step,
-                         metrics_file=out_dir / "metrics.jsonl", evaluate=periodic_knn)
+                         metrics_file=out_dir / "metrics.jsonl", evaluate=periodic_knn, inputs=refiner_inputs,
+                         signature=refiner_signature(cfg))
         resume_from, global_step = None, last["global_step"]
         results[f"{stage}_last"] = last
         if last["preempted"]:  # a stop signal: its checkpoint is written, every rank leaves now

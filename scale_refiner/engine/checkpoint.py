@@ -234,7 +234,8 @@ class CheckpointDir:
             need = _tree_bytes(previous) if previous is not None else written
             free = shutil.disk_usage(self.root).free
             raise CheckpointError(f"no space left on the device of {self.root} while writing checkpoint {tag} "
-                                  f"(rank {self.ctx.rank}: {getattr(err, 'strerror', None) or err}); a checkpoint of this run needs "
+                                  f"(rank {self.ctx.rank}: {getattr(err, 'strerror', None) or err}); a checkpoint "
+                                  f"of this run needs "
                                   f"about {need / 1e9:.2f} GB"
                                   f"{' (the size of ' + previous.name + ')' if previous is not None else ''}, "
                                   f"{free / 1e9:.2f} GB are free; the partial checkpoint was removed and "
@@ -291,3 +292,60 @@ class CheckpointDir:
                              f"{self.ctx.world}: resuming at another world size is not supported (the data "
                              f"order and RNG streams are per rank); relaunch with {saved_world} ranks")
         return torch.load(Path(path) / f"client_rank{self.ctx.rank}.pt", map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading what a checkpoint holds, for everything outside the engines: the next stage, the final k-NN and
+# exports, MAE's weights file, evaluation. Weights-only always; memory-mapped by default, so the ranks of a node
+# share one page-cache copy instead of holding one each.
+# ----------------------------------------------------------------------------------------------------------
+ENCODER_PREFIX = "encoder."
+
+
+def _load_weights_only(path: Path, mmap: bool) -> Dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file gets one message naming it
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def read_model_state(point: Path, mmap: bool = True) -> Dict:
+    """The full model state of a stage-end checkpoint (``model_state.pt``: the refiner's or the MAE's)."""
+    path = Path(point) / "model_state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{point} holds no model_state.pt (only stage-end checkpoints hold the full state; "
+                              f"pass a '*-end' checkpoint or the run directory)")
+    return _load_weights_only(path, mmap)
+
+
+def read_ema(point: Path, mmap: bool = True) -> Optional[Dict]:
+    """The EMA of the trainable encoder parameters (``ema.pt``, refine stage on), or None where there is none."""
+    path = Path(point) / "ema.pt"
+    return _load_weights_only(path, mmap) if path.is_file() else None
+
+
+def encoder_state(point: Path, which: str = "online", mmap: bool = True) -> Dict:
+    """The encoder's full state dict (keys without ``encoder.``) of a stage-end checkpoint. ``which``: ``online``,
+    or ``ema`` -- the EMA laid over the online encoder (frozen parameters and buffers do not change, so they come
+    from the online state)."""
+    if which not in ("online", "ema"):
+        raise ValueError(f"which must be online or ema, got {which!r}")
+    full = read_model_state(point, mmap)
+    state = {k[len(ENCODER_PREFIX):]: v for k, v in full.items() if k.startswith(ENCODER_PREFIX)}
+    if not state:
+        raise CheckpointError(f"{Path(point) / 'model_state.pt'} has no '{ENCODER_PREFIX}*' keys (is it a "
+                              f"refiner state?)")
+    if which == "ema":
+        ema = read_ema(point, mmap)
+        if ema is None:
+            raise CheckpointError(f"{point} has no ema.pt (the EMA exists from the refine stage on); "
+                                  f"use --encoder online")
+        unknown = sorted(k for k in ema if k not in state)
+        if unknown:
+            raise CheckpointError(f"{Path(point) / 'ema.pt'}: EMA keys not in the encoder of model_state.pt "
+                                  f"({len(unknown)}): " + ", ".join(unknown))
+        state.update(ema)
+    return state

@@ -19,15 +19,13 @@ from torch import nn
 
 from scale_refiner.config import RefineConfig, StageConfig, accumulation_steps
 from scale_refiner.engine.base import Engine
-from scale_refiner.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
+from scale_refiner.engine.checkpoint import CheckpointDir, read_ema, rng_state, set_rng_state
 from scale_refiner.engine.distributed import DistContext, resolve_precision
 from scale_refiner.engine.divergence import NonFiniteGuard
 from scale_refiner.engine.ema import EncoderEMA
 from scale_refiner.engine.optim import param_groups, scaled_lr, warmup_cosine
 from scale_refiner.engine.run_control import RunControl
 from scale_refiner.engine.watchdog import Watchdog
-from scale_refiner.heads.async_bn import coordinator_of
-from scale_refiner.precision import to_device_async
 
 log = logging.getLogger("scale_refiner")
 
@@ -81,13 +79,6 @@ def micro_batches(batch: Dict[str, torch.Tensor], parts: int):
         return [batch]
     pieces = {key: value.chunk(parts, dim=1 if key in ("global", "local") else 0) for key, value in batch.items()}
     return [{key: pieces[key][i] for key in batch} for i in range(parts)]
-
-
-def model_signature(cfg: RefineConfig) -> Dict:
-    """What a checkpoint must match to be resumed: architecture, dimensions, taps and head sizes."""
-    from scale_refiner.models.vit import resolve_model_dims
-    return dict(resolve_model_dims(cfg.model), arch=cfg.model.arch, img_size=cfg.model.img_size,
-                heads=list(cfg.heads.blocks), proj_out_dim=cfg.heads.proj_out_dim, queue_size=cfg.queue.size)
 
 
 class ResumeError(ValueError):
@@ -148,25 +139,16 @@ def _mean_over_ranks(metrics: Dict[str, torch.Tensor], ctx: DistContext) -> Dict
     return dict(zip(names, values.tolist()))
 
 
-def refiner_inputs(batch: Dict[str, torch.Tensor], device: torch.device, stage: StageConfig, step: int,
-                   micro: int = 0):
-    """A stream (micro-)batch as ``MIMRefiner.forward`` arguments: (positional, keyword). ``micro``: the
-    micro-batch's index within the step (the refiner draws nothing per micro-batch of its own)."""
-    # asynchronous copies (through pinned memory on a GPU): the host queues the step without waiting for them
-    return (tuple(to_device_async(batch[key], device) for key in ("global", "local", "index", "label")),
-            {"topk": stage.topk, "step": step})
-
-
 def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistContext, writer=None,
               checkpoints: Optional[CheckpointDir] = None,
               resume_from: Optional[Path] = None, global_offset: int = 0,
-              metrics_file: Optional[Path] = None, evaluate=None, inputs=refiner_inputs,
-              signature: Optional[Dict] = None) -> Dict[str, float]:
+              metrics_file: Optional[Path] = None, evaluate=None, *, inputs, signature: Dict) -> Dict[str, float]:
     """Train one stage (``heads``, ``refine`` or ``mae``) on ``stream`` (data/loaders.py:
     ``batches(epoch, start_batch)`` yields this rank's batches, ``samples_per_epoch`` is global).
     ``inputs(batch, device, stage_config, global_step, micro)`` turns a (micro-)batch into the model's forward
     arguments (``micro``: its index within the step, 0 without accumulation);
-    ``signature`` is what a checkpoint must match to be resumed (default: the refiner's ``model_signature``).
+    ``signature`` is what a checkpoint must match to be resumed (``refiner.refiner_signature``, ``mae_signature``).
+    What it trains may have ``finish_stage()``, called once after the last step, before the end state is taken.
     Rank 0 appends every logged step's metrics (averaged over ranks) to ``metrics_file`` as JSON lines.
     ``evaluate(engine, name, global_step)`` (collective) runs every ``run.knn_every`` steps.
 
@@ -176,7 +158,6 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
     """
     stage: StageConfig = getattr(cfg.stages, name)
     model = engine.model
-    signature = signature if signature is not None else model_signature(cfg)
     engine.module.train()
     plan = plan_stage(stage, stream.samples_per_epoch, cfg.data.batch_size, cfg.run.max_steps)
     engine.ema = EncoderEMA(engine, stage.ema) if name == "refine" else None
@@ -188,8 +169,7 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
         engine.load(resume_from)
         restore_client(model, checkpoints.load_client(resume_from), stream)
         if engine.ema is not None:
-            engine.ema.load_full_state(torch.load(resume_from / "ema.pt", map_location="cpu", weights_only=True,
-                                                  mmap=True))  # every rank reads it: one page-cache copy
+            engine.ema.load_full_state(read_ema(resume_from))  # every rank reads it: one page-cache copy
         step, global_offset = state["step"], state["global_step"] - state["step"]
         log.info("resumed stage %s at step %d from %s", name, step, resume_from)
     log.info("stage %s on %s (%d ranks, %s): %d steps (%d per epoch, %d warm-up), peak lr %.3g", name,
@@ -292,9 +272,9 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
         log.info("stopped after step %d of stage %s (%s)%s; resume with run.resume=auto", step, name, why,
                  ", checkpoint written" if checkpoints is not None else "")
     else:
-        coordinator = coordinator_of(model)
-        if coordinator is not None:
-            coordinator.sync()  # fold the last step's async-BN statistics into the running ones
+        finish = getattr(model, "finish_stage", None)
+        if finish is not None:
+            finish()  # e.g. the refiner folds the last step's async-BN statistics into the running ones
         # gathered once: the stage-end checkpoint, the next stage and the exports all start from it. ZeRO-3 gathers
         # it to rank 0 only, one parameter at a time (None on the other ranks): the next stage takes its weights
         # partition by partition (ZeroEngine.hand_off), the exports read the checkpoint

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from scale_refiner.eval.knn import check_classes, check_split
 
-# 13 learning rates, log-spaced from 1e-4 to 0.5 (the DINOv2-style sweep range of DESIGN §1).
+# 13 learning rates, log-spaced from 1e-4 to 0.5 (the sweep range of DINOv2's linear evaluation).
 DEFAULT_LRS = tuple(float(x) for x in np.geomspace(1e-4, 0.5, 13))
 
 
@@ -172,7 +172,7 @@ def linear_probe(train_parts: Dict[str, torch.Tensor], train_labels: torch.Tenso
 
 
 def standard_sets(depth_available: int) -> Dict[str, List[str]]:
-    """The four feature sets of DESIGN §1 over the parts that ``probe_parts`` names: last block vs the last
+    """The four feature sets of DINOv2's linear probe over the parts that ``probe_parts`` names: last block vs the last
     n (<= 4) blocks' CLS, each with or without the mean patch token of the last block."""
     n = min(4, depth_available)
     last = [f"cls{n - 1}"]

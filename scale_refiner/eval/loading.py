@@ -22,11 +22,9 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from scale_refiner.config import RefineConfig
+from scale_refiner.engine.checkpoint import CheckpointError, encoder_state
 from scale_refiner.models.vit import VisionTransformer, build_vit
 from scale_refiner.models.weights import WeightsError, check_state_dict, load_checkpoint_file, load_pretrained
-
-ENCODER_PREFIX = "encoder."
-
 
 class EvalInputError(ValueError):
     """Bad evaluation input (paths, checkpoint layout); the message names the file."""
@@ -56,13 +54,6 @@ def strict_load(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: 
     model.load_state_dict(state, strict=True)
 
 
-def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- any unreadable file gets one message naming it
-        raise EvalInputError(f"cannot read {path}: {exc}") from exc
-
-
 def _pick_checkpoint(run_dir: Path) -> Optional[Path]:
     root = run_dir / "checkpoints"
     candidates = []
@@ -78,28 +69,10 @@ def _pick_checkpoint(run_dir: Path) -> Optional[Path]:
 
 def encoder_state_from_checkpoint(ckpt: Path, which: str) -> Dict[str, torch.Tensor]:
     """The encoder's full state dict from a checkpoint directory (``which``: ``ema`` or ``online``)."""
-    model_state = ckpt / "model_state.pt"
-    if not model_state.is_file():
-        raise EvalInputError(f"{ckpt} holds no model_state.pt (only stage-end checkpoints hold the full state; "
-                             f"pass a '*-end' checkpoint or the run directory)")
-    full = _torch_load(model_state)
-    if not isinstance(full, dict):
-        raise EvalInputError(f"{model_state} holds a {type(full).__name__}, not a state dict")
-    state = {k[len(ENCODER_PREFIX):]: v for k, v in full.items() if k.startswith(ENCODER_PREFIX)}
-    if not state:
-        raise EvalInputError(f"{model_state} has no '{ENCODER_PREFIX}*' keys (is it a refiner state?)")
-    if which == "ema":
-        ema_path = ckpt / "ema.pt"
-        if not ema_path.is_file():
-            raise EvalInputError(f"{ckpt} has no ema.pt (the EMA exists from the refine stage on); "
-                                 f"use --encoder online")
-        ema = _torch_load(ema_path)
-        unknown = sorted(k for k in ema if k not in state)
-        if unknown:
-            raise WeightsError(f"{ema_path}: EMA keys not in the encoder of {model_state} ({len(unknown)}): "
-                               + ", ".join(unknown))
-        state.update(ema)
-    return state
+    try:
+        return encoder_state(ckpt, which, mmap=False)
+    except CheckpointError as exc:
+        raise EvalInputError(str(exc)) from None
 
 
 def load_from_run(path, which: str = "ema") -> Tuple[VisionTransformer, RefineConfig, dict]:

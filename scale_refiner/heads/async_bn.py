@@ -3,7 +3,7 @@
 SyncBN (``GlobalBatchNorm1d``) blocks on two all-reduces per BN layer per step (forward statistics, backward
 gradient sums): 8 heads x 5 layers = 80 blocking collectives per step on the critical path. This layer
 normalises with the *global* statistics of the previous step instead, which arrive through ONE bucketed,
-non-blocking all-reduce for every async-BN layer of the model (design A of DESIGN.md, "renorm style"):
+non-blocking all-reduce for every async-BN layer of the model (batch-renormalisation style, Ioffe 2017):
 
     forward value  y = gamma * (xhat_local * r + d) + beta
                    xhat_local = (x - mu_local) / sigma_local              (carries the gradient)

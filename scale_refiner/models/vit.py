@@ -232,7 +232,8 @@ class VisionTransformer(nn.Module):
             block = self.blocks[i]
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Non-reentrant only: the reentrant variant drops the gradient of the first trainable block
-                # when its input comes from a frozen (no-grad) prefix (DESIGN §2).
+                # when its input comes from a frozen (no-grad) prefix: no input requires grad, so the
+                # reentrant function is never part of the graph (tests/test_vit.py checks the gradient).
                 xs = checkpoint(block, xs, use_reentrant=False)
             else:
                 xs = block(xs)
@@ -269,7 +270,7 @@ def _init_(param: torch.Tensor, init) -> None:
     ViT are, when it is built under it) is initialised as a full fp32 tensor on the host, the same random draws as
     in a plain build, of which this rank keeps its partition: one full tensor at a time, no communication (every
     rank draws the same numbers from the same seed). A meta parameter only has the draws made."""
-    from scale_refiner.engine.zero import fill_partition, is_partitioned
+    from scale_refiner.partition import fill_partition, is_partitioned
     if param.is_meta:  # draw_init: the draws of the full tensor, kept nowhere
         init(torch.empty(param.shape, dtype=torch.float32))
         return
@@ -302,14 +303,14 @@ def build_vit(model_cfg, device=None, zero_init_config: Optional[dict] = None) -
     """Build from a ``ModelConfig``.
 
     ``device='meta'`` constructs without allocating weights; ``zero_init_config`` (a DeepSpeed config dict)
-    constructs under ``deepspeed.zero.Init`` (``engine.zero.zero_init``: fp32 partitions), so each rank keeps only
+    constructs under ``deepspeed.zero.Init`` (``partition.zero_init``: fp32 partitions), so each rank keeps only
     its partition of every parameter, and a full one exists only while its layer is built and initialised. The
     initial weights are those of a plain build under the same seed.
     """
     dims = resolve_model_dims(model_cfg)
     kwargs = dict(dims, img_size=model_cfg.img_size, in_chans=model_cfg.in_chans, arch=model_cfg.arch)
     if zero_init_config is not None:
-        from scale_refiner.engine.zero import zero_init
+        from scale_refiner.partition import zero_init
         with zero_init(zero_init_config):
             return VisionTransformer(**kwargs)
     if device is not None:

@@ -1,0 +1,10 @@
+"""The embedded main job, end to end on a fresh machine: data -> MAE pre-training -> refinement -> evaluation.
+
+A shim: the command is ``scale_refiner/cli/demo.py`` (also ``python -m scale_refiner.cli.demo``, ``scale-refiner demo``); this path
+keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name it.
+"""
+from scale_refiner.cli.demo import *  # noqa: F401,F403  (tests and tools load this file and call its main)
+from scale_refiner.cli.demo import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

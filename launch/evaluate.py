@@ -1,0 +1,10 @@
+"""Evaluate a refined (or any registered) ViT: k-NN, per-block k-NN, linear probe, low-shot, k-means.
+
+A shim: the command is ``scale_refiner/cli/evaluate.py`` (also ``python -m scale_refiner.cli.evaluate``, ``scale-refiner evaluate``); this path
+keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name it.
+"""
+from scale_refiner.cli.evaluate import *  # noqa: F401,F403  (tests and tools load this file and call its main)
+from scale_refiner.cli.evaluate import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The layering rule of docs/architecture.md, checked on every import statement of the package (lazy imports
+inside functions included): a package may import only the ones its layer lists."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "scale_refiner"
+
+# unit -> the units it may import (besides itself). A unit is a top-level module or a subpackage.
+FOUNDATION = {"atomic", "precision", "partition"}
+ALLOWED = {
+    "atomic": set(),
+    "precision": set(),
+    "partition": set(),
+    "models": {"atomic", "precision", "partition"},
+    "config": {"models"},
+    "data": {"atomic", "config"},
+    "heads": {"precision"},
+    "memory": {"precision"},
+    "objective": {"precision"},
+    "engine": FOUNDATION | {"config", "models"},
+    "refiner": FOUNDATION | {"config", "models", "heads", "memory", "objective", "engine"},
+    "mae": FOUNDATION | {"config", "models", "engine"},
+    "eval": FOUNDATION | {"config", "models", "data", "engine"},
+    "bench": FOUNDATION | {"config", "models", "data", "heads", "memory", "objective", "engine", "refiner", "mae",
+                           "eval"},
+}
+ALLOWED["cli"] = set(ALLOWED) - {"cli"}  # the commands: wiring, anything below
+
+
+def unit_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0]
+
+
+def imported_units(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "scale_refiner" and len(parts) > 1:
+                yield parts[1], node.lineno
+
+
+def test_every_import_follows_the_layers():
+    broken = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        unit = unit_of(path)
+        if unit == "__init__":
+            continue
+        assert unit in ALLOWED, f"{path}: a new unit; give it a layer in docs/architecture.md and here"
+        for target, line in imported_units(path):
+            if target != unit and target not in ALLOWED[unit]:
+                broken.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {unit} imports {target}")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_rule_has_no_cycles():
+    seen, done = set(), set()
+
+    def visit(unit, trail):
+        assert unit not in seen or unit in done, f"cycle: {' -> '.join(trail + [unit])}"
+        if unit in done:
+            return
+        seen.add(unit)
+        for target in ALLOWED[unit]:
+            visit(target, trail + [unit])
+        done.add(unit)
+
+    for unit in ALLOWED:
+        visit(unit, [])
