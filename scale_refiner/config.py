@@ -100,13 +100,13 @@ class StagesConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion-mnist"  # the embedded default; see README "Data"
+    dataset: str = "fashion-mnist"  # the embedded default; see docs/data.md
     train_shards: Optional[str] = None
     test_shards: Optional[str] = None
     batch_size: int = 1024  # global, over all ranks: one optimiser step
     # Samples per rank in one forward/backward; 0 = batch_size / world (no accumulation). Smaller: the step
     # accumulates batch_size / (world * micro_batch_size) micro-batches. Negatives, BN statistics and the
-    # queue's enqueue then come from each micro-batch x world (README, "Gradient accumulation").
+    # queue's enqueue then come from each micro-batch x world (docs/training.md, "Gradient accumulation").
     micro_batch_size: int = 0
     num_workers: int = 2
     # Cap on samples per epoch (0 = the whole split); lets tiny CPU runs finish.

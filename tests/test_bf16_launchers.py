@@ -3,7 +3,7 @@ gradient accumulation.
 
 The bf16 runs are held to the fp32 run of the same recipe: the loss of every step within ``BF16_RTOL`` of it,
 their mean gap within ``BF16_RTOL_MEAN``, and the first step (identical weights) within ``BF16_RTOL_FIRST``. The published weights (``model_state.pt``,
-the exports) are fp32. Measured gaps are in the README ("Precision").
+the exports) are fp32. Measured gaps are in docs/training.md ("Precision").
 """
 import json
 from pathlib import Path
@@ -21,7 +21,7 @@ BOTH = ["stages.run=[heads,refine]", "data.samples_per_epoch=48", "stages.heads.
 BF16 = ["engine.precision=bf16"]
 # bf16's 8-bit mantissa in the encoder and heads: measured here, step 1 within 0.04 %; later steps drift as the
 # two trajectories part, up to 1.2 % (syncbn, bn) and 4.7 % (async BN at the first refine step, where the
-# loss itself falls from 9.7 to 8.0), means 0.3-1.5 % (README, "Precision"). The bounds leave room for other
+# loss itself falls from 9.7 to 8.0), means 0.3-1.5 % (docs/training.md, "Precision"). The bounds leave room for other
 # machines' kernels and still fail on a precision bug: a bf16 loss or a bf16 queue search moves step 1 by
 # more than 0.2 %.
 BF16_RTOL, BF16_RTOL_MEAN, BF16_RTOL_FIRST = 0.08, 0.025, 0.002

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             micro, steps = micro_batch_for(recipe_batch, ctx.world, per_rank)
             print(f"--batch auto: the recipe's global batch {recipe_batch} on {ctx.world} rank(s) runs as {steps} "
                   f"micro-batch(es) of {micro} per rank: data.micro_batch_size={micro}"
-                  + ("" if steps == 1 else " (gradient accumulation; README 'Gradient accumulation')"))
+                  + ("" if steps == 1 else " (gradient accumulation; docs/training.md 'Gradient accumulation')"))
     else:
         per_rank = int(args.batch)
     cfg.data.batch_size = per_rank * ctx.world

@@ -4,7 +4,7 @@
     deepspeed --num_gpus N launch/refine.py --config configs/mae_l16.yaml                  # ZeRO-3
     torchrun --nproc_per_node N launch/refine.py --config configs/mae_l16.yaml engine.kind=fsdp2
 
-Without a GPU the ranks run on the CPU with gloo. See the README for multi-node launches and the recipes.
+Without a GPU the ranks run on the CPU with gloo. See docs/training.md for multi-node launches, docs/configuration.md for the recipes.
 """
 from __future__ import annotations
 

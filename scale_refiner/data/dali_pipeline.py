@@ -1,7 +1,6 @@
 """NVIDIA DALI decoding of webdataset shards into BYOL multi-crop views (GPU "mixed" decoding, or all-CPU).
 
-The same views as :class:`scale_refiner.data.augment.MultiCropAugment` (the BYOL multi-crop of the README,
-"Data"), in DALI ops:
+The same views as :class:`scale_refiner.data.augment.MultiCropAugment` (the BYOL multi-crop of docs/data.md), in DALI ops:
 
     op                       DALI                                           g1    g2    local
     decode                   decoders.image (mixed on GPU, cpu otherwise), RGB

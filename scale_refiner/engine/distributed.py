@@ -99,7 +99,7 @@ def _loopback_only_when_local() -> None:
     """A job whose rendezvous address is loopback runs on this machine alone: its gloo pairs and NCCL's
     bootstrap then bind to the loopback interface instead of whichever one they would pick (every rank sets the
     same, before its group exists; a value already in the environment wins). The launcher's TCPStore is not
-    ours to bind: it listens on all interfaces (README, "What listens where")."""
+    ours to bind: it listens on all interfaces (docs/training.md, "What listens where")."""
     if os.environ.get("MASTER_ADDR", "127.0.0.1") in _LOOPBACK:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")

@@ -1,4 +1,4 @@
-"""Evaluation of encoders: the protocols of the README, "Evaluation".
+"""Evaluation of encoders: the protocols of docs/evaluation.md.
 
 - ``features``: per-block CLS taps, final-norm CLS, last-n normed CLS + mean patch; distributed extraction.
 - ``knn``: weighted k-NN, per-block k-NN, ``quick_knn`` for use during training, input checks.
