@@ -65,11 +65,11 @@ def test_refine_stage_keeps_frozen_prefix_and_trains_the_rest(checkpointing):
     refiner = build_refiner(cfg)
     before = snapshot(refiner.encoder)
     engine = build_engine(refiner, cfg, "refine", CTX)
-    run_stage(engine, cfg, "refine", SyntheticStream(), CTX, **CONTRACT(cfg))
+    result = run_stage(engine, cfg, "refine", SyntheticStream(), CTX, **CONTRACT(cfg))
     for name, p in refiner.encoder.named_parameters():
         frozen = name.startswith(("patch_embed", "cls_token", "pos_embed", "blocks.0.", "blocks.1."))
         assert torch.equal(p, before[name]) == frozen, name
-    assert engine.ema is not None and set(engine.ema.shadow) == {
+    assert result.ema is not None and set(result.ema.shadow) == {
         n for n, p in refiner.encoder.named_parameters() if p.requires_grad}
 
 

@@ -142,8 +142,9 @@ def _run(argv) -> int:
         from scale_refiner.data.loaders import train_stream
         stream = train_stream(cfg, ctx.rank, ctx.world)
         engine = build_engine(model, cfg, "mae", ctx)
-        last = run_stage(engine, cfg, "mae", stream, ctx, writer, checkpoints, point,
-                         metrics_file=out_dir / "metrics.jsonl", inputs=mae_inputs, signature=signature)
+        result = run_stage(engine, cfg, "mae", stream, ctx, writer, checkpoints, point,
+                           metrics_file=out_dir / "metrics.jsonl", inputs=mae_inputs, signature=signature)
+        last = result.metrics
         if writer is not None:
             writer.close()
         if last["preempted"]:  # a stop signal: its checkpoint is written, every rank leaves now
@@ -152,7 +153,7 @@ def _run(argv) -> int:
         if last["stopped"]:
             ctx.barrier()
             return 0
-        full = engine.end_state
+        full = result.end_state
     if ctx.is_main:
         check_finite(full, f"MAE weights {out_dir / WEIGHTS_NAME}")
         with atomic_path(out_dir / WEIGHTS_NAME) as tmp:

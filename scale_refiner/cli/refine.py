@@ -167,9 +167,10 @@ def _run(argv) -> int:
     final_point = point  # the checkpoint whose end state the run ends with: the last stage's end
     for stage in stages[first:]:
         engine = build_engine(refiner, cfg, stage, ctx)
-        last = run_stage(engine, cfg, stage, stream, ctx, writer, checkpoints, resume_from, global_step,
+        result = run_stage(engine, cfg, stage, stream, ctx, writer, checkpoints, resume_from, global_step,
                          metrics_file=out_dir / "metrics.jsonl", evaluate=periodic_knn, inputs=refiner_inputs,
                          signature=refiner_signature(cfg))
+        last = result.metrics
         resume_from, global_step = None, last["global_step"]
         results[f"{stage}_last"] = last
         if last["preempted"]:  # a stop signal: its checkpoint is written, every rank leaves now
@@ -186,12 +187,12 @@ def _run(argv) -> int:
             # ZeRO-3 / FSDP2: built partitioned alike (zero.Init / a meta encoder) and given the engine's fp32
             # partitions or shards, rank by rank: no full copy. Rank 0's gathered end state is in model_state.pt
             # by now: dropped before the next build.
-            engine.end_state = None
+            result = None
             refiner = build_refiner(cfg, load_weights=False, partitioned=True)
             engine.hand_off(refiner)
         else:  # the full end state, which these engines hold on every rank
             refiner = build_refiner(cfg, load_weights=False)
-            refiner.load_state_dict(engine.end_state)
+            refiner.load_state_dict(result.end_state)
         # The old model and its partitions go before the next engine is set up: DeepSpeed holds on to a ZeRO-3
         # model (close), and its engine and optimiser hold it in reference cycles (collected now, not later)
         if hasattr(engine, "close"):

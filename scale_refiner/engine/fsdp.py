@@ -171,7 +171,6 @@ class FSDPEngine(Engine):
                     state[key] = full.detach().to("cpu", torch.float32)
             elif state is not None:
                 state.update(cpu_state_copy({key: value}))
-        self.end_state = state
         return state
 
     can_hand_off = True

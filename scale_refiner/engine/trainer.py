@@ -81,6 +81,16 @@ def micro_batches(batch: Dict[str, torch.Tensor], parts: int):
     return [{key: pieces[key][i] for key in batch} for i in range(parts)]
 
 
+@dataclass
+class StageResult:
+    """What ``run_stage`` gives back: the last logged metrics (averaged over ranks; with ``steps``,
+    ``global_step``, ``stopped``, ``preempted``), the EMA of the refine stage (None otherwise), and the full model
+    state when the stage ran to its end (None otherwise, and on ranks other than 0 under ZeRO-3 and FSDP2)."""
+    metrics: Dict
+    ema: Optional[EncoderEMA] = None
+    end_state: Optional[Dict[str, torch.Tensor]] = None
+
+
 class ResumeError(ValueError):
     """A checkpoint that this configuration must not continue (the message names the key)."""
 
@@ -142,7 +152,7 @@ def _mean_over_ranks(metrics: Dict[str, torch.Tensor], ctx: DistContext) -> Dict
 def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistContext, writer=None,
               checkpoints: Optional[CheckpointDir] = None,
               resume_from: Optional[Path] = None, global_offset: int = 0,
-              metrics_file: Optional[Path] = None, evaluate=None, *, inputs, signature: Dict) -> Dict[str, float]:
+              metrics_file: Optional[Path] = None, evaluate=None, *, inputs, signature: Dict) -> "StageResult":
     """Train one stage (``heads``, ``refine`` or ``mae``) on ``stream`` (data/loaders.py:
     ``batches(epoch, start_batch)`` yields this rank's batches, ``samples_per_epoch`` is global).
     ``inputs(batch, device, stage_config, global_step, micro)`` turns a (micro-)batch into the model's forward
@@ -152,15 +162,16 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
     Rank 0 appends every logged step's metrics (averaged over ranks) to ``metrics_file`` as JSON lines.
     ``evaluate(engine, name, global_step)`` (collective) runs every ``run.knn_every`` steps.
 
-    Returns the last logged metrics plus ``steps``; the EMA (refine stage) is left on ``engine.ema`` and, when
-    the stage ran to its end, the full model state on ``engine.end_state`` (under ZeRO-3 on rank 0 only: None on
-    the other ranks).
+    Returns a ``StageResult``: the last logged metrics (plus ``steps``, ``global_step``, ``stopped``,
+    ``preempted``), the EMA (refine stage) and, when the stage ran to its end, the full model state (under ZeRO-3
+    and FSDP2 gathered to rank 0 only: None on the other ranks).
     """
     stage: StageConfig = getattr(cfg.stages, name)
     model = engine.model
     engine.module.train()
     plan = plan_stage(stage, stream.samples_per_epoch, cfg.data.batch_size, cfg.run.max_steps)
-    engine.ema = EncoderEMA(engine, stage.ema) if name == "refine" else None
+    ema = EncoderEMA(engine, stage.ema) if name == "refine" else None
+    end_state = None
     step = 0
     if resume_from is not None:
         state = CheckpointDir.read_state(resume_from)
@@ -168,8 +179,8 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
                      resume_from)
         engine.load(resume_from)
         restore_client(model, checkpoints.load_client(resume_from), stream)
-        if engine.ema is not None:
-            engine.ema.load_full_state(read_ema(resume_from))  # every rank reads it: one page-cache copy
+        if ema is not None:
+            ema.load_full_state(read_ema(resume_from))  # every rank reads it: one page-cache copy
         step, global_offset = state["step"], state["global_step"] - state["step"]
         log.info("resumed stage %s at step %d from %s", name, step, resume_from)
     log.info("stage %s on %s (%d ranks, %s): %d steps (%d per epoch, %d warm-up), peak lr %.3g", name,
@@ -186,7 +197,7 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
         checkpoints.save(tag, engine, {"stage": name, "step": step, "global_step": global_offset + step,
                                        "stage_done": step >= plan.total_steps, "model": signature,
                                        "schedule": run_signature(cfg, engine, plan)},
-                         client_state(model, stream), engine.ema, model_state)
+                         client_state(model, stream), ema, model_state)
         control.saved()
         watchdog.beat()
 
@@ -213,8 +224,8 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
             if engine.accumulation > 1:
                 metrics = {key: value / engine.accumulation for key, value in metrics.items()}
             grad_norm = engine.step(stage.clip_grad)
-            if engine.ema is not None:
-                engine.ema.update()
+            if ema is not None:
+                ema.update()
             step += 1
             progress.update(1)
             guard.observe(step, dict(metrics, grad_norm=grad_norm))  # device operations: no sync
@@ -279,12 +290,12 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
         # it to rank 0 only, one parameter at a time (None on the other ranks): the next stage takes its weights
         # partition by partition (ZeroEngine.hand_off), the exports read the checkpoint
         guard.check()  # before the gather: every rank agrees, none is left waiting in it
-        engine.end_state = getattr(engine, "stage_end_state", engine.full_state)()
+        end_state = getattr(engine, "stage_end_state", engine.full_state)()
         if checkpoints is not None:
-            save(f"{name}-end", model_state=engine.end_state)
+            save(f"{name}-end", model_state=end_state)
         if stop:
             log.info("%s received at the last step of stage %s: its end checkpoint is written; resume with "
                      "run.resume=auto", control.signal, name)
     last["steps"] = step
     last["global_step"] = global_offset + step
-    return last
+    return StageResult(metrics=last, ema=ema, end_state=end_state)

@@ -172,8 +172,8 @@ class ZeroEngine(Engine):
                 self._frozen_fp32[name] = share.to("cpu")
         del fp32_shares
         self._micro = 0
-        # set by stage_end_state (ZeRO-3): the full state on rank 0, None elsewhere, and a flag on every rank
-        self.end_state, self._end_gathered = None, False
+        # set by stage_end_state (ZeRO-3): the full state on rank 0, {} on the others (every rank knows it is set)
+        self._end_gathered = None  # the stage end's state, kept for the one save that follows it (rank 0)
 
     @property
     def module(self) -> nn.Module:
@@ -340,9 +340,6 @@ class ZeroEngine(Engine):
         ``hand_off`` instead; under ZeRO-2, where every rank holds the whole model anyway, ``full_state()``."""
         if self.stage != 3:
             return self.full_state()
-        # save() of the stage-end checkpoint, which comes next, takes the frozen weights from this state instead
-        # of gathering them again: rank 0 would otherwise hold them twice (the whole encoder in the heads stage)
-        self._end_gathered = True
         state = {} if self.ctx.is_main else None
         for key, value in self.model.state_dict().items():
             if key in self._params:
@@ -351,12 +348,14 @@ class ZeroEngine(Engine):
                     state[key] = full.to("cpu", torch.float32)
             elif state is not None:
                 state.update(cpu_state_copy({key: value}))
-        self.end_state = state
+        # save() of the stage-end checkpoint, which comes next, takes the frozen weights from this state instead
+        # of gathering them again: rank 0 would otherwise hold them twice (the whole encoder in the heads stage)
+        self._end_gathered = state if state is not None else {}
         return state
 
     @property
     def can_hand_off(self) -> bool:
-        """Whether the next stage takes its weights by ``hand_off`` (ZeRO-3) rather than from ``end_state``."""
+        """Whether the next stage takes its weights by ``hand_off`` (ZeRO-3) rather than from the end state."""
         return self.stage == 3
 
     @torch.no_grad()
@@ -391,15 +390,16 @@ class ZeroEngine(Engine):
             from deepspeed.runtime.zero import parameter_offload
             stack = parameter_offload.FWD_MODULE_STACK
             stack[:] = [m for m in stack if m is not self.model]
-        self.end_state = None
+        self._end_gathered = None
 
     # -------------------------------------------------------------------------------------- checkpoints
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
         frozen_names = [n for n, p in self._params.items() if not p.requires_grad]
-        if self.stage == 3 and self._end_gathered:  # the stage end: rank 0 holds them in end_state already
-            frozen = {n: self.end_state[n] for n in frozen_names} if self.ctx.is_main else {}
+        if self.stage == 3 and self._end_gathered is not None:  # the stage end: rank 0 holds them already
+            frozen = {n: self._end_gathered[n] for n in frozen_names} if self.ctx.is_main else {}
+            self._end_gathered = None  # used once: the caller's reference is the only one left
         elif self.stage == 3:  # gathered to rank 0 only, one at a time (for the heads stage: the whole encoder)
             frozen = {}
             for n in frozen_names:
