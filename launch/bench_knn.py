@@ -1,10 +1,16 @@
-"""Time the refine job's k-NN measurement (``scale_refiner.eval.knn.knn_of_state``) on 1 process and on N gloo CPU ranks,
+"""Time the refine job's k-NN measurement (``scale_refiner.eval.knn.knn_of_state``) on 1 process and N gloo ranks.
 
-A shim: the command is ``scale_refiner/cli/bench_knn.py`` (also ``python -m scale_refiner.cli.bench_knn``); this path
-keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name it.
+A shim: the command is ``scale_refiner/cli/bench_knn.py`` (also ``python -m scale_refiner.cli.bench_knn``); this
+path keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name it.
 """
-from scale_refiner.cli.bench_knn import *  # noqa: F401,F403  (tests and tools load this file and call its main)
-from scale_refiner.cli.bench_knn import main
+try:
+    from scale_refiner.cli.bench_knn import *  # noqa: F401,F403  (tests and tools load this file and call its main)
+    from scale_refiner.cli.bench_knn import main
+except ModuleNotFoundError as err:
+    if err.name != "scale_refiner":
+        raise
+    raise SystemExit("error: the scale_refiner package is not importable: install it (make env, or pip install -e "
+                     "the repository) or run with PYTHONPATH=<the repository>") from None
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,10 +1,16 @@
 """The embedded main job, end to end on a fresh machine: data -> MAE pre-training -> refinement -> evaluation.
 
-A shim: the command is ``scale_refiner/cli/demo.py`` (also ``python -m scale_refiner.cli.demo``, ``scale-refiner demo``); this path
-keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name it.
+A shim: the command is ``scale_refiner/cli/demo.py`` (also ``python -m scale_refiner.cli.demo``, ``scale-refiner
+demo``); this path keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name it.
 """
-from scale_refiner.cli.demo import *  # noqa: F401,F403  (tests and tools load this file and call its main)
-from scale_refiner.cli.demo import main
+try:
+    from scale_refiner.cli.demo import *  # noqa: F401,F403  (tests and tools load this file and call its main)
+    from scale_refiner.cli.demo import main
+except ModuleNotFoundError as err:
+    if err.name != "scale_refiner":
+        raise
+    raise SystemExit("error: the scale_refiner package is not importable: install it (make env, or pip install -e "
+                     "the repository) or run with PYTHONPATH=<the repository>") from None
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,10 +1,17 @@
 """Evaluate a refined (or any registered) ViT: k-NN, per-block k-NN, linear probe, low-shot, k-means.
 
-A shim: the command is ``scale_refiner/cli/evaluate.py`` (also ``python -m scale_refiner.cli.evaluate``, ``scale-refiner evaluate``); this path
-keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name it.
+A shim: the command is ``scale_refiner/cli/evaluate.py`` (also ``python -m scale_refiner.cli.evaluate``, ``scale-
+refiner evaluate``); this path keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name
+it.
 """
-from scale_refiner.cli.evaluate import *  # noqa: F401,F403  (tests and tools load this file and call its main)
-from scale_refiner.cli.evaluate import main
+try:
+    from scale_refiner.cli.evaluate import *  # noqa: F401,F403  (tests and tools load this file and call its main)
+    from scale_refiner.cli.evaluate import main
+except ModuleNotFoundError as err:
+    if err.name != "scale_refiner":
+        raise
+    raise SystemExit("error: the scale_refiner package is not importable: install it (make env, or pip install -e "
+                     "the repository) or run with PYTHONPATH=<the repository>") from None
 
 if __name__ == "__main__":
     raise SystemExit(main())

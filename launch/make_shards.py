@@ -1,10 +1,17 @@
 """Write webdataset shards + DALI index files + a JSON manifest (format: shards/README.md).
 
-A shim: the command is ``scale_refiner/cli/make_shards.py`` (also ``python -m scale_refiner.cli.make_shards``, ``scale-refiner make-shards``); this path
-keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name it.
+A shim: the command is ``scale_refiner/cli/make_shards.py`` (also ``python -m scale_refiner.cli.make_shards``,
+``scale-refiner make-shards``); this path keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts
+that name it.
 """
-from scale_refiner.cli.make_shards import *  # noqa: F401,F403  (tests and tools load this file and call its main)
-from scale_refiner.cli.make_shards import main
+try:
+    from scale_refiner.cli.make_shards import *  # noqa: F401,F403  (tests and tools load this file and call its main)
+    from scale_refiner.cli.make_shards import main
+except ModuleNotFoundError as err:
+    if err.name != "scale_refiner":
+        raise
+    raise SystemExit("error: the scale_refiner package is not importable: install it (make env, or pip install -e "
+                     "the repository) or run with PYTHONPATH=<the repository>") from None
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,10 +1,16 @@
 """Refine a pre-trained MIM ViT with MIM-Refiner: the heads stage, then the refine stage.
 
-A shim: the command is ``scale_refiner/cli/refine.py`` (also ``python -m scale_refiner.cli.refine``, ``scale-refiner refine``); this path
-keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name it.
+A shim: the command is ``scale_refiner/cli/refine.py`` (also ``python -m scale_refiner.cli.refine``, ``scale-refiner
+refine``); this path keeps working for the launchers (``deepspeed``, ``torchrun``) and scripts that name it.
 """
-from scale_refiner.cli.refine import *  # noqa: F401,F403  (tests and tools load this file and call its main)
-from scale_refiner.cli.refine import main
+try:
+    from scale_refiner.cli.refine import *  # noqa: F401,F403  (tests and tools load this file and call its main)
+    from scale_refiner.cli.refine import main
+except ModuleNotFoundError as err:
+    if err.name != "scale_refiner":
+        raise
+    raise SystemExit("error: the scale_refiner package is not importable: install it (make env, or pip install -e "
+                     "the repository) or run with PYTHONPATH=<the repository>") from None
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,10 @@ from scale_refiner.engine.distributed import spawn_gloo  # installed (pip instal
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
+# the jobs the tests start (python launch/..., deepspeed, torchrun) import this checkout's package too, installed
+# or not (pytest.ini's pythonpath reaches this process only)
+_inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + _inherited)
 
 
 def run_gloo(fn, world: int = 2, *args):

@@ -302,6 +302,13 @@ def test_dcp_metadata_with_a_payload_is_refused(tmp_path):
     refuse_unsafe_pickle(good, _dcp_metadata_class)
     with pytest.raises(CheckpointError, match="system"):
         refuse_unsafe_pickle(bad, _dcp_metadata_class)
+    # a dotted name: protocol 4 resolves "os.system" as an attribute path from an allowed DCP module
+    dotted = tmp_path / "dotted"
+    module, name, arg = b"torch.distributed.checkpoint.filesystem", b"os.system", f"touch {tmp_path / 'ran'}".encode()
+    dotted.write_bytes(b"\x80\x04" + b"\x8c" + bytes([len(module)]) + module + b"\x8c" + bytes([len(name)]) + name
+                       + b"\x93" + b"\x8c" + bytes([len(arg)]) + arg + b"\x85R.")
+    with pytest.raises(CheckpointError, match="os.system"):
+        refuse_unsafe_pickle(dotted, _dcp_metadata_class)
     assert not (tmp_path / "ran").exists()
 
 
@@ -397,3 +404,23 @@ def test_the_guard_agrees_on_the_first_bad_step_over_ranks(gloo):
                       "grad_norm": torch.tensor(1.0)})
     with pytest.raises(DivergenceError, match=r"stage heads, step 7: non-finite block1/loss, loss on rank 0"):
         guard.check()
+
+
+def _guard_with_a_dtensor_norm(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from scale_refiner.engine.distributed import DistContext
+    from scale_refiner.engine.divergence import DivergenceError, NonFiniteGuard
+    mesh = init_device_mesh("cpu", (world,))
+    guard = NonFiniteGuard(DistContext(rank, world, rank, torch.device("cpu")), "refine")
+    for step, norm in ((1, 1.0), (2, float("inf"))):  # FSDP2's clip_grad_norm_ gives a replicated DTensor
+        guard.observe(step, {"loss": torch.tensor(1.0),
+                             "grad_norm": distribute_tensor(torch.tensor(norm), mesh, [Replicate()])})
+    try:
+        guard.check()
+    except DivergenceError as err:
+        return str(err)
+
+
+def test_the_guard_reads_fsdp2_s_dtensor_norm(gloo):
+    assert gloo(_guard_with_a_dtensor_norm, 2).startswith("stage refine, step 2: non-finite grad_norm on rank 0")

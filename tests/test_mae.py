@@ -234,3 +234,16 @@ def test_two_ranks_equal_one_process(straight_run, tmp_path, kind):
     a, b = weights(straight_run), weights(tmp_path)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_run_control_keys_do_not_change_the_recipe():
+    """A preempted MAE run resumes (and its finished weights are reused) whatever its stop signals, timed
+    saves, timeout or allowed resume changes: they say how the run is kept alive, not what it trains."""
+    from scale_refiner.cli.pretrain_mae import mae_signature
+    base = load_config(ROOT / "configs/demo_mae.yaml", schema_class=PretrainConfig)
+    other = load_config(ROOT / "configs/demo_mae.yaml", [
+        "run.timeout_minutes=60", "run.save_every_minutes=5", "run.stop_signals=[SIGUSR1]", "run.control_every=4",
+        "run.resume_allow_changes=[data.batch_size]"], schema_class=PretrainConfig)
+    assert mae_signature(base) == mae_signature(other)
+    changed = load_config(ROOT / "configs/demo_mae.yaml", ["stages.mae.base_lr=7.7e-4"], schema_class=PretrainConfig)
+    assert mae_signature(base) != mae_signature(changed)

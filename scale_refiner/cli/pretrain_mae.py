@@ -61,7 +61,8 @@ def recipe_of(cfg: PretrainConfig) -> dict:
     """The recipe a weights file is reused for: everything but where and how often the run logs."""
     recipe = to_dict(cfg)
     for key in ("out_dir", "log_every", "save_every", "resume", "keep_checkpoints", "knn_every", "stop_after",
-                "verify_checkpoint"):
+                "verify_checkpoint", "stop_signals", "control_every", "save_every_minutes", "timeout_minutes",
+                "resume_allow_changes"):
         recipe["run"].pop(key)
     recipe["data"].pop("num_workers")
     return recipe

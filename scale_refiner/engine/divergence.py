@@ -35,10 +35,13 @@ class NonFiniteGuard:
 
     def observe(self, step: int, values: Dict[str, torch.Tensor]) -> None:
         """Fold one step's values in (device operations only)."""
-        device = next((v.device for v in values.values() if torch.is_tensor(v)), torch.device("cpu"))
+        device = next((v.device for v in values.values() if torch.is_tensor(v) and not hasattr(v, "to_local")),
+                      torch.device("cpu"))
         names = sorted(values)
 
         def non_finite(value):
+            if hasattr(value, "to_local"):  # FSDP2's gradient norm: a replicated DTensor, whole on every rank
+                value = value.to_local()
             if torch.is_tensor(value):
                 return (~torch.isfinite(value.detach().float().reshape(()))).to(device)
             # a host number (or None: no norm this step): a device fill, not a host-to-device copy, so that the

@@ -223,11 +223,20 @@ class FSDPEngine(Engine):
                        optim_state_dict=state["optimizer"])
 
 
+_DCP_METADATA = {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"}
+
+
 def _dcp_metadata_class(module: str, name: str) -> bool:
-    """What a DCP ``.metadata`` pickle may reconstruct: DCP's own metadata classes, torch dtypes, sizes and
+    """What a DCP ``.metadata`` pickle may reconstruct, by exact name (a dotted name would let pickle reach any
+    attribute of an allowed module, e.g. its ``os``): DCP's own metadata classes, torch dtypes, sizes and
     layouts, and a path."""
-    if module.startswith("torch.distributed.checkpoint."):
-        return True
+    if "." in name:
+        return False
+    if module == "torch.distributed.checkpoint.metadata":
+        return name in _DCP_METADATA
+    if module == "torch.distributed.checkpoint.filesystem":
+        return name == "_StorageInfo"
     if module == "torch":
         return name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
                                                                           torch.memory_format))

@@ -166,6 +166,16 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
     ``preempted``), the EMA (refine stage) and, when the stage ran to its end, the full model state (under ZeRO-3
     and FSDP2 gathered to rank 0 only: None on the other ranks).
     """
+    watchdog = Watchdog(cfg.run.timeout_minutes)
+    try:
+        return _run_stage(engine, cfg, name, stream, ctx, writer, checkpoints, resume_from, global_offset,
+                          metrics_file, evaluate, inputs, signature, watchdog)
+    finally:
+        watchdog.pause()  # whichever way the stage ends: an armed timer would end the process later
+
+
+def _run_stage(engine, cfg, name, stream, ctx, writer, checkpoints, resume_from, global_offset, metrics_file,
+               evaluate, inputs, signature, watchdog) -> "StageResult":
     stage: StageConfig = getattr(cfg.stages, name)
     model = engine.model
     engine.module.train()
@@ -189,17 +199,18 @@ def run_stage(engine: Engine, cfg: RefineConfig, name: str, stream, ctx: DistCon
 
     control = RunControl(ctx, cfg.run.save_every_minutes, cfg.run.control_every)
     guard = NonFiniteGuard(ctx, name)
-    watchdog = Watchdog(cfg.run.timeout_minutes)
 
     def save(tag: str, model_state=None):
         guard.check()  # never a checkpoint (nor `latest`, nor the exports made from it) after a non-finite step
+        watching = watchdog.armed
         watchdog.pause()  # a 2B checkpoint can take minutes; the collective timeout still covers it
         checkpoints.save(tag, engine, {"stage": name, "step": step, "global_step": global_offset + step,
                                        "stage_done": step >= plan.total_steps, "model": signature,
                                        "schedule": run_signature(cfg, engine, plan)},
                          client_state(model, stream), ema, model_state)
         control.saved()
-        watchdog.beat()
+        if watching:  # (the stage-end save comes after the loop: the watchdog stays off then)
+            watchdog.beat()
 
     last: Dict[str, float] = {}
     progress = tqdm(total=plan.total_steps, initial=step, desc=name, dynamic_ncols=True,

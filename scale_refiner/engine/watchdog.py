@@ -17,14 +17,17 @@ import sys
 class Watchdog:
     def __init__(self, timeout_minutes: float):
         self.timeout_s = 60.0 * timeout_minutes  # 0: off
+        self.armed = False
 
     def beat(self) -> None:
         """Progress: the rank has until ``timeout_s`` from now to make more."""
         if self.timeout_s > 0:
             faulthandler.dump_traceback_later(self.timeout_s, exit=True, file=sys.stderr)
+            self.armed = True
 
     def pause(self) -> None:
         faulthandler.cancel_dump_traceback_later()
+        self.armed = False
 
     def __enter__(self) -> "Watchdog":
         self.beat()
