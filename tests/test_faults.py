@@ -179,7 +179,10 @@ def test_sigkill_of_a_rank_ends_the_job_and_resume_is_bit_identical(straight, tm
         end_of(processes, timeout=90)
         assert time.monotonic() - killed_at < 60
     tag = (killed / "checkpoints/latest").read_text()
-    assert tag == "refine-0000004" if when == "mid-save" else tag in ("refine-0000008", "refine-0000012")
+    if when == "mid-save":
+        assert tag == "refine-0000004"
+    else:  # killed at step 10 or a little later (a slow box): the newest periodic checkpoint before it
+        assert tag.startswith("refine-") and int(tag[-7:]) >= 8 and int(tag[-7:]) % 4 == 0, tag
     proc = run("deepspeed", killed, LONG + ["run.save_every=4", "run.resume=auto"])  # hashes verified first
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_equal_states(end_state(straight), end_state(killed))
@@ -194,8 +197,8 @@ def test_deepspeed_engine_without_a_launcher_runs_as_one_rank(tmp_path):
 
 
 def test_save_every_minutes_checkpoints_by_the_clock(tmp_path):
-    # 0.001 min: due at every step. The ranks agree (rank 0's clock), and the periodic ones are pruned to 2.
-    proc = run("deepspeed", tmp_path, ["stages.refine.epochs=2", "run.save_every_minutes=0.001"])
+    # 0.00001 min (0.6 ms): due at every step. The ranks agree (rank 0's clock); periodic ones are pruned to 2.
+    proc = run("deepspeed", tmp_path, ["stages.refine.epochs=2", "run.save_every_minutes=0.00001"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     tags = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["refine-0000004", "refine-0000005", "refine-end"]
