@@ -41,3 +41,11 @@ def to_device_async(x: torch.Tensor, device: torch.device | str) -> torch.Tensor
             x = x.contiguous().pin_memory()
         return x.to(device, non_blocking=True)
     return x.to(device)
+
+
+def nonfinite_tensors(state) -> str:
+    """The floating-point tensors of ``state`` (a mapping of names to tensors) that hold a NaN or an infinity,
+    named for an error message: the first five and how many more; "" when every one is finite."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    return ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

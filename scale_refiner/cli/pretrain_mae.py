@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from scale_refiner.cli.args import parse_launched
+from scale_refiner.cli.args import parse_launched, run_reporting_faults
 from scale_refiner.atomic import atomic_path, atomic_write
 from scale_refiner.config import ConfigError, PretrainConfig, load_config, to_dict
 from scale_refiner.engine.checkpoint import (CheckpointDir, CheckpointError, check_out_dir,
                                              read_model_state)
 from scale_refiner.engine.distributed import start_job
-from scale_refiner.engine.divergence import DivergenceError, check_finite
+from scale_refiner.engine.divergence import check_finite
 from scale_refiner.engine.run_control import EXIT_PREEMPTED
-from scale_refiner.engine.trainer import ResumeError, build_engine, run_stage
+from scale_refiner.engine.trainer import build_engine, run_stage
 from scale_refiner.mae import build_mae, mae_state_dict
 from scale_refiner.precision import to_device_async
 
@@ -77,14 +77,7 @@ def existing_weights(out_dir: Path, cfg: PretrainConfig):
 
 
 def main(argv=None) -> int:
-    try:
-        return _run(argv)
-    except (DivergenceError, CheckpointError) as err:  # a diverged run, a full disk: the last checkpoint stands
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except ResumeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_faults(_run, argv)
 
 
 def _run(argv) -> int:

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-from scale_refiner.cli.args import parse_launched
+from scale_refiner.cli.args import parse_launched, run_reporting_faults
 from scale_refiner.config import ConfigError, load_config, to_dict
 from scale_refiner.engine.checkpoint import (CheckpointDir, CheckpointError, check_out_dir,
                                              encoder_state, read_ema, read_model_state)
 from scale_refiner.engine.distributed import start_job
-from scale_refiner.engine.divergence import DivergenceError
 from scale_refiner.engine.run_control import EXIT_PREEMPTED
-from scale_refiner.engine.trainer import ResumeError, build_engine, restore_client, run_stage
+from scale_refiner.engine.trainer import build_engine, restore_client, run_stage
 from scale_refiner.eval.knn import knn_of_state
 from scale_refiner.refiner import (build_refiner, is_partitioned_build, load_refiner_state,
                                    refiner_inputs, refiner_signature, starting_encoder_state)
@@ -58,14 +57,7 @@ def end_encoder_states(point: Path):
 
 
 def main(argv=None) -> int:
-    try:
-        return _run(argv)
-    except (DivergenceError, CheckpointError) as err:  # a diverged run, a full disk: the last checkpoint stands
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except ResumeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_faults(_run, argv)
 
 
 def _run(argv) -> int:

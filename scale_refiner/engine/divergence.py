@@ -19,6 +19,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from scale_refiner.precision import nonfinite_tensors
+
 _NEVER = 2 ** 62
 
 
@@ -80,8 +82,6 @@ class NonFiniteGuard:
 
 def check_finite(state: Dict[str, torch.Tensor], what: str) -> None:
     """Refuse a state with a non-finite floating-point tensor (before it is written as a result)."""
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
-           and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_tensors(state)
     if bad:
-        raise DivergenceError(f"{what}: non-finite values in {', '.join(bad[:5])}"
-                              f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}; not written")
+        raise DivergenceError(f"{what}: non-finite values in {bad}; not written")

@@ -64,6 +64,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from scale_refiner.atomic import atomic_path, atomic_write
+from scale_refiner.precision import nonfinite_tensors
 
 PathLike = Union[str, os.PathLike]
 
@@ -567,10 +568,9 @@ def export_timm(model: nn.Module, out_dir: PathLike, name: str,
     presence means the weights are complete. Returns both paths."""
     out_dir = Path(out_dir)
     # a diverged run's weights are not a result: refuse them before anything is written
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_tensors(model.state_dict())
     if bad:
-        raise ValueError(f"export {name}: non-finite values in {', '.join(bad[:5])}"
-                         f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}; nothing written")
+        raise ValueError(f"export {name}: non-finite values in {bad}; nothing written")
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs, callables = {}, []
     for key, value in model.timm_kwargs().items():
