@@ -1,4 +1,4 @@
-"""Host peak RSS per rank of building the model, through the public launchers only (issue #13 item 3).
+"""Host peak RSS per rank of building the model, through the public launchers only.
 
 A shim: the command is ``scale_refiner/cli/bench_build_memory.py`` (also ``python -m
 scale_refiner.cli.bench_build_memory``); this path keeps working for the launchers (``deepspeed``, ``torchrun``) and

@@ -1,4 +1,4 @@
-"""Host peak RSS per rank of building the model, through the public launchers only (issue #13 item 3).
+"""Host peak RSS per rank of building the model, through the public launchers only.
 
 Runs ``deepspeed --num_gpus N launch/refine.py`` (ZeRO-3) and/or ``torchrun --nproc_per_node N launch/refine.py
 ... engine.kind=fsdp2`` one at a time, with overrides that make the training step trivially small but keep the
