@@ -2,14 +2,16 @@
 
     crops (2 global + n local) --encoder--> CLS after each tapped block, and after the final norm
         --per head--> projector z (global crops) and predictor p (every crop), one head call for all crops
-        --queue--> NN(z) among the queued projections of global view g1 (top-k, uniform pick)
+        --queues--> NN(z) among each head's queued projections of global view g1 (top-k, uniform pick), every
+                    head and both views in one lookup
         --objective--> NNA loss per head, summed over heads with weight 1
-    then the (gathered) g1 projections of this step are enqueued.
+    then this step's g1 projections (of every rank) are enqueued.
 
-The module holds the encoder, one ID head per tap and one queue per head. Its forward takes a process-group
-handle and knows nothing else of distribution: predictions are gathered with gradient inside the objective, and
-projections are gathered (no gradient) before they are enqueued so every rank holds the same queue (or, sharded,
-its part of it). ``build_refiner`` reads the world size and rank once, to size the sharded queue's parts.
+The module holds the encoder, one ID head per tap and a bank of queues, one per head (``memory/bank.py``:
+replicated or sharded, one interface). Its forward takes a process-group handle and knows nothing else of
+distribution: predictions are gathered with gradient inside the objective, and the queue bank does its own
+collectives (a fixed number per step, whatever the number of heads). ``build_refiner`` reads the world size and
+rank once, to lay out the sharded queues.
 """
 from __future__ import annotations
 
@@ -22,8 +24,7 @@ from torch import nn
 
 from scale_refiner.heads.async_bn import attach, coordinator_of
 from scale_refiner.heads.id_head import IDHead
-from scale_refiner.memory.queue import NNQueue
-from scale_refiner.memory.sharded_queue import ShardedNNQueue, sharded_enqueue
+from scale_refiner.memory.bank import build_queues
 from scale_refiner.models.vit import VisionTransformer, build_vit, resolve_model_dims
 from scale_refiner.objective.nna import nna_loss
 from scale_refiner.precision import to_device_async
@@ -49,14 +50,10 @@ class MIMRefiner(nn.Module):
         if norm == "async":
             # this refiner's async-BN layers share one bucket: one non-blocking all-reduce per step
             attach(self.heads)
-        # sharded: rank r stores 1/W of each FIFO (block = per-rank batch keeps the enqueue local); the picks
-        # equal the replicated queue's (same seeds, same global uniforms)
-        self.queue_sharded = queue_sharded
-        self.queues = nn.ModuleList(
-            ShardedNNQueue(queue_size, proj_out_dim, seed=seed + 1000 * h, world=world, rank=rank,
-                           block=queue_block, search=queue_search) if queue_sharded
-            else NNQueue(queue_size, proj_out_dim, seed=seed + 1000 * h)
-            for h in range(len(self.head_names)))
+        # one queue per head, replicated or sharded behind one interface (sharded: rank r stores 1/W of each
+        # FIFO; block = per-rank batch keeps the enqueue local); both pick the same neighbours
+        self.queues = build_queues(len(self.head_names), queue_size, proj_out_dim, seed=seed, sharded=queue_sharded,
+                                   world=world, rank=rank, block=queue_block, search=queue_search)
 
     def finish_stage(self) -> None:
         """After a stage's last step (the trainer calls it): fold the last step's async-BN statistics into the
@@ -80,65 +77,30 @@ class MIMRefiner(nn.Module):
         crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if num_local else [])
         outs = self.encoder(crops, self.tap_blocks)
 
-        world = dist.get_world_size(group) if group is not None else 1
-        offset = dist.get_rank(group) * batch if group is not None else 0
-        losses, metrics = [], {}
-        g1_projections = []
+        per_head = []  # (z, p) of each head: projections of the 2 global crops, predictions of every crop
         for h, head in enumerate(self.heads):
-            name = self.head_names[h]
             feats = [out["final"] if h == 0 else out["taps"][:, h - 1] for out in outs]
             z_all, p_all = head(torch.cat(feats) if len(feats) > 1 else feats[0])  # BN statistics mix all crops
-            z = z_all[: 2 * batch].view(2, batch, -1)
-            p = p_all.view(2 + num_local, batch, -1)
-            z_unit = F.normalize(z.detach().float(), dim=-1)
-            if self.queue_sharded:  # independent picks per view, one collective search each
-                neighbours, infos = [], []
-                for view in (0, 1):
-                    nn_z, info = self.queues[h].lookup(z_unit[view], index, topk, label, step,
-                                                       global_queries=world * batch, offset=offset, group=group)
-                    neighbours.append(nn_z)
-                    infos.append(info)
-                nn_z = torch.stack(neighbours)
-                info = {key: torch.stack([i[key] for i in infos]) for key in infos[0]
-                        if key not in ("found", "slot", "topk_slots")}
-            else:  # both views in one search; the same picks as one lookup per view
-                nn_z, info = self.queues[h].lookup(z_unit, index, topk, label, step,
-                                                   global_queries=world * batch, offset=offset)
-            for key, value in info.items():
-                if key not in ("found", "slot", "topk_slots"):
-                    metrics[f"{name}/nn_{key}"] = value.float().mean()  # mean over both views' queries
-            loss, extra = nna_loss(z, nn_z, p.float(), self.temperature, self.objective, group)
+            per_head.append((z_all[: 2 * batch].view(2, batch, -1), p_all.view(2 + num_local, batch, -1)))
+        z_unit = F.normalize(torch.stack([z for z, _ in per_head]).detach().float(), dim=-1)  # (heads, 2, B, d)
+        # every head's neighbours for both views in one lookup (sharded: a fixed number of collectives)
+        neighbours, info = self.queues.lookup(z_unit, index, topk, label, step, group)
+        losses, metrics = [], {}
+        for h, (z, p) in enumerate(per_head):
+            name = self.head_names[h]
+            for key in self.reported_lookup_metrics:
+                if key in info:
+                    metrics[f"{name}/nn_{key}"] = info[key][h].float().mean()  # mean over both views' queries
+            loss, extra = nna_loss(z, neighbours[h], p.float(), self.temperature, self.objective, group)
             losses.append(loss)
             metrics[f"{name}/loss"] = loss.detach()
             metrics[f"{name}/positive_prob"] = extra["positive_prob"]
-            g1_projections.append(z_unit[0])
-        self._enqueue(g1_projections, index, label, step, group)
+        self.queues.enqueue(z_unit[:, 0], index, label, step, group)  # the g1 projections of every head
         total = torch.stack(losses).sum()
         metrics["loss"] = total.detach()
         return total, metrics
 
-    @torch.no_grad()
-    def _enqueue(self, projections: List[torch.Tensor], index, label, step, group) -> None:
-        label = label if label is not None else torch.full_like(index, -1)
-        if not self.queue_sharded and (group is None or dist.get_world_size(group) == 1):
-            for queue, projection in zip(self.queues, projections):  # nothing to gather: no stacked copy
-                queue.enqueue(projection, index, label, step)
-            return
-        stacked = torch.stack(projections)  # (heads, B, d): one gather for every head
-        if self.queue_sharded:  # each row goes to the rank owning its slot: no all-gather
-            sharded_enqueue(list(self.queues), stacked, index, label, step, group)
-            return
-        if group is not None and dist.get_world_size(group) > 1:
-            world = dist.get_world_size(group)
-            gathered = [torch.empty_like(stacked) for _ in range(world)]
-            dist.all_gather(gathered, stacked.contiguous(), group=group)
-            stacked = torch.cat(gathered, dim=1)
-            meta = torch.stack([index, label])
-            metas = [torch.empty_like(meta) for _ in range(world)]
-            dist.all_gather(metas, meta, group=group)
-            index, label = torch.cat(metas, dim=1)
-        for h, queue in enumerate(self.queues):
-            queue.enqueue(stacked[h], index, label, step)
+    reported_lookup_metrics = ("similarity", "age", "accuracy")  # logged per head as nn_<key>
 
     def shard_units(self) -> List[nn.Module]:
         """The modules an FSDP2 engine shards one by one (then the root takes the rest)."""

@@ -198,8 +198,66 @@ def _refiner_equivalence(rank, world):
 
 
 def test_refiner_with_sharded_queues_equals_replicated(gloo):
-    """Needs the integration (config ``queue.sharded``, refiner); skipped until it is in."""
-    from scale_refiner.config import QueueConfig
-    if not hasattr(QueueConfig(), "sharded"):
-        pytest.skip("queue.sharded is not wired into config.py / refiner.py yet")
     gloo(_refiner_equivalence, 2)
+
+
+def _banks_agree(rank, world, heads, size, batch, k):
+    """Both kinds of queue bank, fed the same global batches: the same neighbours, metrics, keys and global
+    state; the sharded bank's lookup makes 4 collectives whatever the number of heads, the replicated none."""
+    from scale_refiner.bench.collectives import CollectiveCounter
+    from scale_refiner.memory.bank import build_queues
+    group = dist.group.WORLD
+    dim, n = 8, world * batch
+    mine = slice(rank * batch, (rank + 1) * batch)
+    replicated = build_queues(heads, size, dim, seed=3)
+    sharded = build_queues(heads, size, dim, seed=3, sharded=True, world=world, rank=rank, block=batch,
+                           search="faiss")
+    counts = []
+    for step in range(9):
+        query = torch.stack([torch.stack([unit_rows(n, dim, 100 * step + 10 * h + v)[mine] for v in range(2)])
+                             for h in range(heads)])  # (heads, 2 views, B, d)
+        _, qidx, qlab = global_batch(10_000 + step, n, dim, 19)
+        with CollectiveCounter() as rep_lookup:
+            a, ia = replicated.lookup(query, qidx[mine], k, qlab[mine], step, group)
+        with CollectiveCounter() as shard_lookup:
+            b, ib = sharded.lookup(query, qidx[mine], k, qlab[mine], step, group)
+        assert a.shape == b.shape == (heads, 2, batch, dim) and ia.keys() == ib.keys()
+        assert torch.equal(a, b), (step, (a - b).abs().max())
+        for key in ("found", "age", "accuracy", "slot", "topk_slots"):
+            assert torch.equal(ia[key], ib[key]), (step, key)
+        assert torch.allclose(ia["similarity"], ib["similarity"], atol=1e-6)
+        vecs = torch.stack([global_batch(step + 50 * h, n, dim, 19)[0] for h in range(heads)])
+        with CollectiveCounter() as rep_enqueue:
+            replicated.enqueue(vecs[:, mine], qidx[mine], qlab[mine], step, group)
+        with CollectiveCounter() as shard_enqueue:
+            sharded.enqueue(vecs[:, mine], qidx[mine], qlab[mine], step, group)
+        counts.append((rep_lookup.total, shard_lookup.total, rep_enqueue.total, shard_enqueue.total))
+    for h in range(heads):
+        full = sharded[h].global_state(group)
+        for key in ("vectors", "indices", "labels", "steps", "ptr"):
+            assert torch.equal(full[key], getattr(replicated[h], key)), (h, key)
+    return counts
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_queue_banks_agree_with_fixed_collectives(gloo, heads):
+    # queue of 21 with 2 x 3 rows a step: wraps, and rows cross ranks (one all_to_all per enqueue)
+    counts = gloo(_banks_agree, 2, heads, 21, 3, 4)
+    # lookups: replicated none, sharded 4; enqueue: replicated one all-gather, sharded one all_to_all unless
+    # every row of the step lands on its own rank (steps where the FIFO pointer aligns with the blocks)
+    assert {c[:3] for c in counts} == {(0, 4, 1)}, counts
+    assert {c[3] for c in counts} == {0, 1}, counts
+
+
+def _bench_patterns(rank, world):
+    from scale_refiner.cli.bench_queue import PATTERNS, queue_step
+    return {p: queue_step(rank, world, 256, 16, 3, 4, 5, 1, p) for p in PATTERNS}
+
+
+def test_bench_queue_counts_the_collectives_of_each_pattern(gloo):
+    """The benchmark's before/after rows: per head and view 4 collectives each (3 heads x 2 views = 24), the
+    bank 4; plus the enqueue (replicated: its all-gather; sharded with block = batch: local, none)."""
+    rows = gloo(_bench_patterns, 2)
+    assert {p: r["collectives"] for p, r in rows.items()} == {"replicated": 1, "sharded-per-head": 24, "sharded": 4}
+    # the same data in fewer messages (the bank sends each query's dataset index once, not once per head and view)
+    assert 0.95 * rows["sharded-per-head"]["bytes"] < rows["sharded"]["bytes"] < rows["sharded-per-head"]["bytes"]

@@ -12,17 +12,18 @@ Per queue size (dim 256, 64 queries per rank, top-20) on every rank:
                     enqueue is an all-gather of every rank's projections
 Memory is the queue's buffers per rank (vectors fp32 + index, label, step int64). Queues are filled with
 random unit vectors (a full queue; uniform random data is the hardest case for IVF's recall).
-Then the share of a step the lookups take: demo settings (queue 8192 x 128, 3 heads, 2 views, 64 per rank on
-2 ranks = batch 128), with the demo refiner step measured here, and paper settings (65,536 x 256, 8 heads,
-2 views, 64 per rank) against an assumed GPU step (printed with its derivation).
+Then one step's queue work (lookups for every head and both views, plus the enqueue) in three patterns,
+with its collectives, the bytes each rank sends and its share of a step: the replicated bank, the sharded queues
+looked up one head and view at a time (the refiner's way before the queue bank), and the sharded bank (every
+head and view in one lookup). Demo settings (queue 8192 x 128, 3 heads, 64 per rank on 2 ranks = batch 128)
+against the demo refiner step measured here; paper settings (65,536 x 256, 8 heads, 64 per rank) against an
+assumed GPU step (printed with its derivation). ``--sizes`` with no value skips the per-size table.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 
 from scale_refiner.engine.distributed import spawn_gloo
+from scale_refiner.memory.bank import ReplicatedQueues
 from scale_refiner.memory.queue import NNQueue
 from scale_refiner.memory.search import IVFFlat, TorchMatmul, make_search
 from scale_refiner.memory.sharded_queue import ShardedNNQueue
@@ -121,14 +123,8 @@ def bench_size(rank, world, size, dim, batch, k, reps, ivf, replicated_ok, faiss
         row["replicated"] = _timed(lambda: rq.lookup(q, idx, k, lab, global_queries=world * batch,
                                                      offset=rank * batch), reps)
 
-        def enq():
-            parts = [torch.empty_like(vecs) for _ in range(world)]
-            dist.all_gather(parts, vecs)
-            metas = [torch.empty(2, batch, dtype=torch.long) for _ in range(world)]
-            dist.all_gather(metas, torch.stack([idx, lab]))
-            i, l_ = torch.cat(metas, 1)
-            rq.enqueue(torch.cat(parts), i, l_, 1)
-        row["enq-replicated"] = _timed(enq, reps)
+        bank = ReplicatedQueues([rq])  # its enqueue: one all-gather of the rows with their index and label
+        row["enq-replicated"] = _timed(lambda: bank.enqueue(vecs.unsqueeze(0), idx, lab, 1, g), reps)
         del rq
     out.append(row)
 
@@ -163,44 +159,43 @@ def demo_step_time(rank, world, batch, reps):
     return _timed(step, reps)
 
 
-def lookups_per_step(rank, world, size, dim, heads, batch, k, reps, search):
-    """Time of one step's queue work: heads x 2 views lookups + one enqueue per head, full queue."""
-    from scale_refiner.memory.sharded_queue import sharded_enqueue
+# How a step's queue work is done (all with a full queue, 2 views, every head):
+#   replicated        the replicated bank: heads x 2 local lookups, one all-gather to enqueue
+#   sharded-per-head  the sharded queues one lookup per head and view (4 collectives each), one enqueue for all
+#                     heads: what the refiner did before its queues became one bank
+#   sharded           the sharded bank: every head and view in one lookup (4 collectives), one enqueue
+PATTERNS = ("replicated", "sharded-per-head", "sharded")
+
+
+def queue_step(rank, world, size, dim, heads, batch, k, reps, pattern, search="torch"):
+    """One step's queue work: time (slowest rank, median), collectives and bytes this rank sent."""
+    from scale_refiner.bench.collectives import CollectiveCounter
+    from scale_refiner.memory.bank import build_queues
     gen = torch.Generator().manual_seed(rank)
-    q = _unit(batch, dim, gen)
+    q = _unit(heads * 2 * batch, dim, gen).view(heads, 2, batch, dim)
     idx = torch.arange(batch) + 10 ** 9 + rank * batch
-    if search == "replicated":
-        queues = [NNQueue(size, dim, seed=h) for h in range(heads)]
-        for rq in queues:
-            rq.vectors.copy_(_unit(size, dim, torch.Generator().manual_seed(7)))
-            rq.indices.copy_(torch.arange(size))
+    group = dist.group.WORLD
+    sharded = pattern != "replicated"
+    bank = build_queues(heads, size, dim, sharded=sharded, world=world, rank=rank, block=batch, search=search)
+    for queue in bank:
+        if sharded:
+            _fill_shard(queue, rank, gen)
+        else:
+            queue.vectors.copy_(_unit(size, dim, torch.Generator().manual_seed(7)))
+            queue.indices.copy_(torch.arange(size))
 
-        def work():
-            for rq in queues:
-                for _ in range(2):
-                    rq.lookup(q, idx, k, global_queries=world * batch, offset=rank * batch)
-            stacked = torch.stack([q] * heads)
-            parts = [torch.empty_like(stacked) for _ in range(world)]
-            dist.all_gather(parts, stacked)
-            metas = [torch.empty(2, batch, dtype=torch.long) for _ in range(world)]
-            dist.all_gather(metas, torch.stack([idx, idx]))
-            i, l_ = torch.cat(metas, 1)
-            allv = torch.cat(parts, 1)
-            for h, rq in enumerate(queues):
-                rq.enqueue(allv[h], i, l_, 1)
-    else:
-        queues = [ShardedNNQueue(size, dim, seed=h, world=world, rank=rank, block=batch, search=search)
-                  for h in range(heads)]
-        for sq in queues:
-            _fill_shard(sq, rank, gen)
-
-        def work():
-            for sq in queues:
-                for _ in range(2):
-                    sq.lookup(q, idx, k, group=dist.group.WORLD)
-            sharded_enqueue(queues, torch.stack([q] * heads), idx, idx, 1, group=dist.group.WORLD)
+    def work():
+        if pattern == "sharded-per-head":
+            for h, queue in enumerate(bank):
+                for view in range(2):
+                    queue.lookup(q[h, view], idx, k, idx, group=group)
+        else:
+            bank.lookup(q, idx, k, idx, 1, group)
+        bank.enqueue(q[:, 0], idx, idx, 1, group)
     work()
-    return _timed(work, reps)
+    with CollectiveCounter() as counts:
+        work()
+    return {"time": _timed(work, reps), "collectives": counts.total, "bytes": counts.bytes_sent}
 
 
 def _rank(rank, world, args, results):
@@ -214,9 +209,9 @@ def _rank(rank, world, args, results):
     share = {}
     if args.share:
         share["demo_step"] = demo_step_time(rank, world, 64, args.reps)
-        for name in ("replicated", "faiss", "torch"):
-            share[("demo", name)] = lookups_per_step(rank, world, 8192, 128, 3, 64, 20, args.reps, name)
-            share[("paper", name)] = lookups_per_step(rank, world, 65536, 256, 8, 64, 20, args.reps, name)
+        for pattern in PATTERNS:
+            share[("demo", pattern)] = queue_step(rank, world, 8192, 128, 3, 64, 20, args.reps, pattern)
+            share[("paper", pattern)] = queue_step(rank, world, 65536, 256, 8, 64, 20, args.reps, pattern)
     if rank == 0:
         results.update(rows=out, share=share)
 
@@ -248,18 +243,21 @@ def report(res, args, world):
         per_tok = lambda n: depth * (24 * width ** 2 + 4 * n * width)  # noqa: E731
         flops = 3 * 64 * (2 * 257 * per_tok(257) + 10 * 50 * per_tok(50))
         paper_step = flops / 125e12
-        lines += ["", f"Share of a step (queue work = heads x 2 views lookups + 1 enqueue per head, full queue, "
-                      f"top-20, 64 per rank, {world} CPU ranks):", "",
-                  "| settings | step time | replicated | sharded faiss | sharded torch |", "|---|---:|---:|---:|---:|"]
-        d = s["demo_step"]
-        lines.append(f"| demo: 8192 x 128, 3 heads, batch 128 (2 x 64) | {d * 1e3:.0f} ms (measured here: demo "
-                     f"refiner fwd+bwd+AdamW) | " + " | ".join(
-                         f"{s[('demo', n)] * 1e3:.1f} ms ({100 * s[('demo', n)] / d:.1f}%)"
-                         for n in ("replicated", "faiss", "torch")) + " |")
-        lines.append(f"| paper: 65,536 x 256, 8 heads, 64 per rank | {paper_step:.2f} s (assumed: ViT-H/14 GPU step, "
-                     f"{flops / 1e12:.0f} TFLOP at 125 TFLOP/s) | " + " | ".join(
-                         f"{s[('paper', n)] * 1e3:.0f} ms on CPU ({100 * s[('paper', n)] / paper_step:.1f}%)"
-                         for n in ("replicated", "faiss", "torch")) + " |")
+        lines += ["", f"One step's queue work (every head, 2 views: lookups + enqueue; full queue, top-20, 64 per rank, "
+                      f"{world} CPU ranks, the default shard search (torch matmul + top-k); median of {args.reps}, "
+                      f"slowest rank), and its share of a step (paper rows: CPU time against an assumed GPU "
+                      f"step, so an upper bound):", "",
+                  "| settings | step time | queue pattern | collectives per step | MiB sent per rank | ms | share |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        settings = {"demo": ("demo: 8192 x 128, 3 heads, batch 128 (2 x 64)",
+                             s["demo_step"], "measured here: demo refiner fwd+bwd+AdamW"),
+                    "paper": ("paper: 65,536 x 256, 8 heads, 64 per rank", paper_step,
+                              f"assumed: ViT-H/14 GPU step, {flops / 1e12:.0f} TFLOP at 125 TFLOP/s")}
+        for key, (label, step, how) in settings.items():
+            for pattern in PATTERNS:
+                r = s[(key, pattern)]
+                lines.append(f"| {label} | {step * 1e3:.0f} ms ({how}) | {pattern} | {r['collectives']} | "
+                             f"{r['bytes'] / 2 ** 20:.2f} | {r['time'] * 1e3:.1f} | {100 * r['time'] / step:.1f}% |")
     return "\n".join(lines)
 
 
@@ -273,7 +271,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[65536, 2 ** 20, 2 ** 23])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[65536, 2 ** 20, 2 ** 23])
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--k", type=int, default=20)

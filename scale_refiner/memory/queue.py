@@ -52,7 +52,8 @@ class NNQueue(nn.Module):
         or (V, Q, d): V views of the same Q samples (same ``query_index``), looked up in one search and picked
         exactly as V successive (Q, d) calls would pick (the generator draws view 0's global uniforms first).
 
-        Returns the picked neighbours (Q, d) (or (V, Q, d)) and per-query metrics of shape (Q,) (or (V, Q)).
+        Returns the picked neighbours (Q, d) (or (V, Q, d)) and per-query metrics of shape (Q,) (or (V, Q)):
+        similarity, age, found, slot, accuracy (with labels) and ``topk_slots`` (Q, k) (or (V, Q, k)).
         """
         if not 1 <= k <= self.size:
             raise ValueError(f"k={k} must be in 1..{self.size} (the queue size)")
@@ -78,7 +79,9 @@ class NNQueue(nn.Module):
         neighbours = torch.where(found.unsqueeze(-1), self.vectors[slot], query.reshape(max(views, 1), num, -1))
         sim = torch.where(found, top_sim.gather(-1, pick).squeeze(-1), 1.0)
         age = torch.where(found, step - self.steps[slot], 0)
-        metrics = {"similarity": sim, "age": age, "found": found}
+        # the picked and the top-k global slots (-1: none), as the sharded queue reports them
+        metrics = {"similarity": sim, "age": age, "found": found, "slot": torch.where(found, slot, -1),
+                   "topk_slots": torch.where(torch.isfinite(top_sim), top_slot, -1)}
         if query_label is not None:
             metrics["accuracy"] = (self.labels[slot] == query_label) & found
         if not views:

@@ -67,8 +67,9 @@ def _unpack_long(t: torch.Tensor) -> torch.Tensor:
 def _all_gather(t: torch.Tensor, group, world: int) -> torch.Tensor:
     if world == 1:
         return t.unsqueeze(0)
+    t = t.contiguous()  # first: empty_like keeps a permuted tensor's strides, and the collective writes flat
     out = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(out, t.contiguous(), group=group)
+    dist.all_gather(out, t, group=group)
     return torch.stack(out)
 
 
@@ -76,8 +77,9 @@ def _all_to_all(t: torch.Tensor, group, world: int) -> torch.Tensor:
     """t: (W, ...) where row s goes to rank s; returns (W, ...) where row s came from rank s."""
     if world == 1:
         return t
+    t = t.contiguous()  # first: empty_like keeps a permuted tensor's strides, and the collective writes flat
     out = torch.empty_like(t)
-    dist.all_to_all_single(out, t.contiguous(), group=group)
+    dist.all_to_all_single(out, t, group=group)
     return out
 
 
@@ -260,56 +262,101 @@ class ShardedNNQueue(nn.Module):
             raise ValueError(f"sharded lookup needs equal batches: global_queries={global_queries} != {world}x{batch}")
         if offset is not None and offset != rank * batch:
             raise ValueError(f"offset {offset} != rank * batch = {rank * batch}")
-        with fp32_island(device):  # the shard search (a matmul for queue.search=torch) in fp32 under autocast
-            return self._lookup(query, query_index, k, query_label, step, group, world, rank, batch, device)
+        neighbours, metrics = sharded_lookup([self], query.unsqueeze(0).unsqueeze(0), query_index, k, query_label,
+                                             step, group)
+        return neighbours[0, 0], {key: value[0, 0] for key, value in metrics.items()}
 
-    def _lookup(self, query, query_index, k, query_label, step, group, world, rank, batch, device):
-        q = query.detach().to(device, torch.float32)
-        # 1. all queries of the global batch, with their dataset indices
-        packed = torch.cat([q, _pack_long(query_index.to(device).unsqueeze(1))], dim=1)
-        allq = _all_gather(packed, group, world).view(world * batch, -1)
-        gq, gidx = allq[:, :self.dim].contiguous(), _unpack_long(allq[:, self.dim:]).squeeze(1)
-        # 2. this shard's top-k for every query
-        s, g = self._search_shard(gq, gidx, k)
-        # 3. send each rank the candidates of its queries
-        cand = torch.cat([s, _pack_long(g)], dim=1).view(world, batch, 3 * k)
-        cand = _all_to_all(cand, group, world)  # (W from, B, 3k)
-        cs = cand[..., :k].permute(1, 0, 2).reshape(batch, world * k)
-        cg = _unpack_long(cand[..., k:]).permute(1, 0, 2).reshape(batch, world * k)
-        # 4. global top-k: score desc, then global slot asc
-        order = torch.sort(torch.where(cg < 0, torch.full_like(cg, self.size), cg), dim=1, stable=True).indices
-        cs, cg = cs.gather(1, order), cg.gather(1, order)
-        order = torch.sort(cs, dim=1, descending=True, stable=True).indices[:, :k]
-        top_s, top_g = cs.gather(1, order), cg.gather(1, order)
-        # 5. the replicated queue's uniforms
-        num_valid = torch.isfinite(top_s).sum(1)
-        draws = torch.rand(world * batch, generator=self.generator)
-        uniform = to_device_async(draws[rank * batch:(rank + 1) * batch], device)
-        pick = (uniform * num_valid.clamp(min=1)).long().clamp(max=k - 1)
-        slot = top_g.gather(1, pick.unsqueeze(1)).squeeze(1)
-        sim = top_s.gather(1, pick.unsqueeze(1)).squeeze(1)
-        found = num_valid > 0
-        # 6. fetch the picked entries from their owners
-        owner = torch.where(found, self.owner(slot), torch.full_like(slot, -1))
-        req = torch.where(owner.unsqueeze(0) == torch.arange(world, device=device).unsqueeze(1),
-                          self.local(slot.clamp(min=0)).unsqueeze(0), torch.full((world, batch), -1,
-                                                                                 dtype=torch.long, device=device))
-        req = _all_to_all(req, group, world)  # (W from, B): rows of my shard that rank s asks for
-        rows = req.clamp(min=0)
-        ans = torch.cat([self.vectors[rows], _pack_long(torch.stack([self.steps[rows], self.labels[rows]], -1))], -1)
-        ans = _all_to_all(ans, group, world)  # (W owner, B, d + 4)
-        mine = ans.gather(0, owner.clamp(min=0).view(1, batch, 1).expand(1, batch, ans.shape[2])).squeeze(0)
-        vec = mine[:, :self.dim]
-        entry_step, entry_label = _unpack_long(mine[:, self.dim:]).unbind(1)
-        neighbours = torch.where(found.unsqueeze(1), vec, q).to(query.dtype)
-        sim = torch.where(found, sim, torch.ones_like(sim)).to(query.dtype)
-        metrics = {"similarity": sim, "age": torch.where(found, step - entry_step, torch.zeros_like(entry_step)),
-                   "found": found, "slot": torch.where(found, slot, torch.full_like(slot, -1)),
-                   "topk_slots": top_g}
-        if query_label is not None:
-            metrics["accuracy"] = (entry_label == query_label.to(device)) & found
-        return neighbours, metrics
 
+def _check_one_layout(queues: Sequence[ShardedNNQueue], group, what: str):
+    """The queues' common (world, rank) and the group they run on; they must share one layout."""
+    q0 = queues[0]
+    for q in queues[1:]:
+        if (q.size, q.dim, q.world, q.rank, q.block, int(q.ptr)) != (q0.size, q0.dim, q0.world, q0.rank, q0.block,
+                                                                     int(q0.ptr)):
+            raise ValueError(f"{what} needs queues of one layout and pointer")
+    if group is None and q0.world > 1:
+        group = dist.group.WORLD
+    world, rank = _world(group)
+    if (world, rank) != (q0.world, q0.rank):
+        raise ValueError(f"queue laid out for rank {q0.rank} of {q0.world}, called on {rank} of {world}")
+    return group, world, rank
+
+
+@torch.no_grad()
+def sharded_lookup(queues: Sequence[ShardedNNQueue], query: torch.Tensor, query_index: torch.Tensor, k: int,
+                   query_label: Optional[torch.Tensor] = None, step: int = 0,
+                   group=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Collective: the lookups of several queues of one layout (one per head) for V views of this rank's B
+    queries, in four collectives whatever the number of queues and views (the steps of the module docstring,
+    each done once for all of them). query: (H, V, B, d), ``query[h]`` looked up in ``queues[h]``; the views
+    share ``query_index`` (B,). Picks are those of H x V successive single lookups (each queue's generator
+    draws view 0's global uniforms first). Returns neighbours (H, V, B, d) and metrics (H, V, B)
+    (``topk_slots``: (H, V, B, k))."""
+    if query.dim() != 4 or query.shape[0] != len(queues):
+        raise ValueError(f"query must be (queues={len(queues)}, views, batch, dim), got {tuple(query.shape)}")
+    if not 1 <= k <= queues[0].size:
+        raise ValueError(f"k={k} must be in 1..{queues[0].size} (the queue size)")
+    group, world, rank = _check_one_layout(queues, group, "sharded_lookup")
+    device = queues[0].vectors.device
+    with fp32_island(device):  # the shard search (a matmul for queue.search=torch) in fp32 under autocast
+        return _sharded_lookup(queues, query, query_index, k, query_label, step, group, world, rank, device)
+
+
+def _sharded_lookup(queues, query, query_index, k, query_label, step, group, world, rank, device):
+    q0 = queues[0]
+    heads, views, batch, dim = query.shape
+    q = query.detach().to(device, torch.float32)
+    # 1. every query of the global batch (all heads and views in one row per sample), with its dataset index
+    packed = torch.cat([q.permute(2, 0, 1, 3).reshape(batch, heads * views * dim),
+                        _pack_long(query_index.to(device).unsqueeze(1))], dim=1)
+    allq = _all_gather(packed, group, world).view(world * batch, -1)
+    gq = allq[:, :heads * views * dim].reshape(world * batch, heads, views, dim)
+    gidx = _unpack_long(allq[:, heads * views * dim:]).squeeze(1)
+    # 2. each head's shard top-k for the global queries of every view (one search per head)
+    scores, slots = [], []
+    for h, queue in enumerate(queues):
+        s, g = queue._search_shard(gq[:, h].transpose(0, 1).reshape(views * world * batch, dim).contiguous(),
+                                   gidx.repeat(views), k)
+        scores.append(s.view(views, world, batch, k))
+        slots.append(g.view(views, world, batch, k))
+    # 3. send each rank the candidates of its queries: (W to, H, V, B, 3k)
+    cand = torch.cat([torch.stack(scores), _pack_long(torch.stack(slots))], dim=-1).permute(2, 0, 1, 3, 4)
+    cand = _all_to_all(cand, group, world)  # (W from, H, V, B, 3k)
+    cs = cand[..., :k].permute(1, 2, 3, 0, 4).reshape(heads, views, batch, world * k)
+    cg = _unpack_long(cand[..., k:]).permute(1, 2, 3, 0, 4).reshape(heads, views, batch, world * k)
+    # 4. global top-k: score desc, then global slot asc
+    order = torch.sort(torch.where(cg < 0, torch.full_like(cg, q0.size), cg), dim=-1, stable=True).indices
+    cs, cg = cs.gather(-1, order), cg.gather(-1, order)
+    order = torch.sort(cs, dim=-1, descending=True, stable=True).indices[..., :k]
+    top_s, top_g = cs.gather(-1, order), cg.gather(-1, order)
+    # 5. the replicated queue's uniforms: per queue, view 0's global draws first
+    num_valid = torch.isfinite(top_s).sum(-1)
+    draws = torch.stack([torch.stack([torch.rand(world * batch, generator=queue.generator) for _ in range(views)])
+                         for queue in queues])
+    uniform = to_device_async(draws[..., rank * batch:(rank + 1) * batch], device)
+    pick = (uniform * num_valid.clamp(min=1)).long().clamp(max=k - 1).unsqueeze(-1)
+    slot = top_g.gather(-1, pick).squeeze(-1)
+    sim = top_s.gather(-1, pick).squeeze(-1)
+    found = num_valid > 0
+    # 6. fetch the picked entries from their owners: requests (W to, H, V, B) of local rows, -1 for none
+    owner = torch.where(found, q0.owner(slot), torch.full_like(slot, -1))
+    ranks = torch.arange(world, device=device).view(world, 1, 1, 1)
+    req = torch.where(owner.unsqueeze(0) == ranks, q0.local(slot.clamp(min=0)).unsqueeze(0),
+                      torch.full_like(slot, -1).unsqueeze(0))
+    rows = _all_to_all(req, group, world).clamp(min=0)  # (W from, H, V, B): rows of my shards rank s asks for
+    ans = torch.stack([torch.cat([queue.vectors[rows[:, h]], _pack_long(torch.stack(
+        [queue.steps[rows[:, h]], queue.labels[rows[:, h]]], -1))], -1) for h, queue in enumerate(queues)], dim=1)
+    ans = _all_to_all(ans, group, world)  # (W owner, H, V, B, d + 4)
+    mine = ans.gather(0, owner.clamp(min=0).unsqueeze(0).unsqueeze(-1).expand(1, heads, views, batch,
+                                                                              ans.shape[-1])).squeeze(0)
+    entry_step, entry_label = _unpack_long(mine[..., dim:]).unbind(-1)
+    neighbours = torch.where(found.unsqueeze(-1), mine[..., :dim], q).to(query.dtype)
+    sim = torch.where(found, sim, torch.ones_like(sim)).to(query.dtype)
+    metrics = {"similarity": sim, "age": torch.where(found, step - entry_step, torch.zeros_like(entry_step)),
+               "found": found, "slot": torch.where(found, slot, torch.full_like(slot, -1)), "topk_slots": top_g}
+    if query_label is not None:
+        metrics["accuracy"] = (entry_label == query_label.to(device)) & found
+    return neighbours, metrics
 
 @torch.no_grad()
 def sharded_enqueue(queues: Sequence[ShardedNNQueue], vectors: torch.Tensor, indices: torch.Tensor,
@@ -317,14 +364,7 @@ def sharded_enqueue(queues: Sequence[ShardedNNQueue], vectors: torch.Tensor, ind
     """Collective: enqueue this rank's rows into several queues of one layout (e.g. one per head) with at most
     one ``all_to_all`` for all of them. vectors: (H, B, d), one row block per queue; indices/labels: (B,)."""
     q0 = queues[0]
-    for q in queues[1:]:
-        if (q.size, q.world, q.rank, q.block, int(q.ptr)) != (q0.size, q0.world, q0.rank, q0.block, int(q0.ptr)):
-            raise ValueError("sharded_enqueue needs queues of one layout and pointer")
-    if group is None and q0.world > 1:
-        group = dist.group.WORLD
-    world, rank = _world(group)
-    if (world, rank) != (q0.world, q0.rank):
-        raise ValueError(f"queue laid out for rank {q0.rank} of {q0.world}, called on {rank} of {world}")
+    group, world, rank = _check_one_layout(queues, group, "sharded_enqueue")
     if bool((indices < 0).any()):
         raise ValueError("dataset indices must be >= 0 (-1 marks an empty slot)")
     heads, batch, dim = vectors.shape
