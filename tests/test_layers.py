@@ -24,6 +24,7 @@ ALLOWED = {
     "bench": FOUNDATION | {"config", "models", "data", "heads", "memory", "objective", "engine", "refiner", "mae",
                            "eval"},
 }
+ALLOWED["plan"] = ALLOWED["bench"] | {"bench"}  # the planner: meta-built models, FLOPs, CPU measurements
 ALLOWED["cli"] = set(ALLOWED) - {"cli"}  # the commands: wiring, anything below
 
 

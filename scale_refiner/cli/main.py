@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "k-NN, per-block k-NN, linear, low-shot and k-means of an encoder"),
     "make-shards": ("make_shards", "write webdataset shards (+ DALI indexes, manifest) from a data set"),
     "benchmark": ("benchmark", "throughput, MFU, memory and GPU-hours of a recipe"),
+    "plan": ("plan", "predicted memory, step time and GPU-hours of a recipe on N GPUs; the fastest setting"),
     "demo": ("demo", "the embedded main job end to end (make demo)"),
 }
 

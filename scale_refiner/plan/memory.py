@@ -1,0 +1,287 @@
+"""Predicted peak memory per GPU of one training step, broken down.
+
+Everything is bytes on one rank, in the steady state (after the first step: the optimiser's moments exist).
+``peak_allocated`` is the twin of ``torch.cuda.max_memory_allocated`` (what torch's allocator hands out, the
+number ``measure`` checks on the CPU); ``total`` adds what the allocator does not count or cannot use (the
+allowances) and is what must fit in the GPU.
+
+State, by engine (P all parameters, T trainable, E the trainable encoder, W ranks, c the compute dtype's bytes:
+2 for bf16, 4 for fp32):
+
+- single process: the model stays fp32 (4 P); under bf16 autocast keeps a bf16 copy of every trainable weight from
+  its first use in the forward to the end of the backward (2 T, an upper bound: norms and biases are not cast);
+  gradients fp32 (4 T), created during the backward; AdamW moments 8 T (fused on a GPU: no temporaries).
+- ZeRO-3 (DeepSpeed): c-byte partitions of every parameter, frozen ones too (c P / W; a parameter under
+  ``stage3_param_persistence_threshold`` elements is held whole on every rank); fp32 master 4 T / W; moments
+  8 T / W; the gradient partitions in the compute dtype, allocated at start (c T / W); one fp32 buffer of the
+  largest optimiser group's partition for the step; at the step, the foreach AdamW's square-root temporary
+  (4 T / W) on a GPU; the contiguous-gradient bucket of ``reduce_bucket_size``
+  elements in the reduce dtype; the gathered parameters of the running block plus what the prefetch bucket
+  holds; a block's full gradients (compute dtype) while they wait in the bucket. The frozen parameters' fp32
+  values live on the host (engine/zero.py), not on the GPU.
+- ZeRO-2: full c-byte parameters (c P); master 4 T / W; moments 8 T / W; gradient partitions c T / W plus their
+  fp32 copy at the step (4 T / W); two reduce buckets (``overlap_comm``) of ``reduce_bucket_size`` in the
+  compute dtype; the gather bucket at the step.
+- FSDP2: fp32 shards of every parameter (4 P / W) and of the gradients (4 T / W); moments 8 T / W; on a GPU the
+  foreach AdamW's square-root temporary (4 T / W); gathered: the running block and the one prefetched (c each),
+  in the backward also the block's unsharded gradients (c) and their cast to the reduce dtype.
+- EMA: fp32 copy of the trainable encoder's local storage (4 E, / W when sharded); refine stage only.
+- queues and head-norm statistics: the buffers' bytes as built (replicated; a sharded queue 1 / W).
+
+Activations, per micro-batch of B samples of S tokens (all crops; d width, h attention heads, r MLP ratio):
+
+- a trained block saves, per token: its input and the mid-block residual (fp32 under autocast: LayerNorm runs
+  in fp32 and the residual adds promote), the two LayerNorm outputs cast for the next matmul, q/k/v, the
+  attention output (SDPA writes it token-major, so the projection's input is a view of it, no copy), the MLP's
+  fc1 output and GELU output: ``d (8 + (5 + 2 r) c) + 4 h`` bytes (the last term the attention's
+  log-sum-exp). bf16: 36 d, fp32: 64 d.
+- with non-reentrant checkpointing a trained block saves only its input (4 d per token), and its backward
+  recomputes the block: its full activations, one block at a time, on top.
+- frozen blocks run under no_grad and save nothing; the last block's output stays alive until the loss; a tapped
+  block that is frozen keeps its whole output alive (the tap is a view of it), so the heads stage keeps every
+  tapped block's output.
+- the backward of one block adds about one hidden-width gradient, r c d per token (the saved tensors it consumes
+  are freed as it goes).
+- ID heads: per crop and head, each linear's input (c), each BatchNorm's fp32 input and each GELU's input (fp32,
+  the norms are fp32 islands), the outputs z and p.
+- the NNA loss keeps its fp32 logits and softmax per head: 2 x (2 + L) B x W B; a queue lookup's similarity
+  matrix (2 B x queue size, fp32) is alive during the forward.
+- the micro-batch's crops (fp32) on the device (the trainer copies one micro-batch at a time).
+
+Allowances (GPU only, in ``total``): the data pipeline (DALI's prefetched output batches on the GPU: 2 batches
+of the rank's crops, fp32, plus 0.5 GB of decoder scratch), the CUDA context and NCCL buffers (1.0 GB) and a
+fragmentation margin of the caching allocator (10 % of the allocated peak).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Tuple
+
+from scale_refiner.plan.counts import ModelCounts
+from scale_refiner.plan.settings import Setting
+
+GB = 1e9
+FRAGMENTATION = 0.10        # caching allocator: reserved over allocated at the peak
+RUNTIME_BYTES = 1.0 * GB    # CUDA context, cuBLAS workspaces, NCCL's buffers: outside torch's allocator
+DALI_PREFETCH = 2           # data.dali_pipeline's prefetch_queue_depth
+DALI_SCRATCH = 0.5 * GB     # nvJPEG / resize scratch of the mixed decoder
+
+
+@dataclass
+class Crops:
+    """Crop sizes of one sample: [(size, count, tokens)], from the recipe's augment section."""
+    specs: List[Tuple[int, int, int]]
+    in_chans: int = 3
+
+    @classmethod
+    def of(cls, cfg, patch: int) -> "Crops":
+        a = cfg.augment
+        specs = [(a.global_size, 2, (a.global_size // patch) ** 2 + 1)]
+        if a.num_local:
+            specs.append((a.local_size, a.num_local, (a.local_size // patch) ** 2 + 1))
+        return cls(specs, cfg.model.in_chans)
+
+    @property
+    def tokens(self) -> int:
+        return sum(count * tokens for _, count, tokens in self.specs)
+
+    @property
+    def count(self) -> int:
+        return sum(count for _, count, _ in self.specs)
+
+    @property
+    def pixel_bytes(self) -> int:
+        """One sample's crops as fp32 tensors."""
+        return 4 * self.in_chans * sum(count * size * size for size, count, _ in self.specs)
+
+
+def block_saved_per_token(c: int, d: int, h: int, r: float) -> float:
+    """Bytes one trained (not checkpointed) block saves for its backward, per token (see the module's text)."""
+    return d * (4 + c + 3 * c + c + 4 + c + 2 * r * c) + 4 * h
+
+
+def block_backward_per_token(c: int, d: int, r: float) -> float:
+    """What one block's backward adds at its worst, per token: a hidden-width (r d) gradient in the compute
+    dtype; the saved tensors it consumes are freed as it goes, which offsets the gradients of the input and the
+    output (measured on the CPU: 14 d for fp32, where this gives 16 d)."""
+    return d * r * c
+
+
+def head_saved_per_crop(c: int, in_dim: int, hidden: int, out: int, pred_hidden: int) -> float:
+    """One ID head, one crop: the projector (in -> H -> H -> o) and predictor (o -> H' -> o), see heads/id_head."""
+    def layer(d_in, d_out, gelu):
+        return c * d_in + 4 * d_out + (4 * d_out if gelu else 0)
+    return (layer(in_dim, hidden, True) + layer(hidden, hidden, True) + layer(hidden, out, False)
+            + layer(out, pred_hidden, True) + layer(pred_hidden, out, False) + 4 * out)
+
+
+@dataclass
+class MemoryPrediction:
+    setting: str
+    stage: str
+    world: int
+    micro_batch: int
+    per_rank_batch: int
+    compute_bytes: int
+    state: Dict[str, float] = field(default_factory=dict)        # alive the whole step
+    activations: Dict[str, float] = field(default_factory=dict)  # at the peak
+    per_sample: Dict[str, float] = field(default_factory=dict)   # activation bytes per sample, for reference
+    peak_phase: str = ""
+    peak_allocated: float = 0.0
+    allowances: Dict[str, float] = field(default_factory=dict)
+    total: float = 0.0
+
+    def as_dict(self) -> Dict:
+        return asdict(self)
+
+
+def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro_batch: int,
+                   compute_bytes: int = 2, on_gpu: bool = True) -> MemoryPrediction:
+    """Peak memory of one rank running ``counts.stage`` with ``setting`` at ``micro_batch`` samples."""
+    c = compute_bytes
+    W = world
+    d, h, r = counts.dim, counts.num_heads, counts.mlp_ratio
+    P, T, E = counts.total_params, counts.trainable, counts.trainable_encoder
+    kind = setting.kind
+    zero = setting.zero
+    per_rank = cfg.data.batch_size // W
+    B = micro_batch
+    refine = counts.stage == "refine"
+    crops = Crops.of(cfg, counts.patch)
+    S = crops.tokens
+    trained_blocks = counts.depth - counts.frozen_blocks
+    ckpt = setting.checkpointing and refine and trained_blocks > 0
+    reduce_bytes = 4 if (c == 4 or cfg.engine.reduce_dtype == "fp32") else 2
+    block = counts.block_params
+
+    st: Dict[str, float] = {}
+    grads_total = 0.0            # gradients alive after the backward
+    grads_grow = False           # True: created block by block in the backward (single, FSDP2)
+    block_grad_transient = 0.0   # a block's full gradients before they are reduced (sharded engines)
+    gathered = 0.0               # full parameters gathered for the running block(s)
+    step_transient = 0.0         # what the optimiser step allocates for itself
+    if kind == "single":
+        st["weights (fp32)"] = 4 * P
+        if c < 4:
+            st["autocast bf16 copies of trainable weights"] = 2 * T
+        st["Adam moments (fp32)"] = 8 * T
+        grads_total, grads_grow = 4 * T, True
+        # fused AdamW on a GPU; torch's per-parameter loop on the CPU: about two temporaries of a parameter
+        step_transient = 0 if on_gpu else 2 * 4 * counts.largest_param
+    elif kind == "zero3":
+        persist = sum(counts.persistent(zero.persistence_threshold))
+        st[f"weights ({'bf16' if c == 2 else 'fp32'} partitions)"] = c * ((P - persist) / W + persist)
+        st["fp32 master (partitions)"] = 4 * T / W
+        st["Adam moments (partitions)"] = 8 * T / W
+        st["gradient partitions"] = c * T / W
+        st["fp32 gradient buffer (largest group)"] = 4 * math.ceil(counts.largest_group / W)
+        if zero.contiguous_gradients:
+            st["reduce bucket"] = reduce_bytes * min(zero.reduce_bucket_size, max(T, 1))
+        prefetch = min(zero.prefetch_bucket_size, zero.max_live_parameters)
+        gathered = c * min(P, block + prefetch)
+        block_grad_transient = c * block
+        # torch's AdamW over DeepSpeed's flat fp32 groups: foreach on a GPU (a square-root temporary of every
+        # moment, 4 T / W), a per-group loop on the CPU (about two temporaries of the largest group)
+        step_transient = 4 * T / W if on_gpu else 2 * 4 * math.ceil(counts.largest_group / W)
+    elif kind == "zero2":
+        st[f"weights ({'bf16' if c == 2 else 'fp32'})"] = c * P
+        st["fp32 master (partitions)"] = 4 * T / W
+        st["Adam moments (partitions)"] = 8 * T / W
+        st["gradient partitions"] = c * T / W
+        st["reduce buckets"] = (2 if zero.overlap_comm else 1) * c * min(zero.reduce_bucket_size, max(T, 1))
+        block_grad_transient = c * block
+        step_transient = 4 * T / W + c * min(zero.allgather_bucket_size, max(T, 1))
+    elif kind == "fsdp2":
+        st["weights (fp32 shards)"] = 4 * P / W
+        st["Adam moments (shards)"] = 8 * T / W
+        grads_total, grads_grow = 4 * T / W, True
+        gathered = 2 * c * block  # the running block and the one prefetched
+        block_grad_transient = (c + reduce_bytes) * block
+        step_transient = 4 * T / W if on_gpu else 2 * 4 * counts.largest_param
+    else:
+        raise ValueError(f"unknown engine kind {kind!r}")
+    sharded_ema = kind in ("zero3", "zero2", "fsdp2") and W > 1
+    if refine and E:
+        st["EMA (fp32)"] = 4 * E / (W if sharded_ema else 1)
+    queue_bytes = counts.buffer_bytes.get("queues", 0)
+    st["queues"] = queue_bytes / W if cfg.queue.sharded else queue_bytes
+    st["ID-head norm statistics"] = counts.buffer_bytes.get("head_norms", 0)
+    if not grads_grow and grads_total:
+        st["gradients"] = grads_total
+    # the trainer copies one micro-batch of the host stream's batch to the device at a time (refiner_inputs)
+    st["input micro-batch (fp32 crops)"] = B * crops.pixel_bytes
+
+    # ------------------------------------------------------------------------------------ activations
+    saved_block = B * S * block_saved_per_token(c, d, h, r)
+    residual = B * S * 4 * d
+    per_sample = {"trained block, saved": saved_block / B, "checkpointed block, saved": residual / B}
+    n_heads = len(cfg.heads.blocks) + 1
+    heads_act = B * crops.count * n_heads * head_saved_per_crop(
+        c, d, cfg.heads.proj_hidden_dim, cfg.heads.proj_out_dim, cfg.heads.pred_hidden_dim)
+    loss_act = n_heads * 2 * 2 * crops.count * B * W * B * 4
+    lookup = 2 * B * cfg.queue.size * 4 * (1 if not cfg.queue.sharded else 1)
+    frozen_taps = sum(1 for b in cfg.heads.blocks if b < counts.frozen_blocks)
+    act: Dict[str, float] = {}
+    if refine and trained_blocks:
+        if ckpt:
+            act[f"checkpointed block inputs ({trained_blocks} blocks)"] = trained_blocks * residual
+        else:
+            act[f"saved activations ({trained_blocks} trained blocks)"] = trained_blocks * saved_block
+    act["last block output"] = residual
+    if frozen_taps:
+        act[f"tapped frozen block outputs ({frozen_taps})"] = frozen_taps * residual
+    if counts.heads_params:
+        act["ID heads"] = heads_act
+        act["NNA loss logits"] = loss_act
+
+    # ------------------------------------------------------------------------- the peak, phase by phase
+    # Autograd runs the heads' and the loss's backward first (they were recorded last): by the encoder's backward
+    # their activations, the last block's output and the frozen taps are freed.
+    static = sum(st.values())
+    head_grads = (4 * counts.heads_params / (W if kind == "fsdp2" else 1)) if grads_grow else 0.0
+    encoder_saved = sum(v for k, v in act.items() if k.startswith(("saved activations", "checkpointed")))
+    heads_part = act.get("ID heads", 0) + act.get("NNA loss logits", 0)
+    phases: Dict[str, Tuple[float, Dict[str, float]]] = {}
+    fwd = dict(act, **{"queue lookup similarities": lookup})
+    if gathered:
+        fwd["gathered parameters"] = gathered
+    phases["forward (queue lookup)"] = fwd
+    bwd_heads = {k: v for k, v in act.items() if not k.startswith("tapped")}
+    if head_grads:
+        bwd_heads["head gradients"] = head_grads
+    phases["backward of the heads"] = bwd_heads
+    if refine and trained_blocks:
+        per_block_grad = grads_total / max(T, 1) * block if grads_grow else 0.0
+        for k in range(1, trained_blocks + 1):  # the backward of the k-th trained block from the end
+            left = trained_blocks - k + 1  # blocks whose saved tensors are still alive, this one included
+            a: Dict[str, float] = {}
+            if ckpt:
+                a[f"checkpointed block inputs ({left} of {trained_blocks} alive)"] = left * residual
+                a["recomputed block (checkpointing)"] = saved_block
+            else:
+                a[f"saved activations ({left} of {trained_blocks} blocks alive)"] = left * saved_block
+            a["block backward gradients"] = B * S * block_backward_per_token(c, d, r)
+            if grads_grow:
+                a["gradients created so far"] = head_grads + k * per_block_grad
+            if gathered:
+                a["gathered parameters"] = gathered
+            if block_grad_transient:
+                a["block gradients before reduce"] = block_grad_transient
+            phases[f"backward, block {k} from the end"] = a
+    phases["optimizer step"] = {"gradients": grads_total, "optimizer temporaries": step_transient}
+    totals = {name: static + sum(a.values()) for name, a in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    peak = totals[peak_phase]
+    act = phases[peak_phase]
+    del encoder_saved, heads_part
+
+    allow: Dict[str, float] = {}
+    if on_gpu:
+        allow["data pipeline (DALI prefetch + scratch)"] = DALI_PREFETCH * per_rank * crops.pixel_bytes + DALI_SCRATCH
+        allow["CUDA context, NCCL buffers"] = RUNTIME_BYTES
+        allow["fragmentation margin (10 % of the peak)"] = FRAGMENTATION * peak
+    return MemoryPrediction(setting=setting.label, stage=counts.stage, world=W, micro_batch=B,
+                            per_rank_batch=per_rank, compute_bytes=c, state=st, activations=act,
+                            per_sample=per_sample, peak_phase=peak_phase, peak_allocated=peak,
+                            allowances=allow, total=peak + sum(allow.values()))

@@ -1,0 +1,139 @@
+"""The engine settings the trainer supports, as the planner enumerates them, and the command line of each.
+
+A ``Setting`` is one way to run a recipe: the engine (``single``: one process, plain AdamW; ``deepspeed``:
+ZeRO-2 or ZeRO-3 as a JSON in ds_configs/ says; ``fsdp2``) and activation checkpointing on or off. The
+DeepSpeed JSON's values that change memory or time are read from the file itself. A new option (selective
+checkpointing, hybrid sharding, a replicated frozen prefix, torch.compile) is a new field here with its
+config override, and a branch where ``memory`` and ``timing`` read it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+# DeepSpeed's own defaults (deepspeed/runtime/zero/config.py) for the keys a JSON may leave out
+_DS_DEFAULTS = {"contiguous_gradients": True, "reduce_bucket_size": 5e8,
+                "allgather_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
+                "stage3_param_persistence_threshold": 1e5, "stage3_max_live_parameters": 1e9}
+
+
+@dataclass(frozen=True)
+class ZeroOptions:
+    """What the planner reads from a DeepSpeed JSON."""
+    path: str
+    stage: int
+    overlap_comm: bool
+    contiguous_gradients: bool
+    reduce_bucket_size: int
+    allgather_bucket_size: int
+    prefetch_bucket_size: int
+    persistence_threshold: int
+    max_live_parameters: int
+    offload: bool
+
+    @classmethod
+    def from_json(cls, path: str) -> "ZeroOptions":
+        zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+        get = lambda key: zero.get(key, _DS_DEFAULTS[key])  # noqa: E731
+        offload = any(zero.get(k, {}).get("device", "none") in ("cpu", "nvme")
+                      for k in ("offload_optimizer", "offload_param"))
+        stage = int(zero.get("stage", 0))
+        # unset, DeepSpeed turns overlap_comm on for stage 3 only (its config validator)
+        overlap = zero.get("overlap_comm")
+        return cls(path=str(path), stage=stage, overlap_comm=bool(stage == 3 if overlap is None else overlap),
+                   contiguous_gradients=bool(get("contiguous_gradients")),
+                   reduce_bucket_size=int(get("reduce_bucket_size")),
+                   allgather_bucket_size=int(get("allgather_bucket_size")),
+                   prefetch_bucket_size=int(get("stage3_prefetch_bucket_size")),
+                   persistence_threshold=int(get("stage3_param_persistence_threshold")),
+                   max_live_parameters=int(get("stage3_max_live_parameters")), offload=offload)
+
+
+@dataclass(frozen=True)
+class Setting:
+    engine: str                       # single | deepspeed | fsdp2
+    checkpointing: bool
+    zero: Optional[ZeroOptions] = None
+
+    @property
+    def kind(self) -> str:
+        """single, zero2, zero3 or fsdp2."""
+        return f"zero{self.zero.stage}" if self.engine == "deepspeed" else self.engine
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}{' (' + Path(self.zero.path).name + ')' if self.zero else ''}, " \
+               f"checkpointing {'on' if self.checkpointing else 'off'}"
+
+    def overrides(self, micro_batch: int, per_rank: int) -> List[str]:
+        out = [f"engine.kind={self.engine}"]
+        if self.zero:
+            out.append(f"engine.zero_config={self.zero.path}")
+        out.append(f"model.checkpointing={'true' if self.checkpointing else 'false'}")
+        if micro_batch != per_rank:
+            out.append(f"data.micro_batch_size={micro_batch}")
+        return out
+
+    def command(self, config: str, gpus: int, gpus_per_node: int, micro_batch: int, per_rank: int) -> str:
+        """The exact launch line (multi-node: run on every node, as docs/training.md describes)."""
+        tail = f"launch/refine.py --config {config} " + " ".join(self.overrides(micro_batch, per_rank))
+        nodes = -(-gpus // gpus_per_node)
+        per_node = min(gpus, gpus_per_node)
+        if self.engine == "single":
+            return f"python {tail}"
+        if self.engine == "deepspeed":
+            if nodes == 1:
+                return f"deepspeed --num_gpus {per_node} {tail}"
+            return f"deepspeed --hostfile hosts --num_nodes {nodes} --num_gpus {per_node} {tail}"
+        if nodes == 1:
+            return f"torchrun --nproc_per_node {per_node} {tail}"
+        return (f"torchrun --nnodes {nodes} --nproc_per_node {per_node} --rdzv_backend c10d "
+                f"--rdzv_endpoint $HEAD:29500 --rdzv_id refine {tail}")
+
+    def as_dict(self) -> Dict:
+        out = asdict(self)
+        out.update(kind=self.kind, label=self.label)
+        return out
+
+
+PLANNED_DS_CONFIGS = ("ds_configs/zero3.json", "ds_configs/zero2.json")
+
+
+def all_settings(gpus: int, root: Path, ds_configs=PLANNED_DS_CONFIGS) -> List[Setting]:
+    """Every setting the trainer runs on ``gpus`` GPUs: one process only on one GPU; ZeRO from each JSON; FSDP2;
+    each with checkpointing on and off. An offloading JSON (ds_configs/zero3_offload.json) is left out: the
+    memory and time of host offload are not modelled."""
+    out = []
+    engines = [("single", None)] if gpus == 1 else []
+    engines += [("deepspeed", ZeroOptions.from_json(str(Path(root) / p))) for p in ds_configs]
+    engines.append(("fsdp2", None))
+    for engine, zero in engines:
+        if zero is not None:
+            zero = _relative(zero, root)
+            if zero.offload:
+                continue
+        for ckpt in (True, False):
+            out.append(Setting(engine, ckpt, zero))
+    return out
+
+
+def _relative(zero: ZeroOptions, root: Path) -> ZeroOptions:
+    path = Path(zero.path)
+    try:
+        path = path.resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        pass
+    return replace(zero, path=str(path))
+
+
+def setting_of_config(cfg, root: Path) -> Setting:
+    """The setting a config runs as it is (engine.kind, engine.zero_config, model.checkpointing)."""
+    zero = None
+    if cfg.engine.kind == "deepspeed":
+        path = Path(cfg.engine.zero_config)
+        zero = _relative(ZeroOptions.from_json(str(path if path.is_absolute() else Path(root) / path)), root)
+    return Setting(cfg.engine.kind, bool(cfg.model.checkpointing), zero)
+
+

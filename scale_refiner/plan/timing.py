@@ -1,0 +1,157 @@
+"""Predicted time of one optimiser step on one GPU: compute, exposed communication, optimiser + EMA, data.
+
+- compute: the analytic FLOPs of ``bench/flops.py`` (model FLOPs plus the recomputation of checkpointed blocks)
+  of the rank's samples, at ``efficiency`` x the GPU's dense bf16 peak (0.4 by default: an assumption of what a
+  well-fed ViT step reaches, to be replaced by a measured MFU from ``launch/benchmark.py``);
+- communication, per rank, as the bytes of each collective (``full``: the tensor gathered or reduced;
+  ``wire``: what a ring moves per rank, (W - 1) / W of it) at the NCCL bus bandwidth of the link it crosses
+  (NVLink inside a node, the per-GPU network rate as soon as the job spans nodes). Per micro-batch:
+  ZeRO-3 and FSDP2 all-gather every parameter in the compute dtype for the forward -- the frozen prefix too, on
+  every micro-batch, since it is partitioned like the rest -- gather the trained ones again for the backward and
+  reduce-scatter their gradients in ``engine.reduce_dtype``; ZeRO-2 reduce-scatters the gradients every
+  micro-batch and all-gathers the updated parameters once per step; the method gathers the predictions (with
+  gradient) and the enqueued projections (small). Each collective has an overlap fraction, the share that runs
+  under compute (stated per engine below); what is not overlapped, or does not fit under the compute, is exposed;
+- optimiser step and EMA: memory-bound, the bytes AdamW and the EMA read and write at the HBM bandwidth;
+- data: the host-to-device copy of the rank's crops (fp32) over PCIe, counted exposed (DALI's mixed decoding
+  makes them on the GPU, which costs less; decoding throughput is not modelled: ``launch/bench_data.py``).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Dict
+
+from scale_refiner.plan.counts import ModelCounts
+from scale_refiner.plan.hardware import GPU
+from scale_refiner.plan.memory import Crops
+from scale_refiner.plan.settings import Setting
+
+# Share of a collective that runs under compute. ZeRO-3 prefetches parameters on a side stream
+# (stage3_prefetch_bucket_size > 0) and reduces on one only with overlap_comm; FSDP2 prefetches the next
+# all-gather and reduce-scatters on its own streams; ZeRO-2 overlaps its reduction with overlap_comm. 0.8, not 1:
+# the first gather of a step and the last reduce have nothing to hide under.
+OVERLAP = 0.8
+
+
+@dataclass
+class Collective:
+    name: str
+    full_bytes: float     # per occurrence: the whole tensor gathered / reduced
+    wire_bytes: float     # per occurrence, per rank, ring
+    per_step: int         # occurrences per optimiser step
+    overlap: float
+    seconds: float = 0.0  # all occurrences of a step
+
+    def as_dict(self) -> Dict:
+        return asdict(self)
+
+
+@dataclass
+class TimePrediction:
+    stage: str
+    micro_batch: int
+    accumulation: int
+    per_rank_batch: int
+    model_flops_per_sample: float
+    hardware_flops_per_sample: float
+    compute_s: float
+    collectives: Dict[str, Dict] = field(default_factory=dict)
+    comm_s: float = 0.0
+    exposed_comm_s: float = 0.0
+    optimizer_s: float = 0.0
+    data_s: float = 0.0
+    step_s: float = 0.0
+    mfu: float = 0.0
+    images_per_s_per_gpu: float = 0.0
+
+    def as_dict(self) -> Dict:
+        return asdict(self)
+
+
+def collectives(cfg, counts: ModelCounts, setting: Setting, world: int, micro_batch: int,
+                compute_bytes: int = 2) -> Dict[str, Collective]:
+    """The collectives of one optimiser step on one rank, with their bytes (no times yet)."""
+    W = world
+    if W == 1:
+        return {}
+    c = compute_bytes
+    reduce_bytes = 4 if (c == 4 or cfg.engine.reduce_dtype == "fp32") else 2
+    accumulation = max(1, cfg.data.batch_size // W // micro_batch)
+    ring = (W - 1) / W
+    T, F = counts.trainable, counts.frozen
+    kind = setting.kind
+    out: Dict[str, Collective] = {}
+
+    def add(name, full, per_step, overlap):
+        out[name] = Collective(name, full, full * ring, per_step, overlap)
+
+    if kind in ("zero3", "fsdp2"):
+        if kind == "zero3":
+            kept_t, kept_f = counts.persistent(setting.zero.persistence_threshold)  # held whole: never gathered
+            gather_ov = OVERLAP if setting.zero.prefetch_bucket_size > 0 else 0.0
+            reduce_ov = OVERLAP if setting.zero.overlap_comm else 0.0
+        else:
+            kept_t, kept_f, gather_ov, reduce_ov = 0, 0, OVERLAP, OVERLAP
+        add("all-gather, forward: trained parameters", c * (T - kept_t), accumulation, gather_ov)
+        if F - kept_f:
+            add("all-gather, forward: frozen parameters (every micro-batch)", c * (F - kept_f), accumulation,
+                gather_ov)
+        add("all-gather, backward: trained parameters", c * (T - kept_t), accumulation, gather_ov)
+        add("reduce-scatter: gradients", reduce_bytes * (T - kept_t), accumulation, reduce_ov)
+        if kept_t:  # gradients of parameters held whole are all-reduced
+            add("all-reduce: gradients of whole-held parameters", 2 * reduce_bytes * kept_t, accumulation, reduce_ov)
+    elif kind == "zero2":
+        add("reduce-scatter: gradients", reduce_bytes * T, accumulation,
+            OVERLAP if setting.zero.overlap_comm else 0.0)
+        add("all-gather: updated parameters (after the step)", c * T, 1, 0.0)
+    crops = Crops.of(cfg, counts.patch)
+    heads = len(cfg.heads.blocks) + 1
+    out_dim = cfg.heads.proj_out_dim
+    # predictions of every crop gathered with gradient (forward gather + backward reduce) and the g1
+    # projections with their indices and labels gathered for the enqueue: fp32, per head
+    method = heads * micro_batch * W * out_dim * 4 * (2 * crops.count + 1) + 2 * micro_batch * W * 8
+    if counts.stage == "refine" or counts.heads_params:
+        out["method: NNA gathers, enqueue"] = Collective("method: NNA gathers, enqueue", method, method * ring,
+                                                          accumulation, 0.0)
+    return out
+
+
+def predict_time(cfg, counts: ModelCounts, setting: Setting, gpu: GPU, world: int, micro_batch: int,
+                 efficiency: float = 0.4, compute_bytes: int = 2) -> TimePrediction:
+    from scale_refiner.bench.flops import step_flops
+    W = world
+    per_rank = cfg.data.batch_size // W
+    accumulation = max(1, per_rank // micro_batch)
+    flop_cfg = copy.deepcopy(cfg)
+    flop_cfg.model.checkpointing = setting.checkpointing
+    flops = step_flops(flop_cfg, counts.stage)
+    peak = gpu.peak_tflops * 1e12
+    compute = per_rank * flops.hardware / (peak * efficiency)
+    bw = (gpu.nvlink_gbps if W <= gpu.gpus_per_node else gpu.internode_gbps) * 1e9
+    colls = collectives(cfg, counts, setting, W, micro_batch, compute_bytes)
+    hidden_wanted = 0.0
+    total = 0.0
+    for col in colls.values():
+        col.seconds = col.per_step * col.wire_bytes / bw
+        total += col.seconds
+        hidden_wanted += col.overlap * col.seconds
+    exposed = total - min(hidden_wanted, compute)  # what overlaps can hide at most the compute time
+    T, E = counts.trainable, counts.trainable_encoder
+    c = compute_bytes
+    sharded = setting.kind in ("zero3", "zero2", "fsdp2")
+    div = W if sharded else 1
+    if setting.kind == "single":
+        opt_bytes = T * (4 + 8 + 16)            # fp32 gradient read, parameter read + write, moments read + write
+    else:
+        opt_bytes = T / div * (c + 8 + 16 + c)  # gradient read, master read + write, moments, compute copy write
+    ema_bytes = 12 * E / div if counts.stage == "refine" else 0  # online read, shadow read + write
+    optimizer = (opt_bytes + ema_bytes) / (gpu.hbm_gbps * 1e9)
+    data = per_rank * Crops.of(cfg, counts.patch).pixel_bytes / (gpu.pcie_gbps * 1e9)
+    step = compute + exposed + optimizer + data
+    return TimePrediction(
+        stage=counts.stage, micro_batch=micro_batch, accumulation=accumulation, per_rank_batch=per_rank,
+        model_flops_per_sample=flops.model, hardware_flops_per_sample=flops.hardware, compute_s=compute,
+        collectives={k: v.as_dict() for k, v in colls.items()}, comm_s=total, exposed_comm_s=exposed,
+        optimizer_s=optimizer, data_s=data, step_s=step, mfu=per_rank * flops.model / (step * peak),
+        images_per_s_per_gpu=per_rank / step)

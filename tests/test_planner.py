@@ -1,0 +1,142 @@
+"""The planner (scale_refiner/plan): its memory model against peak memory measured on real CPU training steps,
+its parameter counts against real models, and its output for the 2B recipe."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scale_refiner.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_live_storage_counts_allocations_and_frees():
+    from scale_refiner.plan.measure import LiveStorage
+    with LiveStorage() as mem:
+        a = torch.empty(1000, dtype=torch.float32)
+        view = a[10:]          # a view: no allocation
+        a.add_(1)              # in place: no allocation
+        b = a * 2
+        assert mem.live == 8000
+        del a, view, b
+        assert mem.live == 0
+        assert mem.peak == 8000
+
+
+@pytest.mark.parametrize("name", ["mini b32 ckpt", "tiny b32 frozen 4"])
+def test_predicted_peak_memory_within_15_percent_of_measured(name, tmp_path):
+    """Real refine-stage steps (single process, fp32) under the storage tracker: checkpointing on one, a frozen
+    prefix without checkpointing on the other."""
+    from scale_refiner.plan.validate import CASES, ZERO3_CPU, measure_case, predict_case
+    case = next(c for c in CASES if c.name == name)
+    zero_json = tmp_path / "zero3_cpu.json"
+    zero_json.write_text(json.dumps(ZERO3_CPU))
+    predicted = predict_case(case, str(zero_json)).peak_allocated
+    measured = measure_case(case, str(zero_json))
+    assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.freeze_blocks=2"]])
+def test_parameter_counts_are_the_real_models(overrides):
+    from scale_refiner.plan.counts import model_counts
+    from scale_refiner.refiner import build_refiner
+    cfg = load_config(ROOT / "configs/demo.yaml", overrides)
+    torch.manual_seed(0)
+    real = build_refiner(cfg)
+    for stage in ("heads", "refine"):
+        counts = model_counts(cfg, stage)
+        real.set_stage(stage, cfg.model.freeze_blocks)
+        assert counts.total_params == sum(p.numel() for p in real.parameters())
+        assert counts.encoder_params == sum(p.numel() for p in real.encoder.parameters())
+        assert counts.heads_params == sum(p.numel() for p in real.heads.parameters())
+        assert counts.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad)
+        assert counts.trainable_encoder == sum(p.numel() for p in real.encoder.parameters() if p.requires_grad)
+        assert counts.block_params == sum(p.numel() for p in real.encoder.blocks[0].parameters())
+        assert counts.buffer_bytes["queues"] == sum(b.numel() * b.element_size() for b in real.queues.buffers())
+
+
+def test_2b_counts_from_the_meta_model():
+    """ViT-2B/14 on the meta device: the parameters a timm-sized 2B has (24 blocks of 12 d^2 + 13 d), and
+    nothing allocated."""
+    from scale_refiner.plan.counts import model_counts
+    cfg = load_config(ROOT / "configs/mae_2b14.yaml")
+    counts = model_counts(cfg, "refine")
+    d = 2560
+    assert counts.block_params == 12 * d * d + 13 * d
+    assert counts.encoder_params == 24 * counts.block_params + counts.embed_params + counts.norm_params
+    assert counts.frozen == 6 * counts.block_params + counts.embed_params
+    assert counts.trainable == counts.total_params - counts.frozen
+
+
+def _plan_2b(gpus):
+    from scale_refiner.plan.hardware import resolve_gpu
+    from scale_refiner.plan.search import plan_all
+    cfg = load_config(ROOT / "configs/mae_2b14.yaml")
+    return cfg, plan_all(cfg, "configs/mae_2b14.yaml", resolve_gpu("h100-80gb"), gpus)
+
+
+def test_2b_on_8_h100_is_well_formed_and_the_marked_plan_fits():
+    cfg, plans = _plan_2b(8)
+    kinds = {(p.setting.kind, p.setting.checkpointing) for p in plans}
+    assert kinds == {(k, c) for k in ("zero3", "zero2", "fsdp2") for c in (True, False)}
+    marked = [p for p in plans if p.fastest]
+    assert len(marked) == 1
+    best = marked[0]
+    per_rank = cfg.data.batch_size // 8
+    assert best.fits and best.micro_batch * best.accumulation == per_rank
+    for stage in ("heads", "refine"):
+        memory, time = best.memory[stage], best.time[stage]
+        assert memory["total"] <= 85e9
+        # the breakdown adds up to the peak, the allowances to the total
+        parts = sum(memory["state"].values()) + sum(memory["activations"].values())
+        assert parts == pytest.approx(memory["peak_allocated"])
+        assert memory["peak_allocated"] + sum(memory["allowances"].values()) == pytest.approx(memory["total"])
+        assert time["step_s"] == pytest.approx(time["compute_s"] + time["exposed_comm_s"] + time["optimizer_s"]
+                                               + time["data_s"])
+        assert 0 < time["mfu"] < 0.4 + 1e-9  # never above the assumed efficiency
+        assert best.gpu_hours[stage] > 0
+    # no faster plan fits; a plan that fits with the next larger micro-batch would not be the largest
+    assert all(best.total_gpu_hours <= p.total_gpu_hours for p in plans if p.fits)
+    assert best.command.startswith("deepspeed --num_gpus 8 launch/refine.py --config configs/mae_2b14.yaml") or \
+        best.command.startswith("torchrun --nproc_per_node 8 launch/refine.py --config configs/mae_2b14.yaml")
+    # ZeRO-3 re-gathers the frozen prefix on every micro-batch, bf16: the 6 blocks' weight matrices, the position
+    # embedding and the patch projection; zero3.json keeps parameters under 1e5 elements (biases, norms, cls)
+    # whole on every rank, so those are never gathered
+    zero3 = next(p for p in plans if p.setting.kind == "zero3" and p.fits)
+    frozen = next(c for n, c in zero3.time["refine"]["collectives"].items() if "frozen" in n)
+    gathered = 6 * 12 * 2560 ** 2 + 257 * 2560 + 2560 * 3 * 14 * 14
+    assert frozen["full_bytes"] == 2 * gathered and frozen["per_step"] == zero3.accumulation
+
+
+def test_a_larger_micro_batch_would_not_fit():
+    from scale_refiner.plan.counts import model_counts
+    from scale_refiner.plan.memory import predict_memory
+    cfg, plans = _plan_2b(8)
+    for plan in plans:
+        larger = [d for d in range(plan.micro_batch + 1, 65) if 64 % d == 0]
+        if plan.fits and larger:
+            counts = model_counts(cfg, "refine")
+            assert predict_memory(cfg, counts, plan.setting, 8, larger[0]).total > 85e9
+
+
+def test_cli_json():
+    out = subprocess.run([sys.executable, str(ROOT / "launch/plan.py"), "--config", "configs/mae_2b14.yaml",
+                          "--gpus", "64", "--gpu", "h200", "--json"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["gpus"] == 64 and plan["gpu"]["name"] == "h200"
+    assert plan["counts"]["refine"]["total_params"] == plan["counts"]["heads"]["total_params"]
+    assert plan["command"].startswith("deepspeed --hostfile hosts --num_nodes 8 --num_gpus 8") or \
+        plan["command"].startswith("torchrun --nnodes 8 --nproc_per_node 8")
+    assert sum(p["fastest"] for p in plan["plans"]) == 1
+
+
+def test_cli_refuses_custom_gpu_without_its_memory():
+    out = subprocess.run([sys.executable, str(ROOT / "launch/plan.py"), "--config", "configs/mae_2b14.yaml",
+                          "--gpu", "custom", "--peak-tflops", "500"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "--gpu-memory-gb" in out.stderr
