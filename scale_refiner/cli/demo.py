@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository (configs/, shards/)
+ROOT = Path(__file__).resolve().parents[2]  # the repository (configs/, launch/): the steps run from it
 
 
 # --validate: the MAE 6x longer (3 full epochs), four refinements on 2 ranks, every protocol
@@ -46,6 +46,9 @@ def parse_args(argv):
                                                "(default runs/demo, runs/validate with --validate)")
     p.add_argument("--mae-config", default="configs/demo_mae.yaml")
     p.add_argument("--refine-config", default="configs/demo.yaml")
+    p.add_argument("--shard-root", default=None,
+                   help="where the embedded Fashion-MNIST shards are written and found (data.shard_root; default: "
+                        "$SCALE_REFINER_SHARD_ROOT, else shards/ of the checkout, else ~/.cache/scale-refiner/shards)")
     p.add_argument("--mae", action="append", default=[], metavar="KEY=VALUE", help="pre-training override")
     p.add_argument("--refine", action="append", default=[], metavar="KEY=VALUE", help="refinement override")
     p.add_argument("--ranks", type=int, default=1,
@@ -66,7 +69,9 @@ def parse_args(argv):
                          for name, overrides in VALIDATION_VARIANTS.items()}
     else:
         args.variants = {"refined": args.refine}
-    args.out = Path(args.out or ("runs/validate" if args.validate else "runs/demo"))
+    # absolute: the steps run from the repository, whatever directory the demo was started in
+    args.out = Path(args.out or ("runs/validate" if args.validate else "runs/demo")).resolve()
+    args.shard_root = str(Path(args.shard_root).resolve()) if args.shard_root else None
     return args
 
 
@@ -140,8 +145,12 @@ def main(argv=None) -> int:
     out = args.out
     started = time.time()
 
-    from scale_refiner.data.shards import ensure_fashion_mnist_shards
-    print(f"== data: Fashion-MNIST shards in {ensure_fashion_mnist_shards()}", flush=True)
+    from scale_refiner.data.shards import EMBEDDED_DATASET, ensure_fashion_mnist_shards, shard_root
+    print(f"== data: Fashion-MNIST shards in "
+          f"{ensure_fashion_mnist_shards(shard_root(args.shard_root) / EMBEDDED_DATASET, log=print)}", flush=True)
+    if args.shard_root:  # the steps find the same shards
+        args.mae = [f"data.shard_root={args.shard_root}", *args.mae]
+        args.variants = {name: [f"data.shard_root={args.shard_root}", *o] for name, o in args.variants.items()}
 
     mae_dir, eval_dir = out / "mae", out / "eval"
     run("MAE pre-training", ["launch/pretrain_mae.py", "--config", args.mae_config, f"run.out_dir={mae_dir}",

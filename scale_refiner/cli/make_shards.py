@@ -1,6 +1,7 @@
 """Write webdataset shards + DALI index files + a JSON manifest (format: shards/README.md).
 
-    python launch/make_shards.py --source fashion-mnist --out shards/fashion-mnist
+    python launch/make_shards.py --source fashion-mnist              # into <shard root>/fashion-mnist
+    python launch/make_shards.py --source fashion-mnist --shard-root /data/shards
     python launch/make_shards.py --source digits --out shards/digits --samples-per-shard 256
     python launch/make_shards.py --source folder:/data/imagenet --out shards/imagenet --format jpg
     python launch/make_shards.py --source 'tar:/data/other/*.tar' --out shards/reindexed
@@ -13,6 +14,10 @@ How splits are found:
                   one folder of images: images in sub-folders of a class folder are refused, not merged.
                   Class ids follow the class-folder names, numeric names by value (2 before 10).
     tar:GLOB      a file whose name contains "test" or "val" is test, every other file train.
+
+Where: --out DIR; without it, fashion-mnist and digits go to <shard root>/<source>, the shard root being
+--shard-root, else $SCALE_REFINER_SHARD_ROOT, else shards/ of the source checkout the package runs from, else
+~/.cache/scale-refiner/shards (an installed package writes nothing into site-packages).
 """
 import argparse
 import sys
@@ -20,13 +25,16 @@ import time
 from pathlib import Path
 
 
-from scale_refiner.data.shards import ShardError, load_manifest, make_shards, validate_shards
+from scale_refiner.data.shards import ShardError, load_manifest, make_shards, shard_root, validate_shards
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help="fashion-mnist | digits | folder:PATH | tar:GLOB")
-    p.add_argument("--out", help="output directory, e.g. shards/NAME")
+    p.add_argument("--out", help="output directory, e.g. shards/NAME (fashion-mnist, digits: default "
+                                 "<shard root>/<source>)")
+    p.add_argument("--shard-root", help="the shard root (default: $SCALE_REFINER_SHARD_ROOT, else shards/ of the "
+                                        "source checkout, else ~/.cache/scale-refiner/shards)")
     p.add_argument("--samples-per-shard", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle written into the tars")
     p.add_argument("--format", default="png", choices=["png", "jpg"], help="image encoding of re-encoded images")
@@ -50,8 +58,12 @@ def main(argv=None) -> int:
                 print(f"{split}: {report}")
                 bad += len(report.bad)
             return 1 if bad else 0
-        if not a.source or not a.out:
-            p.error("--source and --out are required (or --validate SHARDS)")
+        if not a.source:
+            p.error("--source is required (or --validate SHARDS)")
+        if not a.out:
+            if a.source not in ("fashion-mnist", "digits"):
+                p.error(f"--out is required for --source {a.source}")
+            a.out = str(shard_root(a.shard_root) / a.source)
         t0 = time.time()
         manifest = make_shards(a.source, a.out, a.samples_per_shard, a.seed, a.format, a.quality, a.limit,
                                a.skip_bad, a.upscale, a.test_fraction, log=print)

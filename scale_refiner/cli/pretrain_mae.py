@@ -65,6 +65,7 @@ def recipe_of(cfg: PretrainConfig) -> dict:
                 "resume_allow_changes"):
         recipe["run"].pop(key)
     recipe["data"].pop("num_workers")
+    recipe["data"].pop("shard_root")  # where the embedded shards are stored, not what they hold
     return recipe
 
 

@@ -9,7 +9,7 @@
   workers or a resume point, which is what the equivalence and bit-identical-resume tests use;
 - ``auto``: ``dali`` when DALI imports, else ``wds``.
 With ``data.train_shards`` unset and ``data.dataset=fashion-mnist``, the shard pipelines use the embedded
-Fashion-MNIST shards, written under shards/fashion-mnist on first use.
+Fashion-MNIST shards, written under ``data.shard_root`` (``shard_writer.shard_root``) on first use.
 """
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ def _arrays(cfg: RefineConfig, split: str):
 
 def _shard_split(cfg: RefineConfig, split: str, key: str):
     from scale_refiner.data.manifest import load_manifest
-    from scale_refiner.data.shard_writer import ensure_fashion_mnist_shards
+    from scale_refiner.data.shard_writer import EMBEDDED_DATASET, ensure_fashion_mnist_shards, shard_root
     root = getattr(cfg.data, key)
     if root is None:
         if cfg.data.dataset != "fashion-mnist":
             raise ValueError(f"config key 'data.{key}' is not set and data.dataset={cfg.data.dataset!r} has no "
                              f"embedded shards: write them with launch/make_shards.py and point data.{key} at them")
-        root = ensure_fashion_mnist_shards()
+        root = ensure_fashion_mnist_shards(shard_root(cfg.data.shard_root) / EMBEDDED_DATASET)
     return load_manifest(root, verify=cfg.data.verify_shards).split(split)
 
 

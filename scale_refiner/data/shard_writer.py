@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import random
 import tarfile
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -29,10 +30,33 @@ from scale_refiner.data.shard_sources import source_digits, source_fashion_mnist
 from scale_refiner.data.manifest import load_manifest
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARD_ROOT_ENV = "SCALE_REFINER_SHARD_ROOT"
 
 
-DEFAULT_FMNIST_SHARDS = REPO_ROOT / "shards" / "fashion-mnist"
+EMBEDDED_DATASET = "fashion-mnist"  # the data set whose shards are written on first use, under the shard root
+
+
+def _checkout() -> Optional[Path]:
+    """The repository this package is imported from when it is a source checkout (an editable install, or
+    PYTHONPATH pointing at it): the directory above the package that holds ``setup.py`` and ``shards/README.md``.
+    None for an installed package, whose parent directory is site-packages and no place to write data into."""
+    repo = Path(__file__).resolve().parents[2]
+    return repo if (repo / "setup.py").is_file() and (repo / "shards" / "README.md").is_file() else None
+
+
+def shard_root(configured: Optional[PathLike] = None) -> Path:
+    """Where the embedded shard sets live: ``configured`` (``data.shard_root``, ``--shard-root``), else the
+    environment variable ``SCALE_REFINER_SHARD_ROOT``, else ``shards/`` of the source checkout the package runs
+    from, else ``$XDG_CACHE_HOME/scale-refiner/shards`` (``~/.cache/...``) for an installed package."""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get(SHARD_ROOT_ENV):
+        return Path(os.environ[SHARD_ROOT_ENV]).expanduser()
+    repo = _checkout()
+    if repo is not None:
+        return repo / "shards"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "scale-refiner" / "shards"
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -145,14 +169,15 @@ def _dir_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_fashion_mnist_shards(root: PathLike = DEFAULT_FMNIST_SHARDS, samples_per_shard: int = 5000,
-                                seed: int = 0) -> Path:
-    """The embedded default: Fashion-MNIST shards under ``root``, written on first use; returns the manifest.
+def ensure_fashion_mnist_shards(root: Optional[PathLike] = None, samples_per_shard: int = 5000,
+                                seed: int = 0, log: Callable[[str], None] = lambda s: None) -> Path:
+    """The embedded default: Fashion-MNIST shards in ``root`` (default: ``shard_root() / "fashion-mnist"``),
+    written on first use; returns the manifest.
 
     Idempotent and safe when several ranks call it at once (a file lock; the others wait and reuse the set).
     An existing set is accepted when its manifest loads and every listed file has its recorded size.
     """
-    root = Path(root)
+    root = Path(root) if root is not None else shard_root() / EMBEDDED_DATASET
     manifest = root / MANIFEST
     with _dir_lock(root):
         if manifest.is_file():
@@ -161,4 +186,6 @@ def ensure_fashion_mnist_shards(root: PathLike = DEFAULT_FMNIST_SHARDS, samples_
                 return manifest
             except ShardError:
                 pass  # damaged or partial: rewrite
+        log(f"writing the embedded Fashion-MNIST shards to {root} (another place: data.shard_root, --shard-root "
+            f"or {SHARD_ROOT_ENV})")
         return make_shards("fashion-mnist", root, samples_per_shard=samples_per_shard, seed=seed)
