@@ -94,6 +94,8 @@ def _run(argv) -> int:
         print(f"MAE weights of this recipe already exist: {out_dir / WEIGHTS_NAME} (reused; --force repeats)")
         return 0
     try:
+        from scale_refiner.data.loaders import run_data
+        run_data(cfg)  # data.dataset and the shards agree, checked before any work
         ctx = start_job(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
