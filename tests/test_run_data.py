@@ -55,7 +55,8 @@ def test_the_shards_name_the_data_set_and_data_dataset_must_agree(shapes):
     with pytest.raises(ConfigError, match=r"config key 'data.dataset' is 'fashion-mnist', but data.train_shards "
                                           r".* holds 'shapes' .*set data.dataset=shapes"):
         run_data(cfg_of(f"data.train_shards={shapes}"))  # the demo recipe's data.dataset left as it is
-    data = run_data(cfg_of(f"data.train_shards={shapes}", "data.dataset=shapes"), evaluate=True)
+    data = run_data(cfg_of(f"data.train_shards={shapes}", "data.dataset=shapes", "data.batch_size=16"),
+                    evaluate=True)
     assert data.dataset == "shapes" and data.test.root == data.train.root == shapes  # test_shards: the same set
 
 
@@ -63,17 +64,19 @@ def test_other_disagreements_are_errors_naming_the_key(shapes, tmp_path):
     S.make_shards("digits", tmp_path / "digits", limit=30)
     with pytest.raises(ConfigError, match=r"'data.test_shards'.*holds 'digits'.*must be one data set"):
         run_data(cfg_of(f"data.train_shards={shapes}", f"data.test_shards={tmp_path / 'digits'}",
-                        "data.dataset=shapes"))
+                        "data.dataset=shapes", "data.batch_size=16"))
     with pytest.raises(ConfigError, match=r"'data.test_shards' is set .* without data.train_shards"):
         run_data(cfg_of(f"data.test_shards={shapes}"))
     with pytest.raises(ConfigError, match=r"'data.train_shards' is not set and data.dataset='shapes'"):
         run_data(cfg_of("data.dataset=shapes"))
     with pytest.raises(ConfigError, match=r"'data.pipeline': memory reads the embedded"):
         run_data(cfg_of(f"data.train_shards={shapes}", "data.dataset=shapes", "data.pipeline=memory"))
+    with pytest.raises(ConfigError, match=r"'data.batch_size': 128 is more than the 72 training images"):
+        run_data(cfg_of(f"data.train_shards={shapes}", "data.dataset=shapes"))  # the demo recipe's batch
     with pytest.raises(ConfigError, match=r"'data.train_shards': .*nowhere.*manifest not found"):
         run_data(cfg_of(f"data.train_shards={tmp_path / 'nowhere'}", "data.dataset=shapes"))
     S.make_shards(f"folder:{class_folders(tmp_path / 'src', 2)}", tmp_path / "no-test")  # warns: no test split
-    train_only = cfg_of(f"data.train_shards={tmp_path / 'no-test'}", "data.dataset=src")
+    train_only = cfg_of(f"data.train_shards={tmp_path / 'no-test'}", "data.dataset=src", "data.batch_size=6")
     run_data(train_only)  # training alone needs no test split
     with pytest.raises(ConfigError, match=r"'data.train_shards': .*no-test has no 'test' split.*--test-fraction"):
         run_data(train_only, evaluate=True)
@@ -84,6 +87,8 @@ def test_evaluation_arrays_come_from_the_shards(shapes):
     (train_x, train_y), (test_x, test_y) = eval_arrays(cfg, "train"), eval_arrays(cfg, "test")
     assert len(train_y) == 72 and len(test_y) == 18 and train_x.shape[1:] == (3, 32, 32)
     assert np.bincount(test_y.numpy()).tolist() == [6, 6, 6]
+    big_batch = cfg_of(f"data.train_shards={shapes}", "data.dataset=shapes")  # 128: only training needs a batch
+    assert len(eval_arrays(big_batch, "test")[1]) == 18
 
 
 def test_refine_on_folder_shards_evaluates_on_them(shapes, tmp_path):

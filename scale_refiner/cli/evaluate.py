@@ -90,7 +90,7 @@ def select_data(args, cfg):
     if cfg.data.pipeline == "memory" and cfg.data.train_shards:
         cfg.data.pipeline = "wds"  # evaluation reads shards with the webdataset reader whatever trained
     cfg.data.num_workers = 0
-    return run_data(cfg, evaluate=True)
+    return run_data(cfg, evaluate=True, train=False)
 
 
 def load_data(args, cfg, split: str):

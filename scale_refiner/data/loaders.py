@@ -56,14 +56,15 @@ class RunData:
                 "test": str(self.test.root) if self.test is not None else "embedded"}
 
 
-def run_data(cfg: RefineConfig, evaluate: bool = False) -> RunData:
+def run_data(cfg: RefineConfig, evaluate: bool = False, train: bool = True) -> RunData:
     """The data a run reads, checked so that its training data, its evaluation data and ``data.dataset`` cannot
     disagree; a ``ConfigError`` names the key to change.
 
     ``data.test_shards`` unset means the ``data.train_shards`` set (one manifest holds both splits). The manifests'
     data set names (``make_shards --name``) must agree with each other and with ``data.dataset``: a recipe whose
     ``data.dataset`` says one thing while its shards hold another is an error, not silently one or the other.
-    ``evaluate``: the test split, which the k-NN evaluation reads, must exist too."""
+    ``evaluate``: the test split, which the k-NN evaluation reads, must exist too; ``train``: the run trains, so
+    its training split must fill one ``data.batch_size``."""
     from scale_refiner.data.manifest import load_manifest
     from scale_refiner.data.shard_format import ShardError
     from scale_refiner.data.shard_writer import EMBEDDED_DATASET
@@ -87,29 +88,33 @@ def run_data(cfg: RefineConfig, evaluate: bool = False) -> RunData:
             sets[key] = load_manifest(path, verify="none")  # the readers check sizes or hashes (verify_shards)
         except ShardError as err:
             raise ConfigError(f"config key '{key}': {err}") from None
-    train, test = sets["data.train_shards"], sets["data.test_shards"]
-    if test.dataset != train.dataset or test.class_names != train.class_names:
+    bank, test = sets["data.train_shards"], sets["data.test_shards"]
+    if test.dataset != bank.dataset or test.class_names != bank.class_names:
         raise ConfigError(f"config key 'data.test_shards': {test.root} holds {test.dataset!r} "
-                          f"({test.num_classes} classes), but data.train_shards {train.root} holds {train.dataset!r} "
-                          f"({train.num_classes} classes): the k-NN bank and its queries must be one data set")
-    if d.dataset != train.dataset:
-        raise ConfigError(f"config key 'data.dataset' is {d.dataset!r}, but data.train_shards {train.root} holds "
-                          f"{train.dataset!r} (its manifest.json): set data.dataset={train.dataset}, or point "
+                          f"({test.num_classes} classes), but data.train_shards {bank.root} holds {bank.dataset!r} "
+                          f"({bank.num_classes} classes): the k-NN bank and its queries must be one data set")
+    if d.dataset != bank.dataset:
+        raise ConfigError(f"config key 'data.dataset' is {d.dataset!r}, but data.train_shards {bank.root} holds "
+                          f"{bank.dataset!r} (its manifest.json): set data.dataset={bank.dataset}, or point "
                           f"data.train_shards at the shards of {d.dataset!r}")
-    for split, key, shard_set in (("train", "data.train_shards", train), ("test", "data.test_shards", test)):
+    for split, key, shard_set in (("train", "data.train_shards", bank), ("test", "data.test_shards", test)):
         if split not in shard_set.manifest["splits"] and (split == "train" or evaluate):
             key = key if d.test_shards is not None else "data.train_shards"
             hint = ("; the k-NN evaluation reads it: write the shards again with make_shards --test-fraction F, or "
                     "point data.test_shards at a set that has one" if split == "test" else "")
             raise ConfigError(f"config key '{key}': {shard_set.root} has no {split!r} split (it has "
                               f"{sorted(shard_set.manifest['splits'])}){hint}")
-    return RunData(train.dataset, train, test)
+    n_train = int(bank.manifest["splits"]["train"]["num_samples"])
+    if train and n_train < d.batch_size:  # drop_last: not one step an epoch
+        raise ConfigError(f"config key 'data.batch_size': {d.batch_size} is more than the {n_train} training images "
+                          f"of data.train_shards {bank.root}; lower it (at most {n_train})")
+    return RunData(bank.dataset, bank, test)
 
 
-def _shard_split(cfg: RefineConfig, split: str):
+def _shard_split(cfg: RefineConfig, split: str, training: bool):
     from scale_refiner.data.manifest import load_manifest
     from scale_refiner.data.shard_writer import EMBEDDED_DATASET, ensure_fashion_mnist_shards, shard_root
-    data = run_data(cfg, evaluate=split == "test")
+    data = run_data(cfg, evaluate=not training, train=training)
     shard_set = data.train if split == "train" else data.test
     if shard_set is None:
         root = ensure_fashion_mnist_shards(shard_root(cfg.data.shard_root) / EMBEDDED_DATASET)
@@ -190,7 +195,7 @@ class ShardStream(TrainStream):
     restored from ``state_dict`` (DALI's reader checkpoint, or epoch + step for webdataset)."""
 
     def __init__(self, cfg: RefineConfig, rank: int, world: int, kind: str):
-        split = _shard_split(cfg, "train")
+        split = _shard_split(cfg, "train", training=True)
         self.cfg, self.rank, self.world, self.kind, self.split = cfg, rank, world, kind, split
         self.loader = self._build(None)
         self.samples_per_epoch = len(self.loader) * cfg.data.batch_size
@@ -260,7 +265,7 @@ def eval_arrays(cfg: RefineConfig, split: str, limit: int = 0,
     def finish(x):  # resized uint8 values as float k/255: exactly back to k
         return x.mul(255).round_().to(torch.uint8) if uint8 else x
 
-    if run_data(cfg, evaluate=True).train is None:
+    if run_data(cfg, evaluate=True, train=False).train is None:
         images, labels = _arrays(cfg, split)
         if limit:
             images, labels = images[:limit], labels[:limit]
@@ -269,7 +274,7 @@ def eval_arrays(cfg: RefineConfig, split: str, limit: int = 0,
         xs, ys = zip(*[(finish(x), y) for x, y, _ in loader])
         return torch.cat(xs), torch.cat(ys)
     from scale_refiner.data.wds_pipeline import WdsEvalLoader
-    shards = _shard_split(cfg, split)
+    shards = _shard_split(cfg, split, training=False)
     xs, ys, seen = [], [], 0
     for batch in WdsEvalLoader(shards.tars, 512, resize=size, crop=size, normalize=not uint8):
         x, y = finish(batch[0]), batch[1]
