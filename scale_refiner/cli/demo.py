@@ -56,8 +56,9 @@ def parse_args(argv):
     data = p.add_mutually_exclusive_group()
     data.add_argument("--shards", metavar="DIR", help="a shard set (make_shards; with a manifest and a test split) "
                                                      "to pre-train, refine and evaluate on instead of Fashion-MNIST")
-    data.add_argument("--source", metavar="SOURCE", help="make_shards source (folder:PATH of class folders, ...): "
-                                                         "its shards are written into <out>/shards, then used as --shards")
+    data.add_argument("--source", metavar="SOURCE",
+                      help="make_shards source (folder:PATH of class folders, ...): its shards are written into "
+                           "<out>/shards, then used as --shards")
     p.add_argument("--test-fraction", type=float, default=None,
                    help="with --source folder:PATH: the part of each class held out as the test split (default 0.2 "
                         "when PATH has no train/ folder of its own, else none: its val/ or test/ is the test split)")
