@@ -103,6 +103,10 @@ class DataConfig:
     dataset: str = "fashion-mnist"  # the embedded default; see docs/data.md
     train_shards: Optional[str] = None
     test_shards: Optional[str] = None
+    # Where the embedded shards are written on first use and found (<shard_root>/fashion-mnist); None: the
+    # environment variable SCALE_REFINER_SHARD_ROOT, else shards/ of a source checkout, else
+    # ~/.cache/scale-refiner/shards (docs/data.md)
+    shard_root: Optional[str] = None
     batch_size: int = 1024  # global, over all ranks: one optimiser step
     # Samples per rank in one forward/backward; 0 = batch_size / world (no accumulation). Smaller: the step
     # accumulates batch_size / (world * micro_batch_size) micro-batches. Negatives, BN statistics and the

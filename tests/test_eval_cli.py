@@ -124,8 +124,8 @@ def test_cli_bad_inputs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: cannot load" in err and "shape mismatch" in err and "blocks.5.norm1.weight" in err
     assert main(["--model", "vit_mini_patch4", "--weights", str(weights), "--out", out,
-                 "--train-shards", "x-{000..009}.tar"]) == 2
-    assert "give both --train-shards and --test-shards" in capsys.readouterr().err
+                 "--test-shards", str(tmp_path)]) == 2
+    assert "--test-shards needs --train-shards" in capsys.readouterr().err
     missing = str(tmp_path / "no-shards")
     assert main(["--model", "vit_mini_patch4", "--weights", str(weights), "--out", out,
                  "--train-shards", missing, "--test-shards", missing]) == 2
@@ -146,10 +146,13 @@ def test_cli_on_shards(tmp_path):
     weights, _ = tiny_weights(tmp_path, "vit_test_patch4")
     out = tmp_path / "eval"
     assert evaluate_main()(["--model", "vit_test_patch4", "--weights", str(weights), "--out", str(out),
-                            "--train-shards", str(shards), "--test-shards", str(shards), "--protocols", "knn"]) == 0
+                            "--train-shards", str(shards), "--protocols", "knn"]) == 0  # test: the same set's
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_train"] == 1437 and metrics["n_test"] == 360  # digits: 80/20 stratified
-    assert metrics["dataset"].startswith("shards") and 0.1 < metrics["knn"]["10"] <= 1
+    assert metrics["dataset"] == "digits" and 0.1 < metrics["knn"]["10"] <= 1  # the manifest's name
+    assert metrics["data"] == {"name": "digits", "train": str(shards.parent), "test": str(shards.parent)}
+    assert evaluate_main()(["--model", "vit_test_patch4", "--weights", str(weights), "--out", str(out),
+                            "--train-shards", str(shards), "--dataset", "fashion-mnist"]) == 2
 
 
 @pytest.mark.skipif(not HAS_FMNIST, reason="needs dataset-fashion-mnist")

@@ -343,6 +343,7 @@ def test_skipped_bad_samples_are_counted_in_the_log_metrics_and_results(tmp_path
             handle.seek(member.offset_data)
             handle.write(b"\0" * member.size)
     extra = ["stages.refine.epochs=1", "data.pipeline=wds", f"data.train_shards={tmp_path / 'shards'}",
+             "data.dataset=digits",
              "data.on_error=skip", "data.samples_per_epoch=0", "data.num_workers=1"]  # the whole split
     proc = run("single", tmp_path / "run", extra)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,6 +2,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,40 @@ def test_ensure_fashion_mnist_shards_idempotent(tmp_path, monkeypatch):
     (tmp_path / "fm" / "train-00001.tar").unlink()  # damaged set: rewritten
     S.ensure_fashion_mnist_shards(tmp_path / "fm", samples_per_shard=32)
     assert calls == ["fashion-mnist"] * 2 and S.load_manifest(m1).split("train").num_samples == 64
+
+
+def test_shard_root_from_config_then_environment_then_checkout_then_user_cache(tmp_path, monkeypatch):
+    from scale_refiner.data import shard_writer
+    repo = Path(shard_writer.__file__).resolve().parents[2]
+    monkeypatch.delenv(S.SHARD_ROOT_ENV, raising=False)
+    assert S.shard_root() == repo / "shards"  # this checkout (setup.py and shards/README.md above the package)
+    monkeypatch.setenv(S.SHARD_ROOT_ENV, str(tmp_path / "env"))
+    assert S.shard_root() == tmp_path / "env"
+    assert S.shard_root(str(tmp_path / "cfg")) == tmp_path / "cfg"  # the config key / --shard-root wins
+    monkeypatch.delenv(S.SHARD_ROOT_ENV)
+    monkeypatch.setattr(shard_writer, "_checkout", lambda: None)  # an installed package: not beside its code
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert S.shard_root() == tmp_path / "cache" / "scale-refiner" / "shards"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert S.shard_root() == tmp_path / "home" / ".cache" / "scale-refiner" / "shards"
+
+
+def test_the_run_writes_the_embedded_shards_under_data_shard_root(tmp_path, monkeypatch):
+    from scale_refiner.config import load_config
+    from scale_refiner.data import loaders, shard_writer
+    real = S.make_shards
+    monkeypatch.setattr(shard_writer, "make_shards", lambda source, out, **kw: real(source, out, limit=64, **kw))
+    cfg = load_config(None, [f"data.shard_root={tmp_path / 'root'}"])
+    split = loaders._shard_split(cfg, "train", "train_shards")
+    assert split.num_samples == 64
+    assert all(Path(t).parent == tmp_path / "root" / "fashion-mnist" for t in split.tars)
+
+
+def test_make_shards_cli_writes_under_the_shard_root(tmp_path, capsys):
+    from scale_refiner.cli.make_shards import main
+    assert main(["--source", "digits", "--limit", "40", "--shard-root", str(tmp_path)]) == 0
+    assert S.load_manifest(tmp_path / "digits").split("train").num_samples == 40
+    with pytest.raises(SystemExit):
+        main(["--source", f"folder:{tmp_path}"])  # a folder has no name to default to: --out is required
+    assert "--out is required" in capsys.readouterr().err

@@ -3,8 +3,12 @@
     python launch/demo.py                      # what `make demo` runs: about 10 minutes on 2 CPU cores
     python launch/demo.py --validate           # `make validate`: the longer validation recipe (under an hour)
     python launch/demo.py --out runs/demo2 --mae stages.mae.epochs=2 --refine heads.norm=syncbn --ranks 2
+    python launch/demo.py --shards shards/flowers --out runs/flowers       # any shard set with a manifest
+    python launch/demo.py --source folder:/data/flowers --out runs/flowers # class folders: shards written first
 
-1. writes the Fashion-MNIST shards (from Debian's dataset-fashion-mnist) if they are absent;
+1. writes the Fashion-MNIST shards (from Debian's dataset-fashion-mnist) if they are absent; or, with
+   --source, writes the source's shards into <out>/shards (reused while the source and --test-fraction are the
+   same); or, with --shards, reads that set. Every later step trains and evaluates on that data;
 2. pre-trains the demo ViT as an MAE (launch/pretrain_mae.py, configs/demo_mae.yaml), or reuses the weights of
    an earlier run of the same recipe;
 3. refines it with MIM-Refiner, heads stage then refine stage (launch/refine.py, configs/demo.yaml), once per
@@ -26,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository (configs/, shards/)
+ROOT = Path(__file__).resolve().parents[2]  # the repository (configs/, launch/): the steps run from it
 
 
 # --validate: the MAE 6x longer (3 full epochs), four refinements on 2 ranks, every protocol
@@ -46,12 +50,24 @@ def parse_args(argv):
                                                "(default runs/demo, runs/validate with --validate)")
     p.add_argument("--mae-config", default="configs/demo_mae.yaml")
     p.add_argument("--refine-config", default="configs/demo.yaml")
+    p.add_argument("--shard-root", default=None,
+                   help="where the embedded Fashion-MNIST shards are written and found (data.shard_root; default: "
+                        "$SCALE_REFINER_SHARD_ROOT, else shards/ of the checkout, else ~/.cache/scale-refiner/shards)")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--shards", metavar="DIR", help="a shard set (make_shards; with a manifest and a test split) "
+                                                     "to pre-train, refine and evaluate on instead of Fashion-MNIST")
+    data.add_argument("--source", metavar="SOURCE",
+                      help="make_shards source (folder:PATH of class folders, ...): its shards are written into "
+                           "<out>/shards, then used as --shards")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="with --source folder:PATH: the part of each class held out as the test split (default 0.2 "
+                        "when PATH has no train/ folder of its own, else none: its val/ or test/ is the test split)")
     p.add_argument("--mae", action="append", default=[], metavar="KEY=VALUE", help="pre-training override")
     p.add_argument("--refine", action="append", default=[], metavar="KEY=VALUE", help="refinement override")
     p.add_argument("--ranks", type=int, default=1,
                    help="refine on N ranks (deepspeed launcher, ZeRO-3; CPU ranks with gloo without a GPU)")
     p.add_argument("--eval-limit", type=int, default=10000,
-                   help="first N images of each split for the evaluation (0: all 60000 / 10000)")
+                   help="first N images of each split for the evaluation (0: all; Fashion-MNIST has 60000 / 10000)")
     p.add_argument("--protocols", default="knn,blocks,kmeans", help="launch/evaluate.py protocols")
     p.add_argument("--kmeans-runs", type=int, default=3)
     p.add_argument("--validate", action="store_true",
@@ -66,7 +82,11 @@ def parse_args(argv):
                          for name, overrides in VALIDATION_VARIANTS.items()}
     else:
         args.variants = {"refined": args.refine}
-    args.out = Path(args.out or ("runs/validate" if args.validate else "runs/demo"))
+    # absolute: the steps run from the repository, whatever directory the demo was started in
+    args.out = Path(args.out or ("runs/validate" if args.validate else "runs/demo")).resolve()
+    args.shard_root = str(Path(args.shard_root).resolve()) if args.shard_root else None
+    if args.test_fraction is not None and not (args.source or "").startswith("folder:"):
+        p.error("--test-fraction goes with --source folder:PATH")
     return args
 
 
@@ -135,20 +155,66 @@ def refine_command(args, out_dir: Path, weights: Path, overrides) -> list:
             "engine.kind=deepspeed", "engine.zero_config=ds_configs/cpu_demo.json"]
 
 
+def prepare_data(args) -> dict:
+    """The data every step reads: the embedded Fashion-MNIST (written under the shard root if absent), the shards
+    of ``--source`` written into ``<out>/shards``, or the ``--shards`` set. Returns its name, the shard directory
+    (None: embedded), the overrides of the training steps and the options of the evaluations."""
+    from scale_refiner.data.shards import (EMBEDDED_DATASET, MANIFEST, ShardError, ensure_fashion_mnist_shards,
+                                           load_manifest, make_shards, shard_root)
+    if not (args.shards or args.source):
+        path = ensure_fashion_mnist_shards(shard_root(args.shard_root) / EMBEDDED_DATASET, log=print)
+        print(f"== data: Fashion-MNIST shards in {path}", flush=True)
+        overrides = [f"data.shard_root={args.shard_root}"] if args.shard_root else []
+        return {"name": EMBEDDED_DATASET, "shards": None, "overrides": overrides, "evaluate": []}
+    if args.source:
+        shards = args.out / "shards"
+        test_fraction = args.test_fraction
+        if test_fraction is None:
+            folder = Path(args.source[len("folder:"):]) if args.source.startswith("folder:") else None
+            test_fraction = 0.2 if folder is not None and not (folder / "train").is_dir() else 0.0
+        written = shards / MANIFEST
+        recorded = json.loads(written.read_text()) if written.is_file() else {}
+        if recorded.get("source") == args.source and recorded.get("test_fraction", 0.0) == test_fraction:
+            print(f"== data: shards of {args.source} in {shards} (reused)", flush=True)
+        else:
+            print(f"== data: writing the shards of {args.source} into {shards}", flush=True)
+            try:
+                make_shards(args.source, shards, samples_per_shard=2000, test_fraction=test_fraction, log=print)
+            except ShardError as err:
+                raise SystemExit(f"error: --source {args.source}: {err}") from None
+    else:
+        shards = Path(args.shards).resolve()
+    try:
+        shard_set = load_manifest(shards, verify="size")
+        for split in ("train", "test"):
+            shard_set.split(split)  # both are read: train by every step, test by every evaluation
+    except ShardError as err:
+        raise SystemExit(f"error: --shards {shards}: {err}") from None
+    counts = ", ".join(f"{s} {shard_set.manifest['splits'][s]['num_samples']}" for s in ("train", "test"))
+    print(f"== data: {shard_set.dataset!r} ({shard_set.num_classes} classes; {counts} images) in {shards}",
+          flush=True)
+    return {"name": shard_set.dataset, "shards": str(shards),
+            "overrides": [f"data.dataset={shard_set.dataset}", f"data.train_shards={shards}"],
+            "evaluate": ["--train-shards", str(shards)]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.out
     started = time.time()
 
-    from scale_refiner.data.shards import ensure_fashion_mnist_shards
-    print(f"== data: Fashion-MNIST shards in {ensure_fashion_mnist_shards()}", flush=True)
+    data = prepare_data(args)
+    if data["overrides"]:  # every step reads the same data
+        args.mae = [*data["overrides"], *args.mae]
+        args.variants = {name: [*data["overrides"], *o] for name, o in args.variants.items()}
 
     mae_dir, eval_dir = out / "mae", out / "eval"
     run("MAE pre-training", ["launch/pretrain_mae.py", "--config", args.mae_config, f"run.out_dir={mae_dir}",
                              "run.resume=auto", *args.mae])
     weights = mae_dir / "mae_pretrained.pth"
     model_name = json.loads((mae_dir / "config.json").read_text())["model"]["name"]
-    common = ["--protocols", args.protocols, "--limit", str(args.eval_limit), "--kmeans-runs", str(args.kmeans_runs)]
+    common = ["--protocols", args.protocols, "--limit", str(args.eval_limit), "--kmeans-runs", str(args.kmeans_runs),
+              *data["evaluate"]]
     encoders = {"MAE": ("mae", ["--model", model_name, "--weights", str(weights)])}
     for n, (variant, overrides) in enumerate(args.variants.items()):
         refine_dir = out / variant
@@ -169,14 +235,15 @@ def main(argv=None) -> int:
         results[name] = {"dir": str(eval_dir / subdir), **evaluated(eval_dir / subdir)}
 
     table = summary_table(results)
-    summary = {"minutes": (time.time() - started) / 60, "eval_limit": args.eval_limit, "ranks": args.ranks,
+    summary = {"minutes": (time.time() - started) / 60, "dataset": data["name"], "shards": data["shards"],
+               "eval_limit": args.eval_limit, "ranks": args.ranks,
                "variants": args.variants, "mae_overrides": args.mae,
                "encoders": {name: {k: m.get(k) for k in ("knn", "kmeans", "blocks", "linear", "lowshot", "dir")}
                             for name, m in results.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(table)
     print("\n" + table)
-    print(f"(accuracies in %, first {args.eval_limit or 'all'} images of each split; "
+    print(f"(accuracies in %, {data['name']}, first {args.eval_limit or 'all'} images of each split; "
           f"{summary['minutes']:.1f} min in all)")
     print(f"TensorBoard: tensorboard --logdir {out}")
     print("per-block k-NN plots: " + ", ".join(str(Path(m["dir"]) / "knn_per_block.png") for m in results.values()

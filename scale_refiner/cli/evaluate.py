@@ -35,10 +35,13 @@ def parse_args(argv):
     p.add_argument("--encoder", default="ema", choices=("ema", "online"), help="with --checkpoint (default ema)")
     p.add_argument("--img-size", type=int, default=0,
                    help="evaluation resolution (default: the run's augment.global_size, else the weights' own)")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--train-shards", help="shard directory (or manifest) whose 'train' split is the k-NN bank / "
-                                           "probe training set (launch/make_shards.py)")
-    p.add_argument("--test-shards", help="shard directory (or manifest) whose 'test' split is evaluated")
+    data = p.add_argument_group("what to evaluate on (default: a --checkpoint's own run data; the embedded "
+                                "fashion-mnist for --weights)")
+    data.add_argument("--dataset", help="the data set's name; with shards it must equal their manifest's")
+    data.add_argument("--train-shards", help="shard directory (or manifest) whose 'train' split is the k-NN bank / "
+                                              "probe training set (launch/make_shards.py)")
+    data.add_argument("--test-shards", help="shard directory (or manifest) whose 'test' split is evaluated "
+                                             "(default: the --train-shards set)")
     p.add_argument("--limit", type=int, default=0, help="first N images of each split (0: all)")
     p.add_argument("--protocols", default="knn,blocks,linear,lowshot,kmeans",
                    help="comma-separated subset of knn,blocks,linear,lowshot,kmeans (or all)")
@@ -64,20 +67,34 @@ def parse_args(argv):
     return args
 
 
+def select_data(args, cfg):
+    """Point ``cfg.data`` at the data to evaluate on and check it (``loaders.run_data``): --train-shards /
+    --test-shards when given, else a --checkpoint run's own data (what it trained on), else the embedded
+    Fashion-MNIST. Returns the ``RunData``; raises ValueError naming the option or key."""
+    from scale_refiner.data.loaders import run_data
+    from scale_refiner.data.manifest import load_manifest
+    if args.test_shards and not args.train_shards:
+        raise ValueError("--test-shards needs --train-shards (the k-NN bank and its queries are one data set)")
+    if args.train_shards:
+        named = load_manifest(args.train_shards, verify="none").dataset
+        if args.dataset and args.dataset != named:
+            raise ValueError(f"--dataset {args.dataset!r}, but --train-shards {args.train_shards} holds {named!r} "
+                             f"(its manifest.json)")
+        cfg.data.dataset, cfg.data.train_shards, cfg.data.test_shards = named, args.train_shards, args.test_shards
+    elif args.checkpoint:
+        if args.dataset and args.dataset != cfg.data.dataset:
+            raise ValueError(f"--dataset {args.dataset!r}, but the run {args.checkpoint} trained on "
+                             f"{cfg.data.dataset!r}; give --train-shards to evaluate it on other data")
+    else:
+        cfg.data.dataset = args.dataset or "fashion-mnist"
+    if cfg.data.pipeline == "memory" and cfg.data.train_shards:
+        cfg.data.pipeline = "wds"  # evaluation reads shards with the webdataset reader whatever trained
+    cfg.data.num_workers = 0
+    return run_data(cfg, evaluate=True, train=False)
+
+
 def load_data(args, cfg, split: str):
     from scale_refiner.data.loaders import eval_arrays
-    if bool(args.train_shards) != bool(args.test_shards):
-        raise ValueError("give both --train-shards and --test-shards (they may name the same shard directory, "
-                         "whose manifest holds both splits)")
-    if args.train_shards:
-        cfg.data.dataset = "shards"  # read the manifests' train and test splits through the webdataset reader
-        cfg.data.train_shards, cfg.data.test_shards = args.train_shards, args.test_shards
-    elif args.dataset != "fashion-mnist":
-        raise ValueError(f"--dataset {args.dataset!r}: the embedded data is 'fashion-mnist'; other data sets "
-                         f"are read from shards (--train-shards / --test-shards)")
-    else:
-        cfg.data.dataset = args.dataset
-    cfg.data.num_workers = 0
     return eval_arrays(cfg, split, args.limit)
 
 
@@ -94,8 +111,6 @@ def main(argv=None) -> int:
 
     try:
         protocols = parse_protocols(args.protocols)
-        if bool(args.train_shards) != bool(args.test_shards):
-            raise ValueError("give both --train-shards and --test-shards")
         if args.checkpoint:
             model, cfg, source = load_from_run(args.checkpoint, args.encoder)
             if args.img_size:
@@ -114,13 +129,14 @@ def main(argv=None) -> int:
     model = model.to(ctx.device).eval()
     started = time.time()
     try:
+        data = select_data(args, cfg)
         (train_x, train_y), (test_x, test_y) = load_data(args, cfg, "train"), load_data(args, cfg, "test")
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     data_s, started = time.time() - started, time.time()
-    log.info("extracting features of %d train / %d test images at %d px on %d rank(s)", len(train_x), len(test_x),
-             cfg.augment.global_size, ctx.world)
+    log.info("extracting features of %d train / %d test images of %s at %d px on %d rank(s)", len(train_x),
+             len(test_x), data.dataset, cfg.augment.global_size, ctx.world)
     keys = feature_keys(protocols)
     dtype = resolve_precision(args.precision, ctx.device)
     train = extract_features(model, train_x, args.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device,
@@ -142,8 +158,7 @@ def main(argv=None) -> int:
     metrics["seconds"].update(data=round(data_s, 3), extract=round(extract_s, 3))
     metrics = {"source": source, "model": {"name": cfg.model.name, "arch": model.arch, "depth": model.depth,
                                            "embed_dim": model.embed_dim, "patch_size": model.patch_size},
-               "dataset": (f"shards train={args.train_shards} test={args.test_shards}" if args.train_shards
-                           else args.dataset),
+               "dataset": data.dataset, "data": data.describe(),
                "img_size": cfg.augment.global_size, "limit": args.limit, "precision": str(dtype).split(".")[-1],
                "world_size": ctx.world, "protocols": protocols, "options": options_dict(opts), **metrics}
     out = Path(args.out)

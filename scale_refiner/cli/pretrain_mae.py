@@ -65,6 +65,7 @@ def recipe_of(cfg: PretrainConfig) -> dict:
                 "resume_allow_changes"):
         recipe["run"].pop(key)
     recipe["data"].pop("num_workers")
+    recipe["data"].pop("shard_root")  # where the embedded shards are stored, not what they hold
     return recipe
 
 
@@ -93,6 +94,8 @@ def _run(argv) -> int:
         print(f"MAE weights of this recipe already exist: {out_dir / WEIGHTS_NAME} (reused; --force repeats)")
         return 0
     try:
+        from scale_refiner.data.loaders import run_data
+        run_data(cfg)  # data.dataset and the shards agree, checked before any work
         ctx = start_job(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

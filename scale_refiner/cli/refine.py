@@ -69,6 +69,9 @@ def _run(argv) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
+        from scale_refiner.data.loaders import run_data
+        # what the run trains on is what its k-NN reads and results.json names
+        data = run_data(cfg, evaluate=bool(args.eval_samples))
         ctx = start_job(cfg)
         if cfg.model.weights and not Path(cfg.model.weights).is_file():
             raise ConfigError(f"config key 'model.weights': {cfg.model.weights} does not exist")
@@ -132,11 +135,15 @@ def _run(argv) -> int:
     if ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out_dir / "tensorboard"))
+    results["dataset"] = data.describe()
     if args.eval_samples:  # every rank: the k-NN is shared out over them
         from scale_refiner.data.loaders import eval_arrays
         with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global generator
             eval_data = (eval_arrays(cfg, "train", args.eval_samples, uint8=True),
                          eval_arrays(cfg, "test", args.eval_samples, uint8=True))
+        results["dataset"].update(n_train=len(eval_data[0][1]), n_test=len(eval_data[1][1]))
+        log.info("k-NN evaluation on %s: %d train images (the bank), %d test images", data.dataset,
+                 len(eval_data[0][1]), len(eval_data[1][1]))
         if point is None:
             results["before"] = knn_of_state(starting_encoder_state(refiner, cfg), cfg, ctx.device, eval_data)
             log.info("k-NN before refinement: %s", results["before"])

@@ -9,16 +9,17 @@
   workers or a resume point, which is what the equivalence and bit-identical-resume tests use;
 - ``auto``: ``dali`` when DALI imports, else ``wds``.
 With ``data.train_shards`` unset and ``data.dataset=fashion-mnist``, the shard pipelines use the embedded
-Fashion-MNIST shards, written under shards/fashion-mnist on first use.
+Fashion-MNIST shards, written under ``data.shard_root`` (``shard_writer.shard_root``) on first use.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
-from scale_refiner.config import RefineConfig
+from scale_refiner.config import ConfigError, RefineConfig
 from scale_refiner.data.augment import ArrayDataset, EvalTransform, MultiCropAugment, sample_seed
 from scale_refiner.data.fashion_mnist import load_fashion_mnist
 
@@ -40,15 +41,85 @@ def _arrays(cfg: RefineConfig, split: str):
     return load_fashion_mnist(split)
 
 
-def _shard_split(cfg: RefineConfig, split: str, key: str):
+@dataclass
+class RunData:
+    """What a run trains and evaluates on: the data set's name and its shard sets (train: the training stream and
+    the k-NN bank; test: the k-NN queries), or None for both with the embedded Fashion-MNIST, whose arrays the
+    evaluation reads (the same images as its shards, in the data set's own order)."""
+    dataset: str
+    train: Optional[object] = None  # manifest.ShardSet
+    test: Optional[object] = None
+
+    def describe(self) -> Dict:
+        return {"name": self.dataset,
+                "train": str(self.train.root) if self.train is not None else "embedded",
+                "test": str(self.test.root) if self.test is not None else "embedded"}
+
+
+def run_data(cfg: RefineConfig, evaluate: bool = False, train: bool = True) -> RunData:
+    """The data a run reads, checked so that its training data, its evaluation data and ``data.dataset`` cannot
+    disagree; a ``ConfigError`` names the key to change.
+
+    ``data.test_shards`` unset means the ``data.train_shards`` set (one manifest holds both splits). The manifests'
+    data set names (``make_shards --name``) must agree with each other and with ``data.dataset``: a recipe whose
+    ``data.dataset`` says one thing while its shards hold another is an error, not silently one or the other.
+    ``evaluate``: the test split, which the k-NN evaluation reads, must exist too; ``train``: the run trains, so
+    its training split must fill one ``data.batch_size``."""
     from scale_refiner.data.manifest import load_manifest
-    from scale_refiner.data.shard_writer import ensure_fashion_mnist_shards
-    root = getattr(cfg.data, key)
-    if root is None:
-        if cfg.data.dataset != "fashion-mnist":
-            raise ValueError(f"config key 'data.{key}' is not set and data.dataset={cfg.data.dataset!r} has no "
-                             f"embedded shards: write them with launch/make_shards.py and point data.{key} at them")
-        root = ensure_fashion_mnist_shards()
+    from scale_refiner.data.shard_format import ShardError
+    from scale_refiner.data.shard_writer import EMBEDDED_DATASET
+    d = cfg.data
+    if d.train_shards is None:
+        if d.test_shards is not None:
+            raise ConfigError(f"config key 'data.test_shards' is set ({d.test_shards}) without data.train_shards: "
+                              f"the run would train on one data set and be evaluated on another; set "
+                              f"data.train_shards (the same directory when its manifest holds both splits)")
+        if d.dataset != EMBEDDED_DATASET:
+            raise ConfigError(f"config key 'data.train_shards' is not set and data.dataset={d.dataset!r} has no "
+                              f"embedded shards: write them with launch/make_shards.py and point "
+                              f"data.train_shards at them")
+        return RunData(EMBEDDED_DATASET)
+    if d.pipeline == "memory":
+        raise ConfigError(f"config key 'data.pipeline': memory reads the embedded Fashion-MNIST arrays, not "
+                          f"data.train_shards ({d.train_shards}); use data.pipeline=auto, dali or wds")
+    sets = {}
+    for key, path in (("data.train_shards", d.train_shards), ("data.test_shards", d.test_shards or d.train_shards)):
+        try:
+            sets[key] = load_manifest(path, verify="none")  # the readers check sizes or hashes (verify_shards)
+        except ShardError as err:
+            raise ConfigError(f"config key '{key}': {err}") from None
+    bank, test = sets["data.train_shards"], sets["data.test_shards"]
+    if test.dataset != bank.dataset or test.class_names != bank.class_names:
+        raise ConfigError(f"config key 'data.test_shards': {test.root} holds {test.dataset!r} "
+                          f"({test.num_classes} classes), but data.train_shards {bank.root} holds {bank.dataset!r} "
+                          f"({bank.num_classes} classes): the k-NN bank and its queries must be one data set")
+    if d.dataset != bank.dataset:
+        raise ConfigError(f"config key 'data.dataset' is {d.dataset!r}, but data.train_shards {bank.root} holds "
+                          f"{bank.dataset!r} (its manifest.json): set data.dataset={bank.dataset}, or point "
+                          f"data.train_shards at the shards of {d.dataset!r}")
+    for split, key, shard_set in (("train", "data.train_shards", bank), ("test", "data.test_shards", test)):
+        if split not in shard_set.manifest["splits"] and (split == "train" or evaluate):
+            key = key if d.test_shards is not None else "data.train_shards"
+            hint = ("; the k-NN evaluation reads it: write the shards again with make_shards --test-fraction F, or "
+                    "point data.test_shards at a set that has one" if split == "test" else "")
+            raise ConfigError(f"config key '{key}': {shard_set.root} has no {split!r} split (it has "
+                              f"{sorted(shard_set.manifest['splits'])}){hint}")
+    n_train = int(bank.manifest["splits"]["train"]["num_samples"])
+    if train and n_train < d.batch_size:  # drop_last: not one step an epoch
+        raise ConfigError(f"config key 'data.batch_size': {d.batch_size} is more than the {n_train} training images "
+                          f"of data.train_shards {bank.root}; lower it (at most {n_train})")
+    return RunData(bank.dataset, bank, test)
+
+
+def _shard_split(cfg: RefineConfig, split: str, training: bool):
+    from scale_refiner.data.manifest import load_manifest
+    from scale_refiner.data.shard_writer import EMBEDDED_DATASET, ensure_fashion_mnist_shards, shard_root
+    data = run_data(cfg, evaluate=not training, train=training)
+    shard_set = data.train if split == "train" else data.test
+    if shard_set is None:
+        root = ensure_fashion_mnist_shards(shard_root(cfg.data.shard_root) / EMBEDDED_DATASET)
+    else:
+        root = shard_set.root
     return load_manifest(root, verify=cfg.data.verify_shards).split(split)
 
 
@@ -124,7 +195,7 @@ class ShardStream(TrainStream):
     restored from ``state_dict`` (DALI's reader checkpoint, or epoch + step for webdataset)."""
 
     def __init__(self, cfg: RefineConfig, rank: int, world: int, kind: str):
-        split = _shard_split(cfg, "train", "train_shards")
+        split = _shard_split(cfg, "train", training=True)
         self.cfg, self.rank, self.world, self.kind, self.split = cfg, rank, world, kind, split
         self.loader = self._build(None)
         self.samples_per_epoch = len(self.loader) * cfg.data.batch_size
@@ -173,15 +244,19 @@ class ShardStream(TrainStream):
 
 
 def train_stream(cfg: RefineConfig, rank: int = 0, world: int = 1) -> TrainStream:
+    run_data(cfg)  # data.dataset and the shards agree, or a ConfigError before anything is read
     kind = resolve_pipeline(cfg)
     return MemoryStream(cfg, rank, world) if kind == "memory" else ShardStream(cfg, rank, world, kind)
 
 
 def eval_arrays(cfg: RefineConfig, split: str, limit: int = 0,
                 uint8: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A split as evaluation tensors (resize to the global crop size, centre crop): (N, 3, S, S) and (N,).
+    """A split of the run's data (:func:`run_data`) as evaluation tensors (resize to the global crop size, centre
+    crop): (N, 3, S, S) and (N,).
 
-    Reads the embedded arrays for fashion-mnist (the same images the shards hold), the test shards otherwise.
+    Reads the shards the run trains on (``train``: the train split of data.train_shards, ``test``: the test split
+    of data.test_shards, which defaults to the same set), or the embedded arrays without shards (the images the
+    embedded shards hold). ``limit``: the first N of the split (shard sets are written shuffled).
     ``uint8``: the images before scaling and normalisation, a quarter of the memory
     (:func:`scale_refiner.data.augment.normalize_batch` finishes them batch by batch).
     """
@@ -190,7 +265,7 @@ def eval_arrays(cfg: RefineConfig, split: str, limit: int = 0,
     def finish(x):  # resized uint8 values as float k/255: exactly back to k
         return x.mul(255).round_().to(torch.uint8) if uint8 else x
 
-    if cfg.data.dataset == "fashion-mnist":
+    if run_data(cfg, evaluate=True, train=False).train is None:
         images, labels = _arrays(cfg, split)
         if limit:
             images, labels = images[:limit], labels[:limit]
@@ -199,7 +274,7 @@ def eval_arrays(cfg: RefineConfig, split: str, limit: int = 0,
         xs, ys = zip(*[(finish(x), y) for x, y, _ in loader])
         return torch.cat(xs), torch.cat(ys)
     from scale_refiner.data.wds_pipeline import WdsEvalLoader
-    shards = _shard_split(cfg, split, "train_shards" if split == "train" else "test_shards")
+    shards = _shard_split(cfg, split, training=False)
     xs, ys, seen = [], [], 0
     for batch in WdsEvalLoader(shards.tars, 512, resize=size, crop=size, normalize=not uint8):
         x, y = finish(batch[0]), batch[1]

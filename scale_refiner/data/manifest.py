@@ -38,8 +38,10 @@ class ShardSet:
         return int(self.manifest["num_classes"])
 
     @property
-    def image_ext(self) -> str:
-        return str(self.manifest.get("image_ext", "png"))
+    def dataset(self) -> str:
+        """The data set's name: the manifest's ``dataset``; for a manifest written before it was recorded, the
+        built-in source's name, the source folder's, else the shard directory's."""
+        return dataset_name(self.manifest, self.root)
 
     def split(self, name: str) -> ShardSplit:
         splits = self.manifest["splits"]
@@ -50,6 +52,17 @@ class ShardSet:
                           [str(self.root / r["index"]) for r in s["shards"]],
                           [int(r["num_samples"]) for r in s["shards"]], int(s["num_samples"]),
                           list(s.get("class_counts", [])))
+
+
+def dataset_name(manifest: Dict, root: Path) -> str:
+    if manifest.get("dataset"):
+        return str(manifest["dataset"])
+    source = str(manifest.get("source", ""))
+    if source in ("fashion-mnist", "digits"):
+        return source
+    if source.startswith("folder:"):
+        return Path(source[len("folder:"):]).name or Path(root).name
+    return Path(root).resolve().name
 
 
 def load_manifest(path: PathLike, verify: str = "sha256") -> ShardSet:

@@ -59,16 +59,29 @@ def split_key(name: str) -> Tuple[str, str]:
     return name[:dot], name[dot + 1:]
 
 
+IMAGE_FORMATS = ("keep", "png", "jpg")  # what make_shards stores: see normalize_image_bytes
+
+
 def _pil_format(fmt: str) -> str:
-    if fmt == "png":
+    """PIL's name of the format images are (re-)encoded in; ``keep`` re-encodes losslessly, as PNG."""
+    if fmt in ("png", "keep"):
         return "PNG"
     if fmt in ("jpg", "jpeg"):
         return "JPEG"
-    raise ValueError(f"image format must be png or jpg, got {fmt!r}")
+    raise ValueError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {fmt!r}")
+
+
+def image_ext(data: bytes) -> str:
+    """The member extension of encoded image bytes (``png`` or ``jpg``), from their signature."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    raise ShardError(f"image bytes starting {data[:8]!r} are neither PNG nor JPEG")
 
 
 def encode_array(img: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
-    """uint8 [H, W] (greyscale) or [H, W, 3] (RGB) as PNG or JPEG bytes."""
+    """uint8 [H, W] (greyscale) or [H, W, 3] (RGB) as PNG (``png``, ``keep``) or JPEG (``jpg``) bytes."""
     img = np.ascontiguousarray(img)
     if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
         raise ValueError(f"expected uint8 [H, W] or [H, W, 3], got {img.dtype} {img.shape}")
@@ -78,15 +91,19 @@ def encode_array(img: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def normalize_image_bytes(data: bytes, fmt: str = "png", quality: int = 95, what: str = "image") -> bytes:
-    """Image bytes of any PIL-readable format as 8-bit RGB/L ``fmt`` bytes; kept as they are when already so.
+def normalize_image_bytes(data: bytes, fmt: str = "keep", quality: int = 95, what: str = "image") -> bytes:
+    """Image bytes of any PIL-readable format as 8-bit RGB/L PNG or JPEG bytes.
 
-    Raises :class:`ShardError` naming ``what`` when PIL cannot decode the image (corrupt or truncated data).
+    ``keep``: an 8-bit RGB/L PNG or JPEG keeps its own bytes (no lossy decode and re-encode of a JPEG); any other
+    image (CMYK, 16-bit, palette, alpha, WebP, ...) is re-encoded as PNG, losslessly. ``png`` / ``jpg``: every image
+    is stored in that format, kept as it is when it already is. Raises :class:`ShardError` naming ``what`` when
+    PIL cannot decode the image (corrupt or truncated data).
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decodes fully: a truncated or corrupt file fails here, not in the training loop
-            if im.format == _pil_format(fmt) and im.mode in ("RGB", "L"):
+            wanted = ("PNG", "JPEG") if fmt == "keep" else (_pil_format(fmt),)
+            if im.format in wanted and im.mode in ("RGB", "L"):
                 return data
             if im.mode in ("L", "I;16", "I;16B", "I;16L", "I") and "A" not in im.getbands():
                 arr = np.asarray(im)
@@ -120,7 +137,8 @@ def check_image_bytes(data: bytes) -> Optional[str]:
 
 @dataclass
 class Sample:
-    """One sample to write: encoded image bytes, class id, dataset index."""
+    """One sample to write: encoded image bytes (PNG or JPEG: the member's extension follows them), class id,
+    dataset index."""
     image: bytes
     label: int
     index: int

@@ -60,35 +60,69 @@ _FOLDER_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp
 
 
 def _class_order(name: str):
-    """Natural order of class-folder names: numeric names by value, before the others (sorted as text)."""
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+    """Natural order of class-folder names: numeric names (ASCII digits only) by value, before the others, which
+    are sorted as text (code points: upper case before lower case)."""
+    return (0, int(name), "") if name.isascii() and name.isdigit() else (1, 0, name)
 
 
-def source_folder(path: PathLike, fmt: str = "png", quality: int = 95, limit: int = 0, skip_bad: bool = False,
+def _images_in(d: Path) -> List[Path]:
+    return sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in _FOLDER_EXTS)
+
+
+def _listing(what: str, paths: List[Path]) -> str:
+    return f"{len(paths)} {what} ({', '.join(str(p) for p in paths[:3])}{', ...' if len(paths) > 3 else ''})"
+
+
+def source_folder(path: PathLike, fmt: str = "keep", quality: int = 95, limit: int = 0, skip_bad: bool = False,
                   test_fraction: float = 0.0, seed: int = 0, stats: Optional[Dict] = None) -> SourceData:
     """ImageNet-style ``PATH/<class>/<image>``; with ``PATH/train`` and ``PATH/val`` (or ``test``) subfolders
-    they become the splits, else every image goes to train (and ``test_fraction`` of each class to test; with
-    none, a note in ``stats["notes"]`` says the set has no test split). Class ids follow the class-folder names
-    of train in natural order (numeric names by value: ``2`` before ``10``). A class folder holding sub-folders
-    of images is refused: its images would otherwise be merged into one class."""
+    they become the splits, else every image goes to train, and ``test_fraction`` of each class (a seeded,
+    per-class draw) to test; with neither, a note in ``stats["notes"]`` says the set has no test split. Class
+    ids follow the class-folder names of train in natural order (:func:`_class_order`: ``2`` before ``10``).
+
+    Refused, naming the folder, rather than guessed: a class folder holding sub-folders of images (they would be
+    merged into one class), images outside any class folder (they have no label), both ``val/`` and ``test/``,
+    ``val/`` or ``test/`` without ``train/``, and a test class absent from train. Files that are not images by
+    their extension are skipped and counted in a note."""
     root = Path(path)
     if not root.is_dir():
         raise ShardError(f"folder source {root}: no such directory")
-    split_dirs = {"train": root / "train"}
-    for name in ("val", "test"):
-        if (root / name).is_dir():
-            split_dirs["test"] = root / name
-            break
-    if not split_dirs["train"].is_dir():
+    if not 0 <= test_fraction < 1:
+        raise ShardError(f"--test-fraction {test_fraction} must be in [0, 1)")
+    held_out = [root / n for n in ("val", "test") if (root / n).is_dir()]
+    if len(held_out) > 1:
+        raise ShardError(f"folder source {root} holds both val/ and test/: one of them is the test split; move or "
+                         f"rename the other")
+    if held_out and not (root / "train").is_dir():
+        raise ShardError(f"folder source {root} holds {held_out[0].name}/ but no train/: put the training class "
+                         f"folders under {root / 'train'}")
+    stats = stats if stats is not None else {}
+    stats.setdefault("skipped", [])
+    notes = stats.setdefault("notes", [])
+    if (root / "train").is_dir():
+        split_dirs = {"train": root / "train", **({"test": held_out[0]} if held_out else {})}
+        if test_fraction:
+            if held_out:
+                raise ShardError(f"--test-fraction {test_fraction}: folder source {root} has its own test split "
+                                 f"({held_out[0]}); leave --test-fraction at 0")
+        ignored = [p for p in sorted(root.iterdir()) if p.name not in ("train", "val", "test")
+                   and (p.is_dir() or p.suffix.lower() in _FOLDER_EXTS)]
+        if ignored:
+            notes.append(f"folder source {root}: not read, being neither train/, val/ nor test/: "
+                         f"{', '.join(str(p) for p in ignored[:5])}{', ...' if len(ignored) > 5 else ''}")
+    else:
         split_dirs = {"train": root}
     classes = sorted((p.name for p in split_dirs["train"].iterdir() if p.is_dir()), key=_class_order)
     if not classes:
         raise ShardError(f"folder source {split_dirs['train']}: no class sub-folders")
     class_id = {c: i for i, c in enumerate(classes)}
-    stats = stats if stats is not None else {}
-    stats.setdefault("skipped", [])
+    not_images: List[Path] = []
 
     def files_of(d: Path) -> List[Tuple[Path, int]]:
+        loose = _images_in(d)
+        if loose:
+            raise ShardError(f"{d}: {_listing('images outside any class folder', loose)}; each image goes in "
+                             f"the folder of its class")
         out = []
         for c in sorted((p.name for p in d.iterdir() if p.is_dir()), key=_class_order):
             if c not in class_id:
@@ -96,16 +130,21 @@ def source_folder(path: PathLike, fmt: str = "png", quality: int = 95, limit: in
             nested = sorted({f.parent for f in (d / c).rglob("*")
                              if f.is_file() and f.suffix.lower() in _FOLDER_EXTS and f.parent != d / c})
             if nested:
-                raise ShardError(f"{d / c}: images in sub-folders ({', '.join(str(n) for n in nested[:3])}"
-                                 f"{', ...' if len(nested) > 3 else ''}); a class is one folder of images: "
-                                 f"point folder: at the level whose sub-folders are the classes")
-            out += [(f, class_id[c]) for f in sorted((d / c).iterdir())
-                    if f.is_file() and f.suffix.lower() in _FOLDER_EXTS]
+                raise ShardError(f"{d / c}: {_listing('sub-folders with images', nested)}; a class is one folder "
+                                 f"of images: point folder: at the level whose sub-folders are the classes")
+            not_images.extend(f for f in (d / c).iterdir() if f.is_file() and f.suffix.lower() not in _FOLDER_EXTS)
+            out += [(f, class_id[c]) for f in _images_in(d / c)]
         return out
 
     listing = {s: files_of(d) for s, d in split_dirs.items()}
+    stats["splits_from"] = {s: str(d) for s, d in split_dirs.items()}
+    if "test" not in listing and test_fraction:
+        stats["splits_from"]["test"] = f"{test_fraction:g} of each class of {root}, drawn with seed {seed}"
+    if not_images:
+        notes.append(f"folder source {root}: skipped "
+                     f"{_listing('files that are not images by their extension', sorted(not_images))}")
     if "test" not in listing and not test_fraction:
-        stats.setdefault("notes", []).append(
+        notes.append(
             f"folder source {root} has no test/ or val/ folder and --test-fraction is 0: the shard set has no "
             f"test split, which evaluation reads; pass --test-fraction 0.1 to hold out a tenth of each class")
     if "test" not in listing:
@@ -118,6 +157,9 @@ def source_folder(path: PathLike, fmt: str = "png", quality: int = 95, limit: in
             test += items[:n_test]
             train += items[n_test:]
         listing = {"train": sorted(train), "test": sorted(test)}
+        if test_fraction and not test:
+            notes.append(f"folder source {root}: --test-fraction {test_fraction} holds out no image (every class "
+                         f"is too small for it), so the shard set has no test split, which evaluation reads")
     out = {}
     for split, items in listing.items():
         if limit:
@@ -133,6 +175,7 @@ def source_folder(path: PathLike, fmt: str = "png", quality: int = 95, limit: in
                 continue
             samples.append(Sample(data, y, len(samples)))
         out[split] = samples
+    stats["dataset"] = root.resolve().name
     return out, classes
 
 
@@ -147,7 +190,7 @@ def _whole_samples(tar_path: str, skip_bad: bool, stats: Dict) -> Iterator[Tuple
         stats["skipped"].append(f"{tar_path}: truncated after sample {e.last_key!r}; the rest of the file is lost")
 
 
-def source_tar(pattern: str, fmt: str = "png", quality: int = 95, limit: int = 0, skip_bad: bool = False,
+def source_tar(pattern: str, fmt: str = "keep", quality: int = 95, limit: int = 0, skip_bad: bool = False,
                stats: Optional[Dict] = None) -> SourceData:
     """Existing webdataset shards matching ``pattern`` (e.g. ``/data/in-*.tar``); a file name containing
     ``train``/``test``/``val`` assigns its split (default train). Images: png/jpg/jpeg/webp/...; labels: the
@@ -193,9 +236,12 @@ def source_tar(pattern: str, fmt: str = "png", quality: int = 95, limit: int = 0
             f"which evaluation reads")
     names = None
     sibling = Path(paths[0]).parent / MANIFEST
+    stats["dataset"] = Path(paths[0]).parent.resolve().name
     if sibling.is_file():
         with contextlib.suppress(Exception):
-            names = json.loads(sibling.read_text())["class_names"]
+            written = json.loads(sibling.read_text())
+            names = written["class_names"]
+            stats["dataset"] = written.get("dataset") or stats["dataset"]
     if not names or len(names) <= max_label:
         names = [str(i) for i in range(max_label + 1)]
     return out, names

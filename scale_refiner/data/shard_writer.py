@@ -15,24 +15,48 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import random
 import tarfile
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from scale_refiner.atomic import atomic_write, sha256_file
 from scale_refiner.data.shard_format import (FORMAT_NAME, FORMAT_VERSION, INDEX_VERSION, MANIFEST, PathLike, Sample,
-                                             ShardError, _pil_format, write_dali_index)
+                                             ShardError, _pil_format, image_ext, write_dali_index)
 from scale_refiner.data.shard_sources import source_digits, source_fashion_mnist, source_folder, source_tar
 from scale_refiner.data.manifest import load_manifest
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARD_ROOT_ENV = "SCALE_REFINER_SHARD_ROOT"
 
 
-DEFAULT_FMNIST_SHARDS = REPO_ROOT / "shards" / "fashion-mnist"
+EMBEDDED_DATASET = "fashion-mnist"  # the data set whose shards are written on first use, under the shard root
+
+
+def _checkout() -> Optional[Path]:
+    """The repository this package is imported from when it is a source checkout (an editable install, or
+    PYTHONPATH pointing at it): the directory above the package that holds ``setup.py`` and ``shards/README.md``.
+    None for an installed package, whose parent directory is site-packages and no place to write data into."""
+    repo = Path(__file__).resolve().parents[2]
+    return repo if (repo / "setup.py").is_file() and (repo / "shards" / "README.md").is_file() else None
+
+
+def shard_root(configured: Optional[PathLike] = None) -> Path:
+    """Where the embedded shard sets live: ``configured`` (``data.shard_root``, ``--shard-root``), else the
+    environment variable ``SCALE_REFINER_SHARD_ROOT``, else ``shards/`` of the source checkout the package runs
+    from, else ``$XDG_CACHE_HOME/scale-refiner/shards`` (``~/.cache/...``) for an installed package."""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get(SHARD_ROOT_ENV):
+        return Path(os.environ[SHARD_ROOT_ENV]).expanduser()
+    repo = _checkout()
+    if repo is not None:
+        return repo / "shards"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "scale-refiner" / "shards"
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -45,8 +69,9 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_split(samples: Sequence[Sample], out_dir: PathLike, split: str, samples_per_shard: int,
-                image_ext: str, seed: int) -> List[Dict]:
-    """Shuffle ``samples`` (seeded) and write them as ``{split}-{i:05d}.tar`` + ``.idx``; returns shard records."""
+                seed: int) -> List[Dict]:
+    """Shuffle ``samples`` (seeded) and write them as ``{split}-{i:05d}.tar`` + ``.idx``; returns shard records.
+    Each image member's extension (``png``, ``jpg``) follows its bytes."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if not samples:
@@ -63,7 +88,7 @@ def write_split(samples: Sequence[Sample], out_dir: PathLike, split: str, sample
                 for i in order[start:start + samples_per_shard]:
                     s = samples[i]
                     key = f"{split}{s.index:08d}"
-                    _add_member(tar, f"{key}.{image_ext}", s.image)
+                    _add_member(tar, f"{key}.{image_ext(s.image)}", s.image)
                     _add_member(tar, f"{key}.cls", str(int(s.label)).encode())
                     _add_member(tar, f"{key}.idx", str(int(s.index)).encode())
         write_dali_index(tar_path, out_dir / f"{stem}.idx")
@@ -74,17 +99,25 @@ def write_split(samples: Sequence[Sample], out_dir: PathLike, split: str, sample
     return records
 
 
-def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed: int = 0, fmt: str = "png",
+def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed: int = 0, fmt: str = "keep",
                 quality: int = 95, limit: int = 0, skip_bad: bool = False, upscale: int = 1,
-                test_fraction: float = 0.0, log: Callable[[str], None] = lambda s: None) -> Path:
+                test_fraction: float = 0.0, log: Callable[[str], None] = lambda s: None,
+                name: Optional[str] = None) -> Path:
     """Write a shard set for ``source`` into ``out``; returns the manifest path (written last).
 
-    source: ``fashion-mnist`` | ``digits`` | ``folder:PATH`` | ``tar:GLOB``. ``limit`` keeps the first N samples
-    of each split (tests); ``skip_bad`` skips undecodable images (folder/tar sources) and records them in the
-    manifest instead of failing; ``upscale`` enlarges the digits (benchmarks at larger resolution).
+    source: ``fashion-mnist`` | ``digits`` | ``folder:PATH`` | ``tar:GLOB``. ``fmt``: ``keep`` stores PNG and
+    JPEG images with their own bytes and re-encodes others as PNG; ``png`` / ``jpg`` store every image so
+    (:func:`normalize_image_bytes`). ``limit`` keeps the first N samples of each split (tests); ``skip_bad``
+    skips undecodable images (folder/tar sources) and records them in the manifest instead of failing;
+    ``upscale`` enlarges the digits (benchmarks at larger resolution); ``test_fraction`` holds out that part of
+    each class of a folder source without a test split. ``name``: the data set's name in the manifest, which
+    a run's ``data.dataset`` must equal (default: the source's name, the folder's, or the tars' directory's).
     """
     fmt = "jpg" if fmt == "jpeg" else fmt
     _pil_format(fmt)
+    if test_fraction and not source.startswith("folder:"):
+        raise ShardError(f"--test-fraction {test_fraction}: only a folder: source is split by fraction; "
+                         f"{source!r} brings its own splits")
     stats: Dict = {"skipped": []}
     if source == "fashion-mnist":
         data, names = source_fashion_mnist(fmt, quality, limit)
@@ -105,6 +138,9 @@ def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed:
                          f"{', '.join(f'{k}={len(v)}' for k, v in data.items())})")
     for note in stats.get("notes", ()):
         log(f"warning: {note}")
+    name = name or stats.get("dataset") or source
+    if not name.strip() or name != name.strip():
+        raise ShardError(f"data set name {name!r}: give a non-empty name without surrounding spaces (--name)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
@@ -114,20 +150,29 @@ def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed:
     for split, samples in data.items():
         if not samples:
             continue
-        records = write_split(samples, out, split, samples_per_shard, fmt, seed)
+        records = write_split(samples, out, split, samples_per_shard, seed)
         counts = np.bincount([s.label for s in samples], minlength=len(names)).tolist()
         splits[split] = dict(num_samples=len(samples), class_counts=counts, shards=records)
-        log(f"{split}: {len(samples)} samples in {len(records)} shards")
+        origin = stats.get("splits_from", {}).get(split)
+        log(f"{split}: {len(samples)} samples in {len(records)} shards" + (f" (from {origin})" if origin else ""))
     # Remove stale shards of an earlier, larger run into the same directory.
     listed = {r[k] for s in splits.values() for r in s["shards"] for k in ("tar", "index")}
     for split in splits:
         for stale in list(out.glob(f"{split}-*.tar")) + list(out.glob(f"{split}-*.idx")):
             if stale.name not in listed:
                 stale.unlink()
-    manifest = dict(format=FORMAT_NAME, version=FORMAT_VERSION, source=source, seed=seed, image_ext=fmt,
-                    num_classes=len(names), class_names=list(names), keys=[fmt, "cls", "idx"],
-                    index_format=f"DALI webdataset index {INDEX_VERSION}", splits=splits,
+    # one extension, or DALI's list of alternatives ("jpg;png") when a kept source mixes PNG and JPEG
+    exts = ";".join(sorted({image_ext(s.image) for samples in data.values() for s in samples}))
+    manifest = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dataset=name, source=source, seed=seed,
+                    image_format=fmt, image_ext=exts, num_classes=len(names), class_names=list(names),
+                    keys=[exts, "cls", "idx"], index_format=f"DALI webdataset index {INDEX_VERSION}", splits=splits,
                     skipped=stats["skipped"])
+    if test_fraction:
+        manifest["test_fraction"] = test_fraction  # with ``seed``: the per-class hold-out is drawn again alike
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    skipped = f"; {len(stats['skipped'])} skipped, listed in the manifest" if stats["skipped"] else ""
+    log(f"data set {name!r} (what a run's data.dataset must be): {len(names)} classes ({shown}); "
+        f"images {exts} (--format {fmt}){skipped}")
     with atomic_write(manifest_path, "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest_path
@@ -145,14 +190,15 @@ def _dir_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_fashion_mnist_shards(root: PathLike = DEFAULT_FMNIST_SHARDS, samples_per_shard: int = 5000,
-                                seed: int = 0) -> Path:
-    """The embedded default: Fashion-MNIST shards under ``root``, written on first use; returns the manifest.
+def ensure_fashion_mnist_shards(root: Optional[PathLike] = None, samples_per_shard: int = 5000,
+                                seed: int = 0, log: Callable[[str], None] = lambda s: None) -> Path:
+    """The embedded default: Fashion-MNIST shards in ``root`` (default: ``shard_root() / "fashion-mnist"``),
+    written on first use; returns the manifest.
 
     Idempotent and safe when several ranks call it at once (a file lock; the others wait and reuse the set).
     An existing set is accepted when its manifest loads and every listed file has its recorded size.
     """
-    root = Path(root)
+    root = Path(root) if root is not None else shard_root() / EMBEDDED_DATASET
     manifest = root / MANIFEST
     with _dir_lock(root):
         if manifest.is_file():
@@ -161,4 +207,6 @@ def ensure_fashion_mnist_shards(root: PathLike = DEFAULT_FMNIST_SHARDS, samples_
                 return manifest
             except ShardError:
                 pass  # damaged or partial: rewrite
+        log(f"writing the embedded Fashion-MNIST shards to {root} (another place: data.shard_root, --shard-root "
+            f"or {SHARD_ROOT_ENV})")
         return make_shards("fashion-mnist", root, samples_per_shard=samples_per_shard, seed=seed)

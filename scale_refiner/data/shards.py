@@ -17,5 +17,5 @@ from scale_refiner.data.shard_format import (FORMAT_NAME, FORMAT_VERSION, IMAGE_
                                              write_dali_index, write_index_file)
 from scale_refiner.data.shard_sources import (SourceData, source_digits, source_fashion_mnist,  # noqa: F401
                                               source_folder, source_tar)
-from scale_refiner.data.shard_writer import (DEFAULT_FMNIST_SHARDS, REPO_ROOT,  # noqa: F401
-                                             ensure_fashion_mnist_shards, make_shards, write_split)
+from scale_refiner.data.shard_writer import (EMBEDDED_DATASET, SHARD_ROOT_ENV,  # noqa: F401
+                                             ensure_fashion_mnist_shards, make_shards, shard_root, write_split)
