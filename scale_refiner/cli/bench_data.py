@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from scale_refiner.data.shards import ensure_fashion_mnist_shards, load_manifest
+from scale_refiner.data.shards import ensure_fashion_mnist_shards, load_manifest, shard_root
 
 PRESETS = {
     "demo": dict(global_size=32, local_size=16, num_local=4, batch=128),
@@ -46,6 +46,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default=None, help="shard directory or manifest (default: Fashion-MNIST, "
                                                    "written on first use)")
+    p.add_argument("--shard-root", default=None,
+                   help="where the embedded Fashion-MNIST shards are written and found, when --shards is not given "
+                        "(default: $SCALE_REFINER_SHARD_ROOT, else shards/ of the checkout, else "
+                        "~/.cache/scale-refiner/shards)")
     p.add_argument("--split", default="train")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--global-size", type=int)
@@ -61,7 +65,8 @@ def main(argv=None):
     for k in ("global_size", "local_size", "num_local", "batch"):
         if getattr(a, k) is not None:
             cfg[k] = getattr(a, k)
-    shard_set = load_manifest(a.shards or ensure_fashion_mnist_shards(), verify="size")
+    shard_set = load_manifest(a.shards or ensure_fashion_mnist_shards(
+        shard_root(a.shard_root) / "fashion-mnist" if a.shard_root else None), verify="size")
     sp = shard_set.split(a.split)
     aug = dict(global_size=cfg["global_size"], local_size=cfg["local_size"], num_local=cfg["num_local"])
     rows = []
