@@ -50,6 +50,9 @@ class HeadsConfig:
     norm: str = "bn"  # bn | syncbn (global batch) | async (previous steps' global statistics, 1 async reduce)
     temperature: float = 0.2
     objective: str = "nna"  # nna | nnclr (negatives swapped for their NN as well)
+    # intended: each global view with the other and every local one, no self-pairs | official: the released
+    # code's view indexing (a self-pair, the last two local views unused), for comparison with published numbers
+    pairing: str = "intended"
 
 
 @dataclass
@@ -57,6 +60,8 @@ class QueueConfig:
     size: int = 65536
     sharded: bool = False  # each rank stores 1/W of the FIFO (memory/sharded_queue.py); same neighbours
     search: str = "torch"  # sharded only: torch (matmul + topk) | faiss (flat, exact) | ivf (approximate)
+    # empty: slots masked until written | random: every slot starts as a random unit vector (the released code)
+    init: str = "empty"
 
 
 @dataclass
@@ -212,6 +217,8 @@ _CHOICES = {
     "model.weights_format": ("auto", "mae", "timm", "maws", "d2v2", "native"),
     "heads.norm": ("bn", "syncbn", "async"),
     "heads.objective": ("nna", "nnclr"),
+    "heads.pairing": ("intended", "official"),
+    "queue.init": ("empty", "random"),
     "engine.kind": ("deepspeed", "fsdp2", "single"),
     "data.pipeline": ("auto", "dali", "wds", "memory"),
     "data.dali_device": ("auto", "cpu", "gpu"),
@@ -220,7 +227,7 @@ _CHOICES = {
     "engine.precision": ("auto", "bf16", "fp32"),
     "engine.reduce_dtype": ("fp32", "bf16"),
 }
-_CHOICES_SHARED = tuple(k for k in _CHOICES if not k.startswith("heads."))
+_CHOICES_SHARED = tuple(k for k in _CHOICES if not k.startswith(("heads.", "queue.")))
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
@@ -335,6 +342,9 @@ def _validate_refine(cfg: RefineConfig, world_size: Optional[int]) -> None:
         fail("heads.blocks", f"{list(cfg.heads.blocks)} lists a block twice")
     if cfg.heads.temperature <= 0:
         fail("heads.temperature", "must be > 0")
+    if cfg.heads.pairing == "official" and cfg.augment.num_local < 2:
+        fail("heads.pairing", f"'official' pairs each anchor with views 0 .. augment.num_local - 1, so it needs "
+                              f"augment.num_local >= 2 (got {cfg.augment.num_local})")
     for key in ("heads.proj_hidden_dim", "heads.proj_out_dim", "heads.pred_hidden_dim", "queue.size"):
         if _get(cfg, key) <= 0:
             fail(key, "must be > 0")

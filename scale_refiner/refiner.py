@@ -35,12 +35,13 @@ class MIMRefiner(nn.Module):
                  objective: str = "nna", proj_hidden_dim: int = 2048, proj_out_dim: int = 256,
                  pred_hidden_dim: int = 4096, norm: str = "bn", queue_size: int = 65536, seed: int = 0,
                  queue_sharded: bool = False, queue_search: str = "torch", world: int = 1, rank: int = 0,
-                 queue_block: int = 1):
+                 queue_block: int = 1, pairing: str = "intended", queue_init: str = "empty"):
         super().__init__()
         self.encoder = encoder
         self.tap_blocks = list(tap_blocks)
         self.temperature = temperature
         self.objective = objective
+        self.pairing = pairing  # which (anchor, predicted view) pairs the loss sums (objective/nna.py)
         # Head 0 reads the final-norm output; heads 1.. read the raw residual stream after tap_blocks[h-1].
         self.head_names = ["final"] + [f"block{b}" for b in self.tap_blocks]
         self.heads = nn.ModuleList(
@@ -53,7 +54,7 @@ class MIMRefiner(nn.Module):
         # one queue per head, replicated or sharded behind one interface (sharded: rank r stores 1/W of each
         # FIFO; block = per-rank batch keeps the enqueue local); both pick the same neighbours
         self.queues = build_queues(len(self.head_names), queue_size, proj_out_dim, seed=seed, sharded=queue_sharded,
-                                   world=world, rank=rank, block=queue_block, search=queue_search)
+                                   world=world, rank=rank, block=queue_block, search=queue_search, init=queue_init)
 
     def finish_stage(self) -> None:
         """After a stage's last step (the trainer calls it): fold the last step's async-BN statistics into the
@@ -91,7 +92,8 @@ class MIMRefiner(nn.Module):
             for key in self.reported_lookup_metrics:
                 if key in info:
                     metrics[f"{name}/nn_{key}"] = info[key][h].float().mean()  # mean over both views' queries
-            loss, extra = nna_loss(z, neighbours[h], p.float(), self.temperature, self.objective, group)
+            loss, extra = nna_loss(z, neighbours[h], p.float(), self.temperature, self.objective, group,
+                                   self.pairing)
             losses.append(loss)
             metrics[f"{name}/loss"] = loss.detach()
             metrics[f"{name}/positive_prob"] = extra["positive_prob"]
@@ -176,7 +178,8 @@ def build_refiner(cfg, load_weights: bool = True, partitioned: bool = False) -> 
                          cfg.heads.proj_hidden_dim, cfg.heads.proj_out_dim, cfg.heads.pred_hidden_dim,
                          cfg.heads.norm, cfg.queue.size, seed=cfg.run.seed, queue_sharded=cfg.queue.sharded,
                          queue_search=cfg.queue.search, world=world, rank=rank,
-                         queue_block=max(1, cfg.data.batch_size // world))
+                         queue_block=max(1, cfg.data.batch_size // world), pairing=cfg.heads.pairing,
+                         queue_init=cfg.queue.init)
     if zero_config is not None:
         from scale_refiner.engine.zero import zero_init
         zero_init(zero_config, module=refiner)  # the heads' parameters: the encoder's are partitioned already

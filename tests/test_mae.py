@@ -190,8 +190,16 @@ def losses(out):
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mae_straight")
-    pretrain(out)
+    proc = pretrain(out)
+    (out / "launcher_output.txt").write_text(proc.stdout + proc.stderr)
     return out
+
+
+def test_mae_step_log_reports_no_queue_metrics(straight_run):
+    """MAE has no NN queue: its step lines carry loss, lr and throughput, not an 'nn-acc nan'."""
+    steps = [line for line in (straight_run / "launcher_output.txt").read_text().splitlines()
+             if " step " in line and " loss " in line]
+    assert steps and not any("nn-acc" in line or "nan" in line for line in steps), steps[:3]
 
 
 def test_launcher_writes_weights_and_reuses_them(straight_run):

@@ -11,12 +11,13 @@ def unit(v):
     return v / v.norm()
 
 
-def naive_loss(z, nn_z, p, tau, variant):
-    """Loop over pairs and samples; B is the global batch. Uses only python floats and per-sample dots."""
+def naive_loss(z, nn_z, p, tau, variant, official=False):
+    """Loop over pairs and samples; B is the global batch. Uses only python floats and per-sample dots.
+    ``official``: each anchor predicts views 0 .. n_local - 1 (the released code's indexing)."""
     num_views, batch = p.shape[0], p.shape[1]
     terms = []
     for i in (0, 1):
-        for v in [1 - i] + list(range(2, num_views)):
+        for v in (range(num_views - 2) if official else [1 - i] + list(range(2, num_views))):
             for b in range(batch):
                 positive = unit(nn_z[i, b]) @ unit(p[v, b]) / tau
                 anchor = unit(nn_z[i, b]) if variant == "nnclr" else unit(z[i, b])
@@ -39,6 +40,29 @@ def test_pairs_are_the_intended_ones():
     assert all(i != v for i, v in pairs)
     assert sorted(v for i, v in pairs if i == 0) == [1] + list(range(2, 12))
     assert sorted(v for i, v in pairs if i == 1) == [0] + list(range(2, 12))
+
+
+def test_official_pairs_are_the_released_codes():
+    pairs = view_pairs(10, "official")
+    assert len(pairs) == 20
+    assert (0, 0) in pairs and (1, 1) in pairs  # a self-pair per anchor
+    assert {v for _, v in pairs} == set(range(10))  # g1, g2, l1..l8: the last two local views unused
+    with pytest.raises(ValueError, match="at least 2 local views"):
+        view_pairs(1, "official")
+
+
+@pytest.mark.parametrize("num_local", [2, 4])
+def test_official_pairing_matches_naive_loop(num_local):
+    z, nn_z, p = make_inputs(num_local)
+    p1 = p.clone().requires_grad_(True)
+    p2 = p.clone().requires_grad_(True)
+    loss, _ = nna_loss(z, nn_z, p1, 0.2, "nna", pairing="official")
+    ref = naive_loss(z, nn_z, p2, 0.2, "nna", official=True)
+    loss.backward(), ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-10)
+    assert torch.allclose(p1.grad, p2.grad, atol=1e-10)
+    assert torch.equal(p1.grad[-2:], torch.zeros_like(p1.grad[-2:]))  # the last two local views get no gradient
+    assert not torch.allclose(loss, nna_loss(z, nn_z, p, 0.2, "nna")[0])
 
 
 @pytest.mark.parametrize("variant", ["nna", "nnclr"])

@@ -57,6 +57,32 @@ def test_heads_stage_leaves_encoder_bit_identical_and_trains_heads():
     assert refiner.queues[0].num_filled == 32  # 4 steps x 8 g1 projections
 
 
+def test_released_code_options_pairing_and_random_queue():
+    """heads.pairing=official sums the released code's pairs (a self-pair, the last local views unused);
+    queue.init=random starts every slot filled, so the first step already finds neighbours."""
+    crops = SyntheticStream().batches(0)
+    batch = next(crops)
+    results = {}
+    for overrides in ([], ["heads.pairing=official"], ["queue.init=random"]):
+        cfg = load_config(ROOT / "configs/demo.yaml", TINY + overrides)
+        torch.manual_seed(0)
+        refiner = build_refiner(cfg, load_weights=False)
+        refiner.train()
+        assert all(q.num_filled == (256 if "queue.init=random" in overrides else 0) for q in refiner.queues)
+        local = batch["local"].clone().requires_grad_(True)
+        loss, metrics = refiner(batch["global"], local, batch["index"], batch["label"], topk=5, step=0)
+        loss.backward()
+        results[tuple(overrides)] = (float(loss), float(metrics["final/nn_similarity"]), local.grad)
+    base, official, random_init = results[()], results[("heads.pairing=official",)], results[("queue.init=random",)]
+    # the local crops' gradient changes (with 2 local views official predicts neither; some gradient still
+    # reaches them through the heads' BatchNorm, whose statistics mix all crops: tests/test_objective.py shows
+    # the unused predictions get none)
+    assert not torch.allclose(official[2], base[2])
+    assert official[0] != base[0]
+    assert base[1] == 1.0  # empty queue: each query is its own neighbour
+    assert random_init[1] < 0.9 and random_init[0] != base[0]  # random neighbours from the first step
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_refine_stage_keeps_frozen_prefix_and_trains_the_rest(checkpointing):
     cfg = load_config(ROOT / "configs/demo.yaml", TINY + ["model.freeze_blocks=2",

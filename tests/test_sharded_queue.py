@@ -201,7 +201,7 @@ def test_refiner_with_sharded_queues_equals_replicated(gloo):
     gloo(_refiner_equivalence, 2)
 
 
-def _banks_agree(rank, world, heads, size, batch, k):
+def _banks_agree(rank, world, heads, size, batch, k, init):
     """Both kinds of queue bank, fed the same global batches: the same neighbours, metrics, keys and global
     state; the sharded bank's lookup makes 4 collectives whatever the number of heads, the replicated none."""
     from scale_refiner.bench.collectives import CollectiveCounter
@@ -209,9 +209,15 @@ def _banks_agree(rank, world, heads, size, batch, k):
     group = dist.group.WORLD
     dim, n = 8, world * batch
     mine = slice(rank * batch, (rank + 1) * batch)
-    replicated = build_queues(heads, size, dim, seed=3)
+    replicated = build_queues(heads, size, dim, seed=3, init=init)
     sharded = build_queues(heads, size, dim, seed=3, sharded=True, world=world, rank=rank, block=batch,
-                           search="faiss")
+                           search="faiss", init=init)
+    if init == "random":  # the same global fill: every slot searchable, no dataset index, no label
+        for h in range(heads):
+            full = sharded[h].global_state(group)
+            assert torch.equal(full["vectors"], replicated[h].vectors) and bool((full["indices"] == -2).all())
+            assert torch.allclose(full["vectors"].norm(dim=1), torch.ones(size))
+        assert len({float(replicated[h].vectors[0, 0]) for h in range(heads)}) == heads  # a fill per head
     counts = []
     for step in range(9):
         query = torch.stack([torch.stack([unit_rows(n, dim, 100 * step + 10 * h + v)[mine] for v in range(2)])
@@ -223,6 +229,8 @@ def _banks_agree(rank, world, heads, size, batch, k):
             b, ib = sharded.lookup(query, qidx[mine], k, qlab[mine], step, group)
         assert a.shape == b.shape == (heads, 2, batch, dim) and ia.keys() == ib.keys()
         assert torch.equal(a, b), (step, (a - b).abs().max())
+        if init == "random":
+            assert bool(ib["found"].all())  # from the first step: the random entries are neighbours
         for key in ("found", "age", "accuracy", "slot", "topk_slots"):
             assert torch.equal(ia[key], ib[key]), (step, key)
         assert torch.allclose(ia["similarity"], ib["similarity"], atol=1e-6)
@@ -239,10 +247,10 @@ def _banks_agree(rank, world, heads, size, batch, k):
     return counts
 
 
-@pytest.mark.parametrize("heads", [1, 4])
-def test_queue_banks_agree_with_fixed_collectives(gloo, heads):
+@pytest.mark.parametrize("heads,init", [(1, "empty"), (4, "empty"), (4, "random")])
+def test_queue_banks_agree_with_fixed_collectives(gloo, heads, init):
     # queue of 21 with 2 x 3 rows a step: wraps, and rows cross ranks (one all_to_all per enqueue)
-    counts = gloo(_banks_agree, 2, heads, 21, 3, 4)
+    counts = gloo(_banks_agree, 2, heads, 21, 3, 4, init)
     # lookups: replicated none, sharded 4; enqueue: replicated one all-gather, sharded one all_to_all unless
     # every row of the step lands on its own rank (steps where the FIFO pointer aligns with the blocks)
     assert {c[:3] for c in counts} == {(0, 4, 1)}, counts

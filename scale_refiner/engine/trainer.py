@@ -257,9 +257,12 @@ def _run_stage(engine, cfg, name, stream, ctx, writer, checkpoints, resume_from,
                             images_per_s=(step - logged_at) * cfg.data.batch_size / max(elapsed, 1e-9))
                 tick, logged_at = time.perf_counter(), step
                 if ctx.is_main:
-                    progress.set_postfix(loss=f"{last['loss']:.3f}", nn_acc=f"{last.get('final/nn_accuracy', 0):.2f}")
-                    log.info("%s step %d/%d loss %.4f final nn-acc %.3f lr %.3g %.1f img/s", name, step,
-                             plan.total_steps, last["loss"], last.get("final/nn_accuracy", float("nan")), lr,
+                    # the NN accuracy only where the model reports one (the refiner's queue; not MAE)
+                    nn_acc = last.get("final/nn_accuracy")
+                    progress.set_postfix(loss=f"{last['loss']:.3f}",
+                                         **({"nn_acc": f"{nn_acc:.2f}"} if nn_acc is not None else {}))
+                    log.info("%s step %d/%d loss %.4f%s lr %.3g %.1f img/s", name, step, plan.total_steps,
+                             last["loss"], f" final nn-acc {nn_acc:.3f}" if nn_acc is not None else "", lr,
                              last["images_per_s"])
                     if writer is not None:
                         for key, value in last.items():

@@ -99,11 +99,23 @@ class ShardedQueues(QueueBank):
         sharded_enqueue(list(self), vectors, indices, labels, step, group)
 
 
+INITS = ("empty", "random")
+
+
 def build_queues(heads: int, size: int, dim: int, seed: int = 0, sharded: bool = False, world: int = 1,
-                 rank: int = 0, block: int = 1, search: str = "torch") -> QueueBank:
+                 rank: int = 0, block: int = 1, search: str = "torch", init: str = "empty") -> QueueBank:
     """Head h's queue draws its picks from seed ``seed + 1000 h`` in both kinds (so they pick alike).
-    ``world`` / ``rank`` / ``block`` / ``search``: the sharded layout and shard search (``sharded_queue``)."""
+    ``world`` / ``rank`` / ``block`` / ``search``: the sharded layout and shard search (``sharded_queue``).
+    ``init``: ``empty`` (slots masked until written) or ``random`` (every slot a random unit vector, the
+    released code's fill, drawn from seed ``seed + 1000 h + 500``: the same global fill in both kinds)."""
+    if init not in INITS:
+        raise ValueError(f"queue init {init!r} is not one of {', '.join(INITS)}")
     if sharded:
-        return ShardedQueues(ShardedNNQueue(size, dim, seed=seed + 1000 * h, world=world, rank=rank, block=block,
+        bank = ShardedQueues(ShardedNNQueue(size, dim, seed=seed + 1000 * h, world=world, rank=rank, block=block,
                                             search=search) for h in range(heads))
-    return ReplicatedQueues(NNQueue(size, dim, seed=seed + 1000 * h) for h in range(heads))
+    else:
+        bank = ReplicatedQueues(NNQueue(size, dim, seed=seed + 1000 * h) for h in range(heads))
+    if init == "random":
+        for h, queue in enumerate(bank):
+            queue.random_fill(seed + 1000 * h + 500)
+    return bank

@@ -1,7 +1,9 @@
 """The nearest-neighbour queue: a FIFO of L2-normalised projections with their dataset index, label and step.
 
 In-process form (every rank holds the whole global queue); the sharded form builds on the same semantics:
-- empty slots are masked until filled (no random initialisation): index -1;
+- empty slots are masked until filled: index -1 (``EMPTY``). Optionally (``queue.init=random``, the released
+  code's way) every slot starts filled with a random unit vector instead: index -2 (``RANDOM_FILL``), label -1,
+  valid for lookups until the FIFO overwrites it;
 - entries with the query's own dataset index are excluded;
 - cosine top-k, then one of the k picked uniformly, independently per query, from the queue's own generator
   (its state is part of ``state_dict``, so a resumed run picks the same neighbours). Every rank draws the
@@ -18,6 +20,18 @@ import torch
 from torch import nn
 
 from scale_refiner.precision import as_fp32, fp32_island, to_device_async
+
+EMPTY = -1  # the index of a slot never written: masked
+RANDOM_FILL = -2  # the index of a slot holding a random initial vector: searchable, matches no dataset index
+
+
+def random_rows(size: int, dim: int, seed: int, chunk: int = 1 << 16):
+    """The random initial fill of a queue of ``size`` x ``dim``: (first slot, unit rows) chunks, the same
+    stream whatever the caller keeps of it (a sharded queue keeps its own slots)."""
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, size, chunk):
+        rows = torch.randn(min(chunk, size - start), dim, generator=generator)
+        yield start, rows / rows.norm(dim=1, keepdim=True)
 
 
 class NNQueue(nn.Module):
@@ -42,7 +56,16 @@ class NNQueue(nn.Module):
 
     @property
     def num_filled(self) -> int:
-        return int((self.indices >= 0).sum())
+        return int((self.indices != EMPTY).sum())
+
+    @torch.no_grad()
+    def random_fill(self, seed: int) -> None:
+        """Fill every slot with a random unit vector (``RANDOM_FILL``); the pointer stays at slot 0."""
+        for start, rows in random_rows(self.size, self.vectors.shape[1], seed):
+            self.vectors[start:start + len(rows)] = rows
+        self.indices.fill_(RANDOM_FILL)
+        self.labels.fill_(-1)
+        self.steps.zero_()
 
     @torch.no_grad()
     def lookup(self, query: torch.Tensor, query_index: torch.Tensor, k: int,
@@ -65,7 +88,7 @@ class NNQueue(nn.Module):
         flat = query.reshape(-1, query.shape[-1])  # (V*Q, d): one matmul, one top-k for every view
         num = query.shape[-2]
         # one exclusion mask for all views: empty slots and the query's own dataset index
-        invalid = (self.indices < 0).unsqueeze(0) | (self.indices.unsqueeze(0) == query_index.unsqueeze(1))
+        invalid = (self.indices == EMPTY).unsqueeze(0) | (self.indices.unsqueeze(0) == query_index.unsqueeze(1))
         sims = (flat @ self.vectors.T).view(max(views, 1), num, self.size)
         sims.masked_fill_(invalid, float("-inf"))  # in place: sims is this call's own buffer
         top_sim, top_slot = sims.topk(k, dim=-1)  # sorted, invalid entries last

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scale_refiner.memory.queue import EMPTY, RANDOM_FILL, random_rows
 from scale_refiner.memory.search import Search, make_search
 from scale_refiner.precision import fp32_island, to_device_async
 
@@ -119,7 +120,23 @@ class ShardedNNQueue(nn.Module):
     @property
     def num_filled(self) -> int:
         """Filled rows of this rank's shard (the global count is the sum over ranks)."""
-        return int((self.indices >= 0).sum())
+        return int((self.indices != EMPTY).sum())
+
+    @torch.no_grad()
+    def random_fill(self, seed: int) -> None:
+        """This rank's slots of ``NNQueue.random_fill(seed)``'s global fill (the global stream is drawn chunk by
+        chunk on every rank; each keeps its own rows)."""
+        for start, rows in random_rows(self.size, self.dim, seed):
+            slots = torch.arange(start, start + len(rows))
+            mine = self.owner(slots) == self.rank
+            local = self.local(slots[mine])
+            self.vectors[local] = rows[mine]
+            self.indices[local] = RANDOM_FILL
+            self.labels[local] = -1
+            self.steps[local] = 0
+        if self.searcher.stateful:
+            rows = (self.indices != EMPTY).nonzero().squeeze(1)
+            self.searcher.update(rows, self.vectors[rows])
 
     # ---------------------------------------------------------------------------------------- state
     def get_extra_state(self):
@@ -160,7 +177,7 @@ class ShardedNNQueue(nn.Module):
                                       error_msgs)
         if self.searcher.stateful:  # rebuild the approximate index from the loaded shard
             self.searcher = make_search(self.search_name, self.dim, **self.search_kwargs)
-            rows = (self.indices >= 0).nonzero().squeeze(1)
+            rows = (self.indices != EMPTY).nonzero().squeeze(1)
             if len(rows):
                 self.searcher.update(rows, self.vectors[rows])
 
@@ -204,7 +221,7 @@ class ShardedNNQueue(nn.Module):
         device = self.vectors.device
         out_s = torch.full((nq, k), float("-inf"), device=device)
         out_g = torch.full((nq, k), -1, dtype=torch.long, device=device)
-        valid = self.indices >= 0
+        valid = self.indices != EMPTY
         nvalid = int(valid.sum())
         if nvalid == 0:
             return out_s, out_g
