@@ -108,6 +108,8 @@ def test_benchmark_compare_in_one_process(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--batch auto: per-rank batch 2" in proc.stdout
+    # the search starts from the planner's prediction (capped at --max-batch) and reports both
+    assert "the planner predicted 2 (search started at 2; found / predicted = 1.00)" in proc.stdout
     # the demo recipe's 128 on one rank, 2 at a time: 64 micro-batches of 2
     assert "runs as 64 micro-batch(es) of 2 per rank: data.micro_batch_size=2" in proc.stdout
     results = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]

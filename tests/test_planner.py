@@ -140,3 +140,19 @@ def test_cli_refuses_custom_gpu_without_its_memory():
                           "--gpu", "custom", "--peak-tflops", "500"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and "--gpu-memory-gb" in out.stderr
+
+
+def test_scaling_projection_of_the_2b_recipe():
+    """A fixed global batch over more GPUs: fewer samples per GPU, the same parameter traffic, and beyond one
+    node the network's rate; so images/s per GPU can only fall, and GPU-hours only rise."""
+    out = subprocess.run([sys.executable, str(ROOT / "launch/plan.py"), "--config", "configs/mae_2b14.yaml",
+                          "--gpu", "h100-80gb", "--scaling", "1,8,64", "--json"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["gpus"] for r in rows] == [1, 8, 64] and all(r["fits"] for r in rows)
+    assert [r["per_gpu"] for r in rows] == [512, 64, 8]
+    assert rows[0]["efficiency"] == 1.0
+    assert rows[0]["efficiency"] >= rows[1]["efficiency"] >= rows[2]["efficiency"] > 0
+    assert rows[0]["gpu_hours"] <= rows[1]["gpu_hours"] <= rows[2]["gpu_hours"]
+    assert rows[2]["exposed_comm_s"] > rows[1]["exposed_comm_s"]  # 64 GPUs span 8 nodes: the network binds

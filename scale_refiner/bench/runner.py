@@ -189,10 +189,12 @@ def run_steps(engine, cfg, ctx, batch, steps: int, stage: str, timer: StageTimer
     return time.perf_counter() - start
 
 
-def find_batch(cfg, ctx, stage: str, max_batch: int, mem_budget_gb: Optional[float]) -> int:
-    """Largest power-of-two per-rank batch that runs a step. GPU: the first out-of-memory error stops the
-    search (all ranks agree on the smallest). CPU: the search stops before the process's resident memory would
-    pass ``mem_budget_gb`` (extrapolating the growth of the last doubling), so it never swaps."""
+def find_batch(cfg, ctx, stage: str, max_batch: int, mem_budget_gb: Optional[float], start: int = 1) -> int:
+    """Largest power-of-two per-rank batch that runs a step, searched from ``start`` (a power of two: the
+    planner's prediction, so the search takes a probe or two instead of log2(batch)): doubling while it runs,
+    halving from a failure until one runs. GPU: an out-of-memory error is a failure (all ranks agree on the
+    smallest). CPU: the doubling stops before the process's resident memory would pass ``mem_budget_gb``
+    (extrapolating the growth of the last doubling), so it never swaps."""
     device = ctx.device
     good, b = 0, 1
     budget = mem_budget_gb if mem_budget_gb else 0.5 * (available_memory_gb() + current_rss_gb())
@@ -205,7 +207,9 @@ def find_batch(cfg, ctx, stage: str, max_batch: int, mem_budget_gb: Optional[flo
         ema = EncoderEMA(engine, 0.999)
     timer = StageTimer(device, enabled=False)
     prev_rss = current_rss_gb()
-    while b <= max_batch:
+    b = max(1, min(start, max_batch))
+    failed = None  # the smallest batch that failed: the search never goes back up to it
+    while b <= max_batch and (failed is None or b < failed):
         batch = synthetic_batch(cfg, b, device, ctx.rank)
         ok = True
         try:
@@ -224,8 +228,14 @@ def find_batch(cfg, ctx, stage: str, max_batch: int, mem_budget_gb: Optional[flo
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             ok = bool(flag.item())
         if not ok:
-            break
+            failed = b
+            if good or b == 1:
+                break
+            b //= 2
+            continue
         good = b
+        if failed is not None:  # came down from a failure: the largest that runs
+            break
         if device.type == "cpu":
             rss = current_rss_gb()
             growth = max(rss - prev_rss, 0.0)

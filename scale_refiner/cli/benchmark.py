@@ -125,6 +125,30 @@ def variants(cfg, groups, ds_ok: bool):
     return out
 
 
+def planned_batch(cfg, ctx, stage: str, cap: int, cpu_budget_gb: float) -> int:
+    """The planner's largest per-rank micro-batch (up to ``cap``) for this config as it is, on this device: the
+    GPU's total memory with the GPU allowances, or on the CPU the ``--batch auto`` budget with none (and fp32
+    unless the config asks for bf16). 0 when not even 1 is predicted to fit."""
+    from scale_refiner.engine.distributed import resolve_precision
+    from scale_refiner.plan.counts import meta_refiner, model_counts
+    from scale_refiner.plan.memory import predict_memory
+    from scale_refiner.plan.settings import setting_of_config
+    on_gpu = ctx.device.type == "cuda"
+    capacity = (torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else cpu_budget_gb * 1e9)
+    compute_bytes = 2 if resolve_precision(cfg.engine.precision, ctx.device) == torch.bfloat16 else 4
+    plan_cfg = copy.deepcopy(cfg)
+    plan_cfg.data.batch_size = cap * ctx.world
+    counts = model_counts(plan_cfg, stage, meta_refiner(plan_cfg))
+    setting = setting_of_config(plan_cfg, Path(__file__).resolve().parents[2])
+    best = 0
+    for micro in range(1, cap + 1):
+        memory = predict_memory(plan_cfg, counts, setting, ctx.world, micro, compute_bytes, on_gpu=on_gpu)
+        if memory.total > capacity:
+            break
+        best = micro
+    return best
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
@@ -150,9 +174,13 @@ def main(argv=None) -> int:
     elif args.batch == "auto":
         cap = args.max_batch or (1024 if ctx.device.type == "cuda" else max(cfg.data.batch_size // ctx.world, 1))
         recipe_batch = cfg.data.batch_size
-        per_rank = runner.find_batch(cfg, ctx, args.stage, cap, args.mem_budget_gb or None)
+        budget_gb = args.mem_budget_gb or 0.5 * (runner.available_memory_gb() + runner.current_rss_gb())
+        predicted = planned_batch(cfg, ctx, args.stage, cap, budget_gb)
+        start = 1 << max(0, predicted.bit_length() - 1) if predicted else 1
+        per_rank = runner.find_batch(cfg, ctx, args.stage, cap, args.mem_budget_gb or None, start=start)
         if ctx.is_main:
-            print(f"--batch auto: per-rank batch {per_rank} (cap {cap})")
+            print(f"--batch auto: per-rank batch {per_rank} (cap {cap}); the planner predicted {predicted} "
+                  f"(search started at {start}; found / predicted = {per_rank / max(predicted, 1):.2f})")
             micro, steps = micro_batch_for(recipe_batch, ctx.world, per_rank)
             print(f"--batch auto: the recipe's global batch {recipe_batch} on {ctx.world} rank(s) runs as {steps} "
                   f"micro-batch(es) of {micro} per rank: data.micro_batch_size={micro}"

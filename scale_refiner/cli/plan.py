@@ -6,6 +6,7 @@ is marked and its command line printed. Nothing is allocated: the model is built
     python launch/plan.py --config configs/mae_2b14.yaml --gpus 8 --gpu h100-80gb
     python launch/plan.py --config configs/mae_2b14.yaml --gpus 64 --gpu h200 --efficiency 0.35 --json
     python launch/plan.py --config configs/mae_l16.yaml --gpus 16 --gpu custom --gpu-memory-gb 48 --peak-tflops 362
+    python launch/plan.py --config configs/mae_2b14.yaml --gpu h100-80gb --scaling 1,8,64,512
     python launch/plan.py --validate            # predicted against measured peak memory of real CPU steps
 
 Model, assumptions and the validation: docs/planner.md.
@@ -33,6 +34,9 @@ def parse_args(argv):
     p.add_argument("--gpus-per-node", type=int, default=None)
     p.add_argument("--efficiency", type=float, default=0.4, help="fraction of the peak the compute reaches")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--scaling", default="",
+                   help="comma list of GPU counts (e.g. 1,8,64,512): the fastest fitting plan at each and its "
+                        "scaling efficiency against the smallest, instead of one count's plans")
     p.add_argument("--validate", action="store_true",
                    help="measure peak memory of real CPU training steps and compare with the prediction")
     p.add_argument("--cases", default="", help="--validate: comma list of case names (default: all)")
@@ -78,6 +82,14 @@ def main(argv=None) -> int:
         gpu = resolve_gpu(args.gpu, memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
                           nvlink_gbps=args.nvlink_gbps, internode_gbps=args.internode_gbps,
                           hbm_gbps=args.hbm_gbps, gpus_per_node=args.gpus_per_node)
+        if args.scaling:
+            from scale_refiner.plan.scaling import scaling_rows, scaling_text
+            counts = [int(n) for n in args.scaling.split(",") if n.strip()]
+            if not counts or min(counts) < 1:
+                raise ValueError(f"--scaling wants GPU counts >= 1, got {args.scaling!r}")
+            rows = scaling_rows(cfg, args.config, gpu, counts, args.efficiency)
+            print(json.dumps(rows, indent=1) if args.json else scaling_text(cfg, args.config, gpu, args.efficiency, rows))
+            return 0
         plans = plan_all(cfg, args.config, gpu, args.gpus, args.efficiency)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
