@@ -132,7 +132,7 @@ class EngineConfig:
     # replicated over fsdp_replicate such groups, gradients all-reduced across them; 1 = plain FSDP2 (fsdp2 only)
     fsdp_replicate: int = 1
     # The frozen prefix (patch embed, cls, pos, the first model.freeze_blocks blocks; the whole encoder in the heads
-    # stage) held whole on every rank in the compute dtype instead of sharded: never gathered (fsdp2, deepspeed)
+    # stage) held whole on every rank in the compute dtype instead of sharded: never gathered (fsdp2 only)
     replicate_frozen: bool = False
 
 
@@ -449,8 +449,16 @@ def _validate_hybrid(cfg, world_size: Optional[int]) -> None:
         _fail("engine.fsdp_replicate", f"{replicate} replica groups do not divide the world size {world_size}: "
                                        f"use the number of nodes, each with the same number of ranks")
     if cfg.engine.replicate_frozen and cfg.engine.kind == "single":
-        _fail("engine.replicate_frozen", "needs engine.kind=fsdp2 or deepspeed (one process holds everything "
-                                         "whole already)")
+        _fail("engine.replicate_frozen", "needs engine.kind=fsdp2 (one process holds everything whole already)")
+    if cfg.engine.replicate_frozen and cfg.engine.kind == "deepspeed":
+        # DeepSpeed ZeRO-3 partitions every parameter of the model it wraps and has no option to leave one out;
+        # the nearest, a persistent parameter (stage3_param_persistence_threshold), is still released by every
+        # optimiser step (stage3's step -> _partition_all_parameters) and gathered again by the next forward,
+        # which for a frozen block is as often as now. Under ZeRO-2 parameters are whole on every rank anyway.
+        _fail("engine.replicate_frozen", "is not available with engine.kind=deepspeed: ZeRO-3 cannot leave the "
+                                         "frozen prefix out of its partitioning (even its persistent parameters are "
+                                         "re-partitioned at every step), and ZeRO-2 holds it whole already; use "
+                                         "engine.kind=fsdp2")
 
 
 def to_yaml(cfg: RefineConfig) -> str:

@@ -264,7 +264,8 @@ def test_replicated_frozen_prefix_fsdp2_bf16(gloo, tmp_path):
     (["engine.kind=fsdp2", "engine.fsdp_replicate=3"], 4, "3 replica groups do not divide the world size 4"),
     (["engine.kind=fsdp2", "engine.fsdp_replicate=0"], 4, "must be >= 1"),
     (["engine.kind=deepspeed", "engine.fsdp_replicate=2"], 4, "needs engine.kind=fsdp2"),
-    (["engine.kind=single", "engine.replicate_frozen=true"], 1, "needs engine.kind=fsdp2 or deepspeed"),
+    (["engine.kind=single", "engine.replicate_frozen=true"], 1, "needs engine.kind=fsdp2"),
+    (["engine.kind=deepspeed", "engine.replicate_frozen=true"], 2, "ZeRO-3 cannot leave the frozen prefix out"),
 ])
 def test_hybrid_keys_are_validated_naming_the_key(overrides, world, message):
     key = overrides[-1].split("=")[0]
@@ -350,3 +351,54 @@ def test_zero3_hpz_on_a_2x2_layout_keeps_the_losses_and_gathers_in_the_node(gloo
     plain_groups, hpz_groups = out["groups"]
     assert plain_groups == [4]  # plain ZeRO-3 gathers over all 4 ranks
     assert hpz_groups == [2, 4]  # hpZ: the backward's re-gathers within the node (its secondary partitions)
+
+
+# ----------------------------------------------------------------------------------------------- 5. the planner
+def test_planner_enumerates_and_models_the_hybrid_settings():
+    from dataclasses import replace
+    from scale_refiner.plan.counts import meta_refiner, model_counts
+    from scale_refiner.plan.memory import predict_memory
+    from scale_refiner.plan.settings import Setting, ZeroOptions, all_settings
+    from scale_refiner.plan.timing import collectives
+
+    one_node = {s.label for s in all_settings(8, ROOT, gpus_per_node=8)}
+    two_nodes = {s.label for s in all_settings(16, ROOT, gpus_per_node=8)}
+    assert not any("HSDP" in s or "hpz" in s for s in one_node)  # inside one node: nothing to be hybrid over
+    assert "fsdp2 HSDP 2x, checkpointing on" in two_nodes
+    assert "fsdp2 HSDP 2x, frozen prefix replicated, checkpointing on" in two_nodes
+    assert "zero3 (zero3_hpz.json), checkpointing on" in two_nodes
+    assert "fsdp2, frozen prefix replicated, checkpointing on" in one_node
+
+    cfg = load_config(ROOT / "configs/mae_l16.yaml", ["model.freeze_blocks=6", "data.batch_size=256"])
+    counts = model_counts(cfg, "refine", meta_refiner(cfg))
+    P, T, F, W, c = counts.total_params, counts.trainable, counts.frozen, 16, 2
+    assert F > 0
+
+    def memory(setting):
+        return predict_memory(cfg, counts, setting, W, 16, c).state
+
+    fsdp2 = Setting("fsdp2", True)
+    assert memory(fsdp2)["weights (fp32 shards)"] == 4 * P / 16
+    assert memory(replace(fsdp2, replicate=2))["weights (fp32 shards)"] == 4 * P / 8  # a node's 8 ranks
+    whole = memory(replace(fsdp2, replicate_frozen=True))
+    assert whole["frozen prefix, whole (bf16)"] == 2 * F and whole["weights (fp32 shards)"] == 4 * (P - F) / 16
+    hpz = ZeroOptions.from_json(str(ROOT / "ds_configs/zero3_hpz.json"))
+    assert hpz.hpz == 8
+    assert memory(Setting("deepspeed", True, hpz))["hpZ secondary partitions (1 / ranks a node)"] == 2 * P / 8
+
+    def colls(setting):
+        return collectives(cfg, counts, setting, W, 16, c)
+
+    plain = colls(fsdp2)
+    assert "all-gather, forward: frozen parameters (every micro-batch)" in plain
+    assert all(col.intra_node is None for col in plain.values())  # the world's ring, across nodes
+    frozen_whole = colls(replace(fsdp2, replicate_frozen=True))
+    assert "all-gather, forward: frozen parameters (every micro-batch)" not in frozen_whole
+    hsdp = colls(replace(fsdp2, replicate=2))
+    gathers = [col for name, col in hsdp.items() if name.startswith(("all-gather", "reduce-scatter"))]
+    assert gathers and all(col.intra_node for col in gathers)  # NVLink
+    across = hsdp["all-reduce across nodes: gradient shards (HSDP)"]
+    assert across.intra_node is False and across.full_bytes == 4 * T / 8  # fp32 gradient shards of a node rank
+    zero_hpz = colls(Setting("deepspeed", True, hpz))
+    assert zero_hpz["all-gather, backward: trained parameters"].intra_node is True
+    assert zero_hpz["all-gather, forward: trained parameters"].intra_node is None
