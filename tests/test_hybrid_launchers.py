@@ -62,3 +62,17 @@ def test_zero3_hpz_equals_plain_zero3(tmp_path):
     assert len(a) == len(b) == 6
     assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4), (a, b)
     assert_same_weights(tmp_path / "plain", tmp_path / "hpz")
+
+
+def test_hsdp_with_the_frozen_prefix_replicated_equals_plain_fsdp2(fsdp2_4, tmp_path):
+    """Both stages: the heads stage holds the whole encoder replicated, hands it to the refine stage (built on the
+    meta device, its frozen prefix filled whole, the rest shard by shard), whose first block is replicated."""
+    launch("fsdp2", tmp_path, BOTH + HSDP + ["engine.replicate_frozen=true"], ranks=4)
+    a, b = losses(fsdp2_4), losses(tmp_path)
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4), (a, b)
+    assert_same_weights(fsdp2_4, tmp_path)
+    assert (tmp_path / "checkpoints/refine-end/frozen_params.pt").is_file()
+    start, end = end_state(tmp_path, "heads"), end_state(tmp_path)
+    frozen = [k for k in start if k.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed",
+                                                "encoder.blocks.0."))]
+    assert frozen and all(torch.equal(start[k], end[k]) for k in frozen)

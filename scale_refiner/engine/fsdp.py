@@ -80,6 +80,9 @@ class FSDPEngine(Engine):
         fully_shard(model, mesh=self.mesh, mp_policy=policy, ignored_params=ignored)
         if meta:
             self._materialise(model.encoder)
+            # to_empty gave the replicated (plain) parameters new Parameter objects: look them up again
+            encoder_params = dict(model.named_parameters())
+            self._replicated = {key: encoder_params[key] for key in self._replicated}
         self._frozen_fp32: Dict[str, torch.Tensor] = {}  # under bf16: this rank's fp32 rows of each, on the host
         self._cast_replicated()
 
