@@ -133,6 +133,12 @@ class EngineConfig:
     zero_config: str = "ds_configs/zero3.json"
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     reduce_dtype: str = "fp32"  # dtype of the gradient reduction under bf16: fp32 | bf16 (half the bytes)
+    # FSDP2 hybrid sharding (HSDP): parameters sharded over world / fsdp_replicate consecutive ranks (a node) and
+    # replicated over fsdp_replicate such groups, gradients all-reduced across them; 1 = plain FSDP2 (fsdp2 only)
+    fsdp_replicate: int = 1
+    # The frozen prefix (patch embed, cls, pos, the first model.freeze_blocks blocks; the whole encoder in the heads
+    # stage) held whole on every rank in the compute dtype instead of sharded: never gathered (fsdp2 only)
+    replicate_frozen: bool = False
 
 
 @dataclass
@@ -433,10 +439,36 @@ def _validate_shared(cfg, world_size: Optional[int], choices) -> None:
     for key in cfg.run.resume_allow_changes:
         if key not in allowed:
             fail("run.resume_allow_changes", f"{key!r} is not one of {list(allowed)}")
+    _validate_hybrid(cfg, world_size)
     if cfg.data.shuffle_buffer < 1:
         fail("data.shuffle_buffer", "must be >= 1")
     if cfg.data.samples_per_epoch < 0:
         fail("data.samples_per_epoch", "must be >= 0")
+
+
+def _validate_hybrid(cfg, world_size: Optional[int]) -> None:
+    """engine.fsdp_replicate: FSDP2 only, >= 1, and (once the world size is known) a divisor of it that leaves
+    at least one rank per shard group."""
+    replicate = cfg.engine.fsdp_replicate
+    if replicate < 1:
+        _fail("engine.fsdp_replicate", f"{replicate} must be >= 1 (1: plain FSDP2)")
+    if replicate > 1 and cfg.engine.kind != "fsdp2":
+        _fail("engine.fsdp_replicate", f"{replicate} needs engine.kind=fsdp2 (engine.kind is {cfg.engine.kind}; "
+                                       f"DeepSpeed's hierarchical partitioning is ds_configs/zero3_hpz.json)")
+    if world_size is not None and world_size % replicate:
+        _fail("engine.fsdp_replicate", f"{replicate} replica groups do not divide the world size {world_size}: "
+                                       f"use the number of nodes, each with the same number of ranks")
+    if cfg.engine.replicate_frozen and cfg.engine.kind == "single":
+        _fail("engine.replicate_frozen", "needs engine.kind=fsdp2 (one process holds everything whole already)")
+    if cfg.engine.replicate_frozen and cfg.engine.kind == "deepspeed":
+        # DeepSpeed ZeRO-3 partitions every parameter of the model it wraps and has no option to leave one out;
+        # the nearest, a persistent parameter (stage3_param_persistence_threshold), is still released by every
+        # optimiser step (stage3's step -> _partition_all_parameters) and gathered again by the next forward,
+        # which for a frozen block is as often as now. Under ZeRO-2 parameters are whole on every rank anyway.
+        _fail("engine.replicate_frozen", "is not available with engine.kind=deepspeed: ZeRO-3 cannot leave the "
+                                         "frozen prefix out of its partitioning (even its persistent parameters are "
+                                         "re-partitioned at every step), and ZeRO-2 holds it whole already; use "
+                                         "engine.kind=fsdp2")
 
 
 def to_yaml(cfg: RefineConfig) -> str:

@@ -26,7 +26,17 @@ def zero_init(ds_config: dict, module: Optional[nn.Module] = None):
     import deepspeed
     config = {k: v for k, v in ds_config.items() if k not in ("bf16", "fp16")}
     config.setdefault("train_micro_batch_size_per_gpu", 1)  # DeepSpeed's config parser insists on a batch size
-    return deepspeed.zero.Init(module=module, config_dict_or_path=config, dtype=torch.float32, tensor_overrides=[])
+    extra = {}
+    if config.get("zero_optimization", {}).get("zero_hpz_partition_size", 1) > 1:
+        # ZeRO++ hpZ: Init creates its intra-node group whenever it is not handed one, and refuses to create it a
+        # second time in the process; the builds here call Init more than once (encoder, then the heads; every
+        # stage), so each after the first is handed the group the first made
+        from deepspeed.utils import groups
+        existing = groups._get_zero_param_intra_parallel_group()
+        if existing is not None:
+            extra["zero_param_parallel_group"] = existing
+    return deepspeed.zero.Init(module=module, config_dict_or_path=config, dtype=torch.float32, tensor_overrides=[],
+                               **extra)
 
 
 def is_partitioned(param: torch.Tensor) -> bool:

@@ -203,6 +203,28 @@ def spawn_gloo(fn: Callable[..., Any], world: int = 2, *args, threads: int = 1) 
             return out
 
 
+# ------------------------------------------------------------------------------------------- device meshes
+SHARD_DIM, REPLICATE_DIM = "dp_shard", "dp_replicate"
+
+
+def data_parallel_mesh(device_type: str, world: int, replicate: int = 1):
+    """The data-parallel ``DeviceMesh`` an FSDP2 engine shards over (``engine.fsdp_replicate``).
+
+    ``replicate`` 1: a 1-D mesh of all ranks, named ``dp_shard`` (plain FSDP2). More: a 2-D mesh (``dp_replicate``,
+    ``dp_shard``) of shape (replicate, world / replicate), rank r at row r // (world / replicate) -- so a shard group
+    is a run of consecutive ranks, which is one node under torchrun and deepspeed's rank numbering -- for HSDP:
+    ``fully_shard(mesh=...)`` shards within a row and replicates across rows (torchtitan's layout). Raises
+    ``ConfigError`` naming the key when ``replicate`` does not divide the world."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from scale_refiner.config import ConfigError
+    if replicate < 1 or world % replicate:
+        raise ConfigError(f"config key 'engine.fsdp_replicate': {replicate} replica groups do not divide the world "
+                          f"size {world}")
+    if replicate == 1:
+        return init_device_mesh(device_type, (world,), mesh_dim_names=(SHARD_DIM,))
+    return init_device_mesh(device_type, (replicate, world // replicate), mesh_dim_names=(REPLICATE_DIM, SHARD_DIM))
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU that supports it, fp32 on the CPU (CPU bf16 matmuls are slow and not the
     production path)."""

@@ -69,7 +69,8 @@ def build_engine(model: nn.Module, cfg: RefineConfig, name: str, ctx: DistContex
                           micro_batch=cfg.data.batch_size // ctx.world // accumulation, clip_grad=stage.clip_grad,
                           accumulation=accumulation, reduce_dtype=reduce_dtype)
     from scale_refiner.engine.fsdp import FSDPEngine
-    return FSDPEngine(model, groups, stage.betas, ctx, dtype, accumulation, reduce_dtype)
+    return FSDPEngine(model, groups, stage.betas, ctx, dtype, accumulation, reduce_dtype,
+                      replicate=cfg.engine.fsdp_replicate, replicate_frozen=cfg.engine.replicate_frozen)
 
 
 def micro_batches(batch: Dict[str, torch.Tensor], parts: int):

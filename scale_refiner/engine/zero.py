@@ -53,6 +53,23 @@ def load_ds_config(path: str | Path) -> dict:
     return config
 
 
+def check_hpz(ds_config: dict, world: int) -> int:
+    """ZeRO++ hierarchical partitioning (``zero_optimization.zero_hpz_partition_size``, the ranks of one node):
+    besides its 1/W partition each rank keeps a secondary partition of every parameter, 1/H of it, among the H
+    ranks of its node, so the backward's all-gathers stay inside the node. H must divide the world into nodes
+    (DeepSpeed asserts that with a bare message); stage 3 only. Returns H (1: off)."""
+    from scale_refiner.config import ConfigError
+    zero = ds_config.get("zero_optimization", {})
+    hpz = int(zero.get("zero_hpz_partition_size", 1) or 1)
+    if hpz > 1 and zero.get("stage") != 3:
+        raise ConfigError(f"config key 'engine.zero_config': zero_optimization.zero_hpz_partition_size={hpz} is a "
+                          f"ZeRO-3 option (stage is {zero.get('stage')})")
+    if hpz > 1 and world % hpz:
+        raise ConfigError(f"config key 'engine.zero_config': zero_optimization.zero_hpz_partition_size={hpz} (ranks "
+                          f"per node) does not divide the world size {world}")
+    return hpz
+
+
 # ------------------------------------------------------------------ building partitioned, loading by partition
 def zero3_config(cfg) -> Optional[dict]:
     """The DeepSpeed JSON of ``cfg`` when its engine is ZeRO-3 (``engine.kind=deepspeed``, stage 3), else None:
@@ -138,6 +155,7 @@ class ZeroEngine(Engine):
         if dtype != torch.float32:
             config["communication_data_type"] = {torch.float32: "fp32", torch.bfloat16: "bf16"}[reduce_dtype]
         self.stage = config["zero_optimization"]["stage"]
+        check_hpz(config, ctx.world)
         # Plain lists of tensors and scalars only: ZeRO rebuilds its own groups from these.
         plain_groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
         if offloads_optimizer(config):
@@ -174,6 +192,19 @@ class ZeroEngine(Engine):
         self._micro = 0
         # set by stage_end_state (ZeRO-3): the full state on rank 0, {} on the others (every rank knows it is set)
         self._end_gathered = None  # the stage end's state, kept for the one save that follows it (rank 0)
+        self._invalidate_secondary()
+
+    def _invalidate_secondary(self) -> None:
+        """Drop ZeRO++ hpZ's secondary (intra-node) partitions, so that each is cut afresh from the primary one at
+        its parameter's next gather. DeepSpeed cuts them when it partitions a module, from the values the
+        parameter has then: a model built under ``zero_init`` is filled partition by partition afterwards (the
+        initialisation, the weights file, the previous stage's hand-off, the fp32 masters set above, a
+        checkpoint's frozen weights), which writes the primary partitions only. Stale secondaries would be
+        gathered instead of the loaded weights (DeepSpeed itself drops them after each optimiser step, for the
+        trainable parameters only)."""
+        for param in self.model.parameters():
+            if getattr(param, "ds_secondary_tensor", None) is not None:
+                param.ds_secondary_tensor = None
 
     @property
     def module(self) -> nn.Module:
@@ -435,6 +466,7 @@ class ZeroEngine(Engine):
                     self._frozen_fp32[n] = share
                 fill_partition(p, lambda a, b: flat[a:b])
             self._load_buffers(directory)
+            self._invalidate_secondary()
             return
         with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0):
             if self.ctx.is_main:

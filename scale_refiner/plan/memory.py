@@ -156,6 +156,7 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     block = counts.block_params
 
     st: Dict[str, float] = {}
+    shard_world = W  # the ranks a parameter is sharded over (FSDP2 HSDP: a node's)
     grads_total = 0.0            # gradients alive after the backward
     grads_grow = False           # True: created block by block in the backward (single, FSDP2)
     block_grad_transient = 0.0   # a block's full gradients before they are reduced (sharded engines)
@@ -184,6 +185,10 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
         # torch's AdamW over DeepSpeed's flat fp32 groups: foreach on a GPU (a square-root temporary of every
         # moment, 4 T / W), a per-group loop on the CPU (about two temporaries of the largest group)
         step_transient = 4 * T / W if on_gpu else 2 * 4 * math.ceil(counts.largest_group / W)
+        if zero.hpz > 1:
+            # ZeRO++ hpZ: a second, intra-node partition of every parameter (frozen ones too) in the compute dtype,
+            # cut at its first release and kept (the trained ones' recut after each step)
+            st["hpZ secondary partitions (1 / ranks a node)"] = c * P / min(zero.hpz, W)
     elif kind == "zero2":
         st[f"weights ({'bf16' if c == 2 else 'fp32'})"] = c * P
         st["fp32 master (partitions)"] = 4 * T / W
@@ -193,17 +198,24 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
         block_grad_transient = c * block
         step_transient = 4 * T / W + c * min(zero.allgather_bucket_size, max(T, 1))
     elif kind == "fsdp2":
-        st["weights (fp32 shards)"] = 4 * P / W
-        st["Adam moments (shards)"] = 8 * T / W
-        grads_total, grads_grow = 4 * T / W, True
+        # HSDP (engine.fsdp_replicate R): sharded over the W / R ranks of a node, replicated over the R nodes;
+        # a replicated frozen prefix (engine.replicate_frozen) is whole on every rank in the compute dtype (its
+        # fp32 rows stay on the host) and out of the shards
+        shard_world = max(W // max(setting.replicate, 1), 1)
+        whole = counts.frozen if setting.replicate_frozen else 0
+        if whole:
+            st[f"frozen prefix, whole ({'bf16' if c == 2 else 'fp32'})"] = c * whole
+        st["weights (fp32 shards)"] = 4 * (P - whole) / shard_world
+        st["Adam moments (shards)"] = 8 * T / shard_world
+        grads_total, grads_grow = 4 * T / shard_world, True
         gathered = 2 * c * block  # the running block and the one prefetched
         block_grad_transient = (c + reduce_bytes) * block
-        step_transient = 4 * T / W if on_gpu else 2 * 4 * counts.largest_param
+        step_transient = 4 * T / shard_world if on_gpu else 2 * 4 * counts.largest_param
     else:
         raise ValueError(f"unknown engine kind {kind!r}")
     sharded_ema = kind in ("zero3", "zero2", "fsdp2") and W > 1
     if refine and E:
-        st["EMA (fp32)"] = 4 * E / (W if sharded_ema else 1)
+        st["EMA (fp32)"] = 4 * E / (shard_world if sharded_ema else 1)
     queue_bytes = counts.buffer_bytes.get("queues", 0)
     st["queues"] = queue_bytes / W if cfg.queue.sharded else queue_bytes
     st["ID-head norm statistics"] = counts.buffer_bytes.get("head_norms", 0)
@@ -239,7 +251,7 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     # Autograd runs the heads' and the loss's backward first (they were recorded last): by the encoder's backward
     # their activations, the last block's output and the frozen taps are freed.
     static = sum(st.values())
-    head_grads = (4 * counts.heads_params / (W if kind == "fsdp2" else 1)) if grads_grow else 0.0
+    head_grads = (4 * counts.heads_params / (shard_world if kind == "fsdp2" else 1)) if grads_grow else 0.0
     encoder_saved = sum(v for k, v in act.items() if k.startswith(("saved activations", "checkpointed")))
     heads_part = act.get("ID heads", 0) + act.get("NNA loss logits", 0)
     phases: Dict[str, Tuple[float, Dict[str, float]]] = {}

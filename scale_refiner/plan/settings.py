@@ -32,6 +32,7 @@ class ZeroOptions:
     persistence_threshold: int
     max_live_parameters: int
     offload: bool
+    hpz: int = 1  # ZeRO++ zero_hpz_partition_size: ranks of a node sharing a secondary partition (1: off)
 
     @classmethod
     def from_json(cls, path: str) -> "ZeroOptions":
@@ -48,7 +49,8 @@ class ZeroOptions:
                    allgather_bucket_size=int(get("allgather_bucket_size")),
                    prefetch_bucket_size=int(get("stage3_prefetch_bucket_size")),
                    persistence_threshold=int(get("stage3_param_persistence_threshold")),
-                   max_live_parameters=int(get("stage3_max_live_parameters")), offload=offload)
+                   max_live_parameters=int(get("stage3_max_live_parameters")), offload=offload,
+                   hpz=int(zero.get("zero_hpz_partition_size", 1) or 1))
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Setting:
     engine: str                       # single | deepspeed | fsdp2
     checkpointing: bool
     zero: Optional[ZeroOptions] = None
+    replicate: int = 1                # fsdp2: engine.fsdp_replicate, replica groups (HSDP over nodes; 1: plain)
+    replicate_frozen: bool = False    # fsdp2: engine.replicate_frozen, the frozen prefix whole in the compute dtype
 
     @property
     def kind(self) -> str:
@@ -64,13 +68,19 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return f"{self.kind}{' (' + Path(self.zero.path).name + ')' if self.zero else ''}, " \
+        hybrid = f" HSDP {self.replicate}x" if self.replicate > 1 else ""
+        frozen = ", frozen prefix replicated" if self.replicate_frozen else ""
+        return f"{self.kind}{hybrid}{' (' + Path(self.zero.path).name + ')' if self.zero else ''}{frozen}, " \
                f"checkpointing {'on' if self.checkpointing else 'off'}"
 
     def overrides(self, micro_batch: int, per_rank: int) -> List[str]:
         out = [f"engine.kind={self.engine}"]
         if self.zero:
             out.append(f"engine.zero_config={self.zero.path}")
+        if self.replicate > 1:
+            out.append(f"engine.fsdp_replicate={self.replicate}")
+        if self.replicate_frozen:
+            out.append("engine.replicate_frozen=true")
         out.append(f"model.checkpointing={'true' if self.checkpointing else 'false'}")
         if micro_batch != per_rank:
             out.append(f"data.micro_batch_size={micro_batch}")
@@ -98,24 +108,34 @@ class Setting:
         return out
 
 
-PLANNED_DS_CONFIGS = ("ds_configs/zero3.json", "ds_configs/zero2.json")
+PLANNED_DS_CONFIGS = ("ds_configs/zero3.json", "ds_configs/zero2.json", "ds_configs/zero3_hpz.json")
 
 
-def all_settings(gpus: int, root: Path, ds_configs=PLANNED_DS_CONFIGS) -> List[Setting]:
-    """Every setting the trainer runs on ``gpus`` GPUs: one process only on one GPU; ZeRO from each JSON; FSDP2;
-    each with checkpointing on and off. An offloading JSON (ds_configs/zero3_offload.json) is left out: the
-    memory and time of host offload are not modelled."""
+def all_settings(gpus: int, root: Path, ds_configs=PLANNED_DS_CONFIGS, gpus_per_node: int = 8) -> List[Setting]:
+    """Every setting the trainer runs on ``gpus`` GPUs: one process only on one GPU; ZeRO from each JSON; FSDP2,
+    with the frozen prefix sharded or replicated, and across nodes also hybrid (HSDP, one replica a node); each
+    with checkpointing on and off. An offloading JSON (ds_configs/zero3_offload.json) is left out: the memory and
+    time of host offload are not modelled. A ZeRO++ hpZ JSON is planned only across nodes (inside one node its
+    secondary partition spans the same ranks as the primary one: plain ZeRO-3 with more memory)."""
     out = []
-    engines = [("single", None)] if gpus == 1 else []
-    engines += [("deepspeed", ZeroOptions.from_json(str(Path(root) / p))) for p in ds_configs]
-    engines.append(("fsdp2", None))
-    for engine, zero in engines:
+    nodes = -(-gpus // gpus_per_node)
+    engines = [("single", None, 1)] if gpus == 1 else []
+    for p in ds_configs:
+        zero = ZeroOptions.from_json(str(Path(root) / p))
+        if zero.hpz > 1 and (nodes == 1 or gpus % zero.hpz):
+            continue
+        engines.append(("deepspeed", zero, 1))
+    engines.append(("fsdp2", None, 1))
+    if nodes > 1 and gpus % nodes == 0:
+        engines.append(("fsdp2", None, nodes))
+    for engine, zero, replicate in engines:
         if zero is not None:
             zero = _relative(zero, root)
             if zero.offload:
                 continue
-        for ckpt in (True, False):
-            out.append(Setting(engine, ckpt, zero))
+        for frozen in ((False, True) if engine == "fsdp2" else (False,)):
+            for ckpt in (True, False):
+                out.append(Setting(engine, ckpt, zero, replicate=replicate, replicate_frozen=frozen))
     return out
 
 
@@ -134,6 +154,7 @@ def setting_of_config(cfg, root: Path) -> Setting:
     if cfg.engine.kind == "deepspeed":
         path = Path(cfg.engine.zero_config)
         zero = _relative(ZeroOptions.from_json(str(path if path.is_absolute() else Path(root) / path)), root)
-    return Setting(cfg.engine.kind, bool(cfg.model.checkpointing), zero)
+    return Setting(cfg.engine.kind, bool(cfg.model.checkpointing), zero, replicate=cfg.engine.fsdp_replicate,
+                   replicate_frozen=bool(cfg.engine.replicate_frozen))
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 from scale_refiner.plan.counts import ModelCounts
 from scale_refiner.plan.hardware import GPU
@@ -42,6 +42,8 @@ class Collective:
     per_step: int         # occurrences per optimiser step
     overlap: float
     seconds: float = 0.0  # all occurrences of a step
+    # which link it crosses: True inside a node (NVLink), False the network, None as the job spans (the world)
+    intra_node: Optional[bool] = None
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -86,7 +88,9 @@ def collectives(cfg, counts: ModelCounts, setting: Setting, world: int, micro_ba
     def add(name, full, per_step, overlap):
         out[name] = Collective(name, full, full * ring, per_step, overlap)
 
-    if kind in ("zero3", "fsdp2"):
+    if kind == "fsdp2" and (setting.replicate > 1 or setting.replicate_frozen):
+        _fsdp2_hybrid(out, setting, W, c, reduce_bytes, T, F, accumulation)
+    elif kind in ("zero3", "fsdp2"):
         if kind == "zero3":
             kept_t, kept_f = counts.persistent(setting.zero.persistence_threshold)  # held whole: never gathered
             gather_ov = OVERLAP if setting.zero.prefetch_bucket_size > 0 else 0.0
@@ -101,6 +105,12 @@ def collectives(cfg, counts: ModelCounts, setting: Setting, world: int, micro_ba
         add("reduce-scatter: gradients", reduce_bytes * (T - kept_t), accumulation, reduce_ov)
         if kept_t:  # gradients of parameters held whole are all-reduced
             add("all-reduce: gradients of whole-held parameters", 2 * reduce_bytes * kept_t, accumulation, reduce_ov)
+        hpz = min(setting.zero.hpz, W) if kind == "zero3" else 1
+        if hpz > 1:
+            # ZeRO++ hpZ: the backward re-gathers the trained parameters from the node's secondary partitions
+            name = "all-gather, backward: trained parameters"
+            out[name] = Collective(name + " (hpZ, inside the node)", c * (T - kept_t),
+                                   c * (T - kept_t) * (hpz - 1) / hpz, accumulation, gather_ov, intra_node=True)
     elif kind == "zero2":
         add("reduce-scatter: gradients", reduce_bytes * T, accumulation,
             OVERLAP if setting.zero.overlap_comm else 0.0)
@@ -115,6 +125,33 @@ def collectives(cfg, counts: ModelCounts, setting: Setting, world: int, micro_ba
         out["method: NNA gathers, enqueue"] = Collective("method: NNA gathers, enqueue", method, method * ring,
                                                           accumulation, 0.0)
     return out
+
+
+def _fsdp2_hybrid(out: Dict[str, Collective], setting: Setting, W: int, c: int, reduce_bytes: int, T: int, F: int,
+                  accumulation: int) -> None:
+    """FSDP2's collectives with HSDP (``setting.replicate`` R nodes, each shard group a node's W / R ranks) and/or
+    the frozen prefix replicated (it is not gathered at all): all-gathers and reduce-scatters inside the shard
+    group (NVLink under HSDP), and under HSDP the reduce-scattered gradient shards (1 / (W / R) of them) all-reduced
+    across the R replicas over the network."""
+    R = max(setting.replicate, 1)
+    S = W // R  # the shard group
+    ring = (S - 1) / S
+    intra = True if R > 1 else None
+
+    def add(name, full, per_step, wire=None, intra_node=intra):
+        out[name] = Collective(name, full, full * ring if wire is None else wire, per_step, OVERLAP,
+                               intra_node=intra_node)
+
+    if S > 1:
+        add("all-gather, forward: trained parameters", c * T, accumulation)
+        if F and not setting.replicate_frozen:
+            add("all-gather, forward: frozen parameters (every micro-batch)", c * F, accumulation)
+        add("all-gather, backward: trained parameters", c * T, accumulation)
+        add("reduce-scatter: gradients", reduce_bytes * T, accumulation)
+    if R > 1:
+        shard = reduce_bytes * T / S
+        add("all-reduce across nodes: gradient shards (HSDP)", shard, accumulation, wire=2 * shard * (R - 1) / R,
+            intra_node=False)
 
 
 def predict_time(cfg, counts: ModelCounts, setting: Setting, gpu: GPU, world: int, micro_batch: int,
@@ -133,7 +170,8 @@ def predict_time(cfg, counts: ModelCounts, setting: Setting, gpu: GPU, world: in
     hidden_wanted = 0.0
     total = 0.0
     for col in colls.values():
-        col.seconds = col.per_step * col.wire_bytes / bw
+        link = bw if col.intra_node is None else (gpu.nvlink_gbps if col.intra_node else gpu.internode_gbps) * 1e9
+        col.seconds = col.per_step * col.wire_bytes / link
         total += col.seconds
         hidden_wanted += col.overlap * col.seconds
     exposed = total - min(hidden_wanted, compute)  # what overlaps can hide at most the compute time
@@ -141,6 +179,8 @@ def predict_time(cfg, counts: ModelCounts, setting: Setting, gpu: GPU, world: in
     c = compute_bytes
     sharded = setting.kind in ("zero3", "zero2", "fsdp2")
     div = W if sharded else 1
+    if setting.kind == "fsdp2":
+        div = max(W // max(setting.replicate, 1), 1)  # HSDP: each replica steps its node's shards
     if setting.kind == "single":
         opt_bytes = T * (4 + 8 + 16)            # fp32 gradient read, parameter read + write, moments read + write
     else:
