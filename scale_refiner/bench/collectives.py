@@ -9,6 +9,11 @@ It wraps the ``torch.distributed`` functions for the duration (the code under te
 module, ``dist.all_gather(...)``, so the wrappers see every call); a collective made inside another (e.g.
 ``all_gather_object``'s own all-gathers) counts once, as the outer call. Bytes are what this rank contributes
 (the input tensors), not what the transport moves. Not thread-safe: for measurements, not for training.
+
+It sees what calls ``torch.distributed``'s functions by name at call time: this project's queues, objective and
+trainer. It does not see libraries that captured a function earlier or use other entry points: DeepSpeed's
+communication layer (it keeps its own reference to the all-gather) and FSDP2's collectives (issued through
+``torch.distributed``'s internal and functional APIs); ``tests/test_hybrid.py`` counts those with its own hooks.
 """
 from __future__ import annotations
 
