@@ -35,21 +35,22 @@ def as_text(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float, plans
         out.append(f"parameters ({stage}): {c['total_params']:,} ({c['encoder_params']:,} encoder + "
                    f"{c['heads_params']:,} heads), trained {c['trainable']:,}, frozen {c['frozen']:,}")
     out.append("")
-    header = (f"{'':2}{'setting':<40} {'micro':>5} {'accum':>5} {'peak GB':>8} {'total GB':>8} {'step s':>7} "
+    width = max([40] + [len(p.setting.label) for p in plans])  # the longest setting's label sets the column
+    header = (f"{'':2}{'setting':<{width}} {'micro':>5} {'accum':>5} {'peak GB':>8} {'total GB':>8} {'step s':>7} "
               f"{'compute':>7} {'comm':>6} {'opt':>6} {'data':>6} {'MFU':>5} {'img/s/GPU':>9} {'GPU-h':>8}")
     out.append(header)
     for p in plans:
         mark = "* " if p.fastest else "  "
         if not p.fits:
             refine = p.memory.get("refine") or next(iter(p.memory.values()))
-            out.append(f"{mark}{p.setting.label:<40} does not fit at micro-batch 1 "
+            out.append(f"{mark}{p.setting.label:<{width}} does not fit at micro-batch 1 "
                        f"({refine['total'] / GB:.1f} GB > {gpu.memory_gb:g} GB)")
             continue
         stage = "refine" if "refine" in p.time else next(iter(p.time))
         t = p.time[stage]
         peak = max(x["peak_allocated"] for x in p.memory.values())
         total = max(x["total"] for x in p.memory.values())
-        out.append(f"{mark}{p.setting.label:<40} {p.micro_batch:>5} {p.accumulation:>5} {peak / GB:>8.1f} "
+        out.append(f"{mark}{p.setting.label:<{width}} {p.micro_batch:>5} {p.accumulation:>5} {peak / GB:>8.1f} "
                    f"{total / GB:>8.1f} {t['step_s']:>7.3f} {t['compute_s']:>7.3f} {t['exposed_comm_s']:>6.3f} "
                    f"{t['optimizer_s']:>6.3f} {t['data_s']:>6.3f} {t['mfu']:>5.1%} "
                    f"{t['images_per_s_per_gpu']:>9.1f} {p.total_gpu_hours:>8.0f}")
