@@ -1,6 +1,6 @@
 """Activation checkpointing modes (model.checkpointing = false | true | N | selective): the same loss and gradients
-as no checkpointing, the policy recomputes what it says, bad values refused, and a 2-rank run through the
-launcher unchanged by checkpointing."""
+as no checkpointing, the policy recomputes what it says, memory ordered as the modes promise and as the planner
+predicts, bad values refused, and a 2-rank run through the launcher unchanged by checkpointing."""
 import json
 import os
 import subprocess
@@ -116,6 +116,27 @@ def test_bad_values_are_refused_naming_the_key(value, message):
 def test_good_values_are_kept_as_given():
     for value, parsed in (("true", True), ("false", False), ("3", 3), ("selective", "selective")):
         assert load_config(ROOT / "configs/demo.yaml", [f"model.checkpointing={value}"]).model.checkpointing == parsed
+
+
+def test_measured_memory_is_ordered_by_mode_and_the_planner_predicts_each_within_15_percent(tmp_path):
+    """Real refine-stage steps of the demo's model (single process, fp32) under the storage tracker, one per mode;
+    both the peak and the activations (the peak less what stays alive between steps) within 15 % of the
+    prediction."""
+    from scale_refiner.plan.validate import (CASES, ZERO3_CPU, measure_case_detail, predict_case,
+                                             predicted_activations)
+    zero_json = tmp_path / "zero3_cpu.json"
+    zero_json.write_text(json.dumps(ZERO3_CPU))
+    names = ["mini b32", "mini b32 selective", "mini b32 ckpt 3 blocks", "mini b32 ckpt"]  # off > sel > N > on
+    peaks = []
+    for name in names:
+        case = next(c for c in CASES if c.name == name)
+        predicted = predict_case(case, str(zero_json))
+        peak, resting = measure_case_detail(case, str(zero_json))
+        assert abs(predicted.peak_allocated / peak - 1) <= 0.15, (name, predicted.peak_allocated, peak)
+        assert abs(predicted_activations(predicted) / (peak - resting) - 1) <= 0.15, \
+            (name, predicted_activations(predicted), peak - resting)
+        peaks.append(peak)
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4, dict(zip(names, peaks))
 
 
 # ------------------------------------------------------------------------------- 2 ranks, through the launcher
