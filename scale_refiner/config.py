@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -36,8 +36,11 @@ class ModelConfig:
     weights_format: str = "auto"  # auto | mae | timm | maws | d2v2 | native
     # The first `freeze_blocks` blocks plus patch embedding, cls token and position embedding stay frozen.
     freeze_blocks: int = 0
-    # Non-reentrant per-block activation checkpointing of the trainable blocks.
-    checkpointing: bool = False
+    # Non-reentrant activation checkpointing of the trained blocks (models/vit.py): false; true (every trained
+    # block); an integer N (the first N trained blocks, whose activations live longest); selective (every trained
+    # block keeps its matmul and attention outputs and recomputes only the pointwise ops). Typed Any: OmegaConf's
+    # structured configs have no bool-or-int-or-str union; validate() checks the value.
+    checkpointing: Any = False
 
 
 @dataclass
@@ -398,6 +401,7 @@ def _validate_shared(cfg, world_size: Optional[int], choices) -> None:
     except KeyError as err:
         fail("model.name", str(err.args[0]))
     patch = dims["patch_size"]
+    _validate_checkpointing(cfg.model.checkpointing, dims["depth"], cfg.model.freeze_blocks)
     if dims["embed_dim"] % dims["num_heads"]:
         fail("model.num_heads", f"{dims['num_heads']} does not divide embed_dim {dims['embed_dim']}")
     if cfg.model.img_size % patch:
@@ -469,6 +473,19 @@ def _validate_hybrid(cfg, world_size: Optional[int]) -> None:
                                          "frozen prefix out of its partitioning (even its persistent parameters are "
                                          "re-partitioned at every step), and ZeRO-2 holds it whole already; use "
                                          "engine.kind=fsdp2")
+
+
+def _validate_checkpointing(value, depth: int, freeze_blocks: int) -> None:
+    trained = depth - freeze_blocks
+    allowed = f"false, true, selective, or the number of trained blocks to checkpoint (0..{trained})"
+    if isinstance(value, bool) or value == "selective":
+        return
+    if isinstance(value, int):
+        if not 0 <= value <= trained:
+            _fail("model.checkpointing", f"{value} is outside 0..{trained} (the model trains {trained} blocks: "
+                                         f"{depth} minus model.freeze_blocks {freeze_blocks}); allowed: {allowed}")
+        return
+    _fail("model.checkpointing", f"{value!r} is not one of: {allowed}")
 
 
 def to_yaml(cfg: RefineConfig) -> str:

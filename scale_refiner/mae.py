@@ -20,7 +20,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block
 
 from scale_refiner.models.vit import LN_EPS, VisionTransformer, build_vit, sincos_pos_embed
@@ -131,10 +130,7 @@ class MAEPretrainer(nn.Module):
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(batch, -1, -1)
         x = enc.norm_pre(torch.cat([cls, kept], dim=1))
         for block in enc.blocks:
-            if enc.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = block(x)  # each block checkpoints itself as model.checkpointing says (models/vit.py)
         return enc.norm(x), mask, restore
 
     def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

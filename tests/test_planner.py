@@ -80,8 +80,10 @@ def _plan_2b(gpus):
 
 def test_2b_on_8_h100_is_well_formed_and_the_marked_plan_fits():
     cfg, plans = _plan_2b(8)
-    kinds = {(p.setting.kind, p.setting.checkpointing) for p in plans}
-    assert kinds == {(k, c) for k in ("zero3", "zero2", "fsdp2") for c in (True, False)}
+    kinds = [(p.setting.kind, p.setting.checkpointing) for p in plans]
+    # 24 blocks, 6 frozen: every trained block, the first 17 .. 1 of the 18, selective, none
+    modes = [True, *range(17, 0, -1), "selective", False]
+    assert kinds == [(k, c) for k in ("zero3", "zero2", "fsdp2") for c in modes]
     marked = [p for p in plans if p.fastest]
     assert len(marked) == 1
     best = marked[0]
@@ -156,3 +158,56 @@ def test_scaling_projection_of_the_2b_recipe():
     assert rows[0]["efficiency"] >= rows[1]["efficiency"] >= rows[2]["efficiency"] > 0
     assert rows[0]["gpu_hours"] <= rows[1]["gpu_hours"] <= rows[2]["gpu_hours"]
     assert rows[2]["exposed_comm_s"] > rows[1]["exposed_comm_s"]  # 64 GPUs span 8 nodes: the network binds
+
+
+def test_recomputation_in_the_time_model():
+    """N checkpointed blocks recompute N block forwards (hardware FLOPs over model FLOPs); selective recomputes no
+    matmul and pays SELECTIVE_RECOMPUTE of each trained block's forward time instead; none and every block as
+    before."""
+    from scale_refiner.bench.flops import block_forward_flops
+    from scale_refiner.plan.counts import model_counts
+    from scale_refiner.plan.hardware import resolve_gpu
+    from scale_refiner.plan.settings import Setting
+    from scale_refiner.plan.timing import SELECTIVE_RECOMPUTE, predict_time
+    cfg = load_config(ROOT / "configs/mae_2b14.yaml")
+    counts = model_counts(cfg, "refine")
+    gpu = resolve_gpu("h100-80gb")
+    block = sum(n * block_forward_flops((size // 14) ** 2 + 1, 2560) for size, n in ((224, 2), (98, 10)))
+    times = {}
+    for mode in (False, 5, True, "selective"):
+        t = predict_time(cfg, counts, Setting("fsdp2", mode), gpu, 8, 8)
+        times[mode] = t
+        recomputed = {False: 0, 5: 5, True: 18, "selective": 0}[mode]
+        assert t.hardware_flops_per_sample - t.model_flops_per_sample == recomputed * block, mode
+    per_rank, rate = 64, 989e12 * 0.4
+    assert times["selective"].selective_recompute_s == pytest.approx(per_rank * SELECTIVE_RECOMPUTE * 18 * block / rate)
+    selective = times["selective"]
+    assert selective.compute_s == pytest.approx(times[False].compute_s + selective.selective_recompute_s)
+    assert times[False].compute_s < times["selective"].compute_s < times[5].compute_s < times[True].compute_s
+
+
+def test_memory_of_the_modes_is_ordered_and_the_search_picks_the_least_recomputation_that_fits():
+    """2B under FSDP2 on 8 GPUs with one sample per GPU (micro-batch 1 for every setting, so the collectives are
+    the same and the step time differs by the recomputation only): with a GPU too small for no checkpointing and
+    for selective, the fastest plan is the smallest N that fits."""
+    from scale_refiner.plan.counts import model_counts
+    from scale_refiner.plan.hardware import resolve_gpu
+    from scale_refiner.plan.memory import predict_memory
+    from scale_refiner.plan.search import plan_all
+    from scale_refiner.plan.settings import Setting, all_settings
+    cfg = load_config(ROOT / "configs/mae_2b14.yaml", ["data.batch_size=8"])
+    counts = model_counts(cfg, "refine")
+    total = {m: predict_memory(cfg, counts, Setting("fsdp2", m), 8, 1).total
+             for m in (False, "selective", 9, True)}
+    assert total[False] > total["selective"] > total[9] > total[True]
+    capacity = (total[9] + total["selective"]) / 2  # too small for none and selective, enough for 9 of 18 blocks
+    gpu = resolve_gpu("custom", memory_gb=capacity / 1e9, peak_tflops=989)
+    fsdp2 = [s for s in all_settings(8, ROOT, trained_blocks=18) if s.kind == "fsdp2" and not s.replicate_frozen]
+    plans = plan_all(cfg, "configs/mae_2b14.yaml", gpu, 8, settings=fsdp2)
+    fits = {repr(p.setting.checkpointing): p.fits for p in plans}  # repr: True and 1 are one key of a dict
+    assert not fits["False"] and not fits["'selective'"] and fits["9"] and fits["True"]
+    smallest = min(n for n in range(1, 18) if fits[repr(n)])
+    assert all(fits[repr(n)] == (n >= smallest) for n in range(1, 18))  # more blocks checkpointed, less memory
+    best = next(p for p in plans if p.fastest)
+    assert best.setting.checkpointing == smallest <= 9
+    assert all(best.total_gpu_hours <= p.total_gpu_hours for p in plans if p.fits)

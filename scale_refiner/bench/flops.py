@@ -11,9 +11,11 @@ projector 2.(D.H + H.H + H.o), predictor 2.(o.H' + H'.o) per crop and head.
 Model FLOPs of a training step: 3x forward (forward + backward) for what is trained, 1x for what is frozen
 (the frozen prefix: patch embedding, cls / pos and the first ``model.freeze_blocks`` blocks; in the heads stage
 the whole encoder), 3x for the heads. Recomputation from activation checkpointing is *not* model FLOPs
-(it is reported separately as ``recompute``, so hardware FLOPs = model + recompute). Norms, softmax, GELU,
-the loss and the queue lookup (no gradient, reported as ``lookup``) are left out: under 2 % for the paper's
-models.
+(it is reported separately as ``recompute``, so hardware FLOPs = model + recompute): one forward of each
+checkpointed block (``model.checkpointing`` true: every trained block; N: N of them); selective checkpointing
+recomputes no matmul, so nothing here (its pointwise recomputation is time, not FLOPs: plan/timing.py).
+Norms, softmax, GELU, the loss and the queue lookup (no gradient, reported as ``lookup``) are left out: under
+2 % for the paper's models.
 """
 from __future__ import annotations
 
@@ -77,12 +79,13 @@ class StepFlops:
 
 def step_flops(cfg, stage: str = "refine") -> StepFlops:
     """Per-sample FLOPs of a step of ``stage`` (``heads`` or ``refine``) for a ``RefineConfig``."""
-    from scale_refiner.models.vit import resolve_model_dims
+    from scale_refiner.models.vit import checkpointing_plan, resolve_model_dims
     dims = resolve_model_dims(cfg.model)
     depth = dims["depth"]
     frozen_all = stage == "heads"
     frozen = depth if frozen_all else cfg.model.freeze_blocks
-    checkpointing = cfg.model.checkpointing and not frozen_all
+    policy, checkpointed = checkpointing_plan(cfg.model.checkpointing, depth - frozen)
+    recomputed = checkpointed if policy == "full" else 0
     crop_specs = [(cfg.augment.global_size, 2)] + ([(cfg.augment.local_size, cfg.augment.num_local)]
                                                   if cfg.augment.num_local else [])
     out = StepFlops(stage=stage)
@@ -99,8 +102,7 @@ def step_flops(cfg, stage: str = "refine") -> StepFlops:
         embed_mult = 1 if (frozen_all or frozen > 0) else 3
         trained = depth - frozen
         out.model += count * (embed_mult * f["embed"] + frozen * f["block"] + 3 * trained * f["block"])
-        if checkpointing:
-            out.recompute += count * trained * f["block"]
+        out.recompute += count * recomputed * f["block"]
     out.heads_forward = n_heads * out.crops_per_sample * head
     out.model += 3 * out.heads_forward
     # two global views per sample, each looked up against the full queue, per head

@@ -10,15 +10,29 @@ One ``forward`` takes every crop resolution at once and returns, per resolution,
 tapped block (raw residual stream) and after the final norm. It is a single module call so that ZeRO-3 and
 FSDP see one forward, and the blocks accept a list of token tensors so each block runs (and, under FSDP2, is
 gathered) once per step for all resolutions.
+
+Activation checkpointing (``model.checkpointing``) is decided per block and applied inside the block's own
+``forward`` (so that whatever wraps a block, an engine's unit or a compiler, wraps its checkpoint too):
+
+- ``false``: nothing checkpointed; ``true``: every trained block saves only its input and recomputes its
+  forward in the backward;
+- an integer N: the first N trained blocks are checkpointed, the rest save everything. The first ones, because
+  their saved tensors live longest: the backward runs from the last block, so the un-checkpointed tail's
+  activations are freed before any block is recomputed, and the recomputation never adds to the peak at the
+  start of the backward (checkpointing the last N instead would recompute a block while every other block's
+  activations are still alive);
+- ``selective``: every trained block runs under an op-level policy (``SELECTIVE_SAVE_OPS``) that keeps the outputs
+  of the matmuls and of the attention and recomputes the rest (LayerNorms, GELU, residual adds, casts, views):
+  the expensive FLOPs are never repeated, and the memory saved is what the pointwise ops' outputs took.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
@@ -50,16 +64,88 @@ def resolve_model_dims(model_cfg) -> dict:
     return dims
 
 
-class ListBlock(Block):
-    """timm's pre-norm block that also takes a list of token tensors (one per crop resolution)."""
+# ---------------------------------------------------------------------------------- activation checkpointing
+CHECKPOINT_POLICIES = ("none", "full", "selective")
+
+
+def checkpointing_plan(value, trained: int) -> Tuple[str, int]:
+    """``model.checkpointing`` -> (policy, how many of the ``trained`` blocks it covers, counted from the first
+    trained block). ``value``: false, true, an integer N >= 0 (the first N trained blocks, at most all) or
+    ``'selective'``."""
+    if value is None or value is False:
+        return "none", 0
+    if value is True:
+        return ("full", trained) if trained else ("none", 0)
+    if value == "selective":
+        return ("selective", trained) if trained else ("none", 0)
+    if isinstance(value, int) and value >= 0:
+        count = min(value, trained)
+        return ("full", count) if count else ("none", 0)
+    raise ValueError(f"checkpointing must be false, true, an integer >= 0 or 'selective', got {value!r}")
+
+
+def _aten_ops(*names):
+    """The default overloads of the aten ops among ``names`` that this torch has (the attention kernels differ
+    between versions and devices)."""
+    out = set()
+    for name in names:
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None and hasattr(packet, "default"):
+            out.add(packet.default)
+    return frozenset(out)
+
+
+# What a selectively checkpointed block keeps: every matmul's output (qkv, projection, fc1, fc2; a Linear on a
+# token tensor reaches the dispatcher as addmm or mm) and the attention's outputs (its output and log-sum-exp,
+# which its backward needs anyway). Everything else in a block is pointwise or a view and is recomputed.
+SELECTIVE_SAVE_OPS = _aten_ops(
+    "mm", "addmm", "bmm", "baddbmm",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable")
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    # MUST_SAVE: kept even where torch.compile's partitioner would rather recompute a matmul; PREFER_RECOMPUTE:
+    # the partitioner may still keep a pointwise output if that is cheaper (eager always recomputes it)
+    return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SELECTIVE_CONTEXT = partial(create_selective_checkpoint_contexts, _selective_policy)
+
+
+class CheckpointedBlock(nn.Module):
+    """A block that checkpoints itself when its encoder says so (``checkpoint_policy``: none, full, selective).
+
+    Only where grad is enabled: a frozen block runs under ``no_grad`` and has nothing to save. Non-reentrant
+    only: the reentrant variant drops the gradient of the first trainable block when its input comes from a
+    frozen (no-grad) prefix: no input requires grad, so the reentrant function is never part of the graph
+    (tests/test_vit.py checks the gradient). Subclasses implement ``forward_one`` (one crop's tokens)."""
+
+    checkpoint_policy = "none"
 
     def forward(self, x):
+        policy = self.checkpoint_policy
+        if policy == "none" or not torch.is_grad_enabled():
+            return self.forward_crops(x)
+        if policy == "selective":
+            return checkpoint(self.forward_crops, x, use_reentrant=False, context_fn=_SELECTIVE_CONTEXT)
+        return checkpoint(self.forward_crops, x, use_reentrant=False)
+
+    def forward_crops(self, x):
         if isinstance(x, (list, tuple)):
-            return [super(ListBlock, self).forward(t) for t in x]
-        return super().forward(x)
+            return [self.forward_one(t) for t in x]
+        return self.forward_one(x)
 
 
-class PostNormBlock(nn.Module):
+class ListBlock(CheckpointedBlock, Block):
+    """timm's pre-norm block that also takes a list of token tensors (one per crop resolution)."""
+
+    def forward_one(self, x):
+        return Block.forward(self, x)
+
+
+class PostNormBlock(CheckpointedBlock):
     """Post-norm block as in data2vec 2.0: x = norm1(x + attn(x)); x = norm2(x + mlp(x)).
 
     Same submodule names as timm's ``Block`` so weights map one to one; constructor mirrors timm's so it can
@@ -75,9 +161,7 @@ class PostNormBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer or nn.GELU)
         self.norm2 = norm_layer(dim)
 
-    def forward(self, x):
-        if isinstance(x, (list, tuple)):
-            return [self.forward(t) for t in x]
+    def forward_one(self, x):
         x = self.norm1(x + self.attn(x))
         return self.norm2(x + self.mlp(x))
 
@@ -119,7 +203,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if arch == "prenorm" else nn.Identity()
         self.frozen_blocks = 0
         self.frozen_all = False
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # model.checkpointing: false | true | N | 'selective'
         self._init_weights()
         if not self.learn_pos_embed:
             self.pos_embed.requires_grad_(False)
@@ -171,6 +255,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"cannot freeze {num_blocks} blocks of a {self.depth}-block model")
         self.frozen_all = whole
         self.frozen_blocks = self.depth if whole else num_blocks
+        self._assign_checkpointing()  # "the first N trained blocks" moves with the frozen prefix
         for p in self.parameters():
             p.requires_grad_(True)
         if not self.learn_pos_embed:
@@ -184,8 +269,21 @@ class VisionTransformer(nn.Module):
             self.cls_token.requires_grad_(False)
             self.pos_embed.requires_grad_(False)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
+    def set_grad_checkpointing(self, enable=True) -> None:
+        """``model.checkpointing``: ``False``, ``True`` (every trained block), an integer N (the first N trained
+        blocks) or ``'selective'`` (every trained block keeps its matmul and attention outputs only)."""
+        checkpointing_plan(enable, self.depth)  # refuses a bad value here rather than at the first step
         self.grad_checkpointing = enable
+        self._assign_checkpointing()
+
+    def checkpointing_plan(self) -> Tuple[str, int]:
+        """(policy, checkpointed blocks) for the current frozen prefix."""
+        return checkpointing_plan(self.grad_checkpointing, self.depth - self.frozen_blocks)
+
+    def _assign_checkpointing(self) -> None:
+        policy, count = self.checkpointing_plan()
+        for i, block in enumerate(self.blocks):
+            block.checkpoint_policy = policy if 0 <= i - self.frozen_blocks < count else "none"
 
     # -------------------------------------------------------------------------------------------- forward
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -229,14 +327,7 @@ class VisionTransformer(nn.Module):
                     xs = self.blocks[i](xs)
                     record(i, xs)
         for i in range(frozen, self.depth):
-            block = self.blocks[i]
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                # Non-reentrant only: the reentrant variant drops the gradient of the first trainable block
-                # when its input comes from a frozen (no-grad) prefix: no input requires grad, so the
-                # reentrant function is never part of the graph (tests/test_vit.py checks the gradient).
-                xs = checkpoint(block, xs, use_reentrant=False)
-            else:
-                xs = block(xs)
+            xs = self.blocks[i](xs)  # checkpointed or not as _assign_checkpointing set it
             record(i, xs)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_all):
             finals = [self.norm(x[:, 0]) if self.arch == "prenorm" else x[:, 0] for x in xs]
@@ -312,11 +403,13 @@ def build_vit(model_cfg, device=None, zero_init_config: Optional[dict] = None) -
     if zero_init_config is not None:
         from scale_refiner.partition import zero_init
         with zero_init(zero_init_config):
-            return VisionTransformer(**kwargs)
-    if device is not None:
+            model = VisionTransformer(**kwargs)
+    elif device is not None:
         with torch.device(device):
-            return VisionTransformer(**kwargs)
-    return VisionTransformer(**kwargs)
+            model = VisionTransformer(**kwargs)
+    else:
+        model = VisionTransformer(**kwargs)
+    return model
 
 
 def vit_from_state(model_cfg, state: Dict[str, torch.Tensor]) -> VisionTransformer:

@@ -36,7 +36,14 @@ Activations, per micro-batch of B samples of S tokens (all crops; d width, h att
   fc1 output and GELU output: ``d (8 + (5 + 2 r) c) + 4 h`` bytes (the last term the attention's
   log-sum-exp). bf16: 36 d, fp32: 64 d.
 - with non-reentrant checkpointing a trained block saves only its input (4 d per token), and its backward
-  recomputes the block: its full activations, one block at a time, on top.
+  recomputes the block: its activations but the input (already saved), one block at a time, on top.
+  ``model.checkpointing=N`` checkpoints the first N trained blocks, the rest save everything; the backward
+  reaches the checkpointed ones last, when the others' activations are freed.
+- selective checkpointing (``model.checkpointing=selective``): a trained block saves its input (4 d) and the
+  outputs of its matmuls and attention: q/k/v (3 c d), the attention output (c d) and log-sum-exp (4 h), the
+  projection's output (c d), fc1's (r c d) and fc2's (c d): ``d (4 + (6 + r) c) + 4 h`` per token (bf16 24 d,
+  fp32 44 d). Its backward recomputes the pointwise outputs it needs: both LayerNorm outputs (c d each), the
+  mid-block residual (4 d) and GELU's output (r c d), ``d (4 + (2 + r) c)``, one block at a time.
 - frozen blocks run under no_grad and save nothing; the last block's output stays alive until the loss; a tapped
   block that is frozen keeps its whole output alive (the tap is a view of it), so the heads stage keeps every
   tapped block's output.
@@ -58,6 +65,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Tuple
 
+from scale_refiner.models.vit import checkpointing_plan
 from scale_refiner.plan.counts import ModelCounts
 from scale_refiner.plan.settings import Setting
 
@@ -96,9 +104,35 @@ class Crops:
         return 4 * self.in_chans * sum(count * size * size for size, count, _ in self.specs)
 
 
+def _saved_by_kind(blocks: List[Tuple[str, float, float]], alive: int) -> Dict[str, float]:
+    """The saved tensors of the first ``alive`` trained blocks, summed by kind, labelled for the breakdown."""
+    names = {"saved": "saved activations", "checkpointed": "checkpointed block inputs",
+             "selective": "selective blocks' saved matmul and attention outputs"}
+    out: Dict[str, float] = {}
+    for kind in ("saved", "checkpointed", "selective"):
+        mine = [b for b in blocks[:alive] if b[0] == kind]
+        if mine:
+            total = sum(1 for b in blocks if b[0] == kind)
+            of = f"{len(mine)} of {total} blocks alive" if alive < len(blocks) else f"{total} blocks"
+            out[f"{names[kind]} ({of})"] = sum(b[1] for b in mine)
+    return out
+
+
 def block_saved_per_token(c: int, d: int, h: int, r: float) -> float:
     """Bytes one trained (not checkpointed) block saves for its backward, per token (see the module's text)."""
     return d * (4 + c + 3 * c + c + 4 + c + 2 * r * c) + 4 * h
+
+
+def block_selective_saved_per_token(c: int, d: int, h: int, r: float) -> float:
+    """Bytes a selectively checkpointed block saves per token: its input (fp32 residual), the matmul outputs
+    (q/k/v, projection, fc1, fc2) and the attention's output and log-sum-exp (see the module's text)."""
+    return d * (4 + (3 + 1 + 1 + r + 1) * c) + 4 * h
+
+
+def block_selective_recomputed_per_token(c: int, d: int, r: float) -> float:
+    """What a selective block's backward recomputes and holds, per token: both LayerNorm outputs, the
+    mid-block residual (fp32) and GELU's output."""
+    return d * (4 + (2 + r) * c)
 
 
 def block_backward_per_token(c: int, d: int, r: float) -> float:
@@ -150,8 +184,8 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     refine = counts.stage == "refine"
     crops = Crops.of(cfg, counts.patch)
     S = crops.tokens
-    trained_blocks = counts.depth - counts.frozen_blocks
-    ckpt = setting.checkpointing and refine and trained_blocks > 0
+    trained_blocks = counts.depth - counts.frozen_blocks if refine else 0
+    policy, checkpointed = checkpointing_plan(setting.checkpointing, trained_blocks)
     reduce_bytes = 4 if (c == 4 or cfg.engine.reduce_dtype == "fp32") else 2
     block = counts.block_params
 
@@ -227,19 +261,27 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     # ------------------------------------------------------------------------------------ activations
     saved_block = B * S * block_saved_per_token(c, d, h, r)
     residual = B * S * 4 * d
-    per_sample = {"trained block, saved": saved_block / B, "checkpointed block, saved": residual / B}
+    selective_saved = B * S * block_selective_saved_per_token(c, d, h, r)
+    selective_recomputed = B * S * block_selective_recomputed_per_token(c, d, r)
+    per_sample = {"trained block, saved": saved_block / B, "checkpointed block, saved": residual / B,
+                  "selective block, saved": selective_saved / B}
+    # every trained block, first to last: (kind, bytes it saves, bytes its backward adds by recomputing)
+    blocks: List[Tuple[str, float, float]] = []
+    for j in range(trained_blocks):
+        if j < checkpointed and policy == "full":
+            # the recomputed forward saves the very input the checkpoint kept: not allocated twice
+            blocks.append(("checkpointed", residual, saved_block - residual))
+        elif j < checkpointed and policy == "selective":
+            blocks.append(("selective", selective_saved, selective_recomputed))
+        else:
+            blocks.append(("saved", saved_block, 0.0))
     n_heads = len(cfg.heads.blocks) + 1
     heads_act = B * crops.count * n_heads * head_saved_per_crop(
         c, d, cfg.heads.proj_hidden_dim, cfg.heads.proj_out_dim, cfg.heads.pred_hidden_dim)
     loss_act = n_heads * 2 * 2 * crops.count * B * W * B * 4
     lookup = 2 * B * cfg.queue.size * 4 * (1 if not cfg.queue.sharded else 1)
     frozen_taps = sum(1 for b in cfg.heads.blocks if b < counts.frozen_blocks)
-    act: Dict[str, float] = {}
-    if refine and trained_blocks:
-        if ckpt:
-            act[f"checkpointed block inputs ({trained_blocks} blocks)"] = trained_blocks * residual
-        else:
-            act[f"saved activations ({trained_blocks} trained blocks)"] = trained_blocks * saved_block
+    act: Dict[str, float] = dict(_saved_by_kind(blocks, len(blocks)))
     act["last block output"] = residual
     if frozen_taps:
         act[f"tapped frozen block outputs ({frozen_taps})"] = frozen_taps * residual
@@ -252,9 +294,7 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     # their activations, the last block's output and the frozen taps are freed.
     static = sum(st.values())
     head_grads = (4 * counts.heads_params / (shard_world if kind == "fsdp2" else 1)) if grads_grow else 0.0
-    encoder_saved = sum(v for k, v in act.items() if k.startswith(("saved activations", "checkpointed")))
-    heads_part = act.get("ID heads", 0) + act.get("NNA loss logits", 0)
-    phases: Dict[str, Tuple[float, Dict[str, float]]] = {}
+    phases: Dict[str, Dict[str, float]] = {}
     fwd = dict(act, **{"queue lookup similarities": lookup})
     if gathered:
         fwd["gathered parameters"] = gathered
@@ -263,30 +303,27 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     if head_grads:
         bwd_heads["head gradients"] = head_grads
     phases["backward of the heads"] = bwd_heads
-    if refine and trained_blocks:
-        per_block_grad = grads_total / max(T, 1) * block if grads_grow else 0.0
-        for k in range(1, trained_blocks + 1):  # the backward of the k-th trained block from the end
-            left = trained_blocks - k + 1  # blocks whose saved tensors are still alive, this one included
-            a: Dict[str, float] = {}
-            if ckpt:
-                a[f"checkpointed block inputs ({left} of {trained_blocks} alive)"] = left * residual
-                a["recomputed block (checkpointing)"] = saved_block
-            else:
-                a[f"saved activations ({left} of {trained_blocks} blocks alive)"] = left * saved_block
-            a["block backward gradients"] = B * S * block_backward_per_token(c, d, r)
-            if grads_grow:
-                a["gradients created so far"] = head_grads + k * per_block_grad
-            if gathered:
-                a["gathered parameters"] = gathered
-            if block_grad_transient:
-                a["block gradients before reduce"] = block_grad_transient
-            phases[f"backward, block {k} from the end"] = a
+    per_block_grad = grads_total / max(T, 1) * block if grads_grow else 0.0
+    for k in range(1, trained_blocks + 1):  # the backward of the k-th trained block from the end
+        this_kind, _, recomputed = blocks[-k]
+        a = dict(_saved_by_kind(blocks, trained_blocks - k + 1))  # this block's saved tensors still alive
+        if this_kind == "checkpointed":
+            a["recomputed block (checkpointing)"] = recomputed
+        elif this_kind == "selective":
+            a["recomputed pointwise outputs (selective checkpointing)"] = recomputed
+        a["block backward gradients"] = B * S * block_backward_per_token(c, d, r)
+        if grads_grow:
+            a["gradients created so far"] = head_grads + k * per_block_grad
+        if gathered:
+            a["gathered parameters"] = gathered
+        if block_grad_transient:
+            a["block gradients before reduce"] = block_grad_transient
+        phases[f"backward, block {k} from the end"] = a
     phases["optimizer step"] = {"gradients": grads_total, "optimizer temporaries": step_transient}
     totals = {name: static + sum(a.values()) for name, a in phases.items()}
     peak_phase = max(totals, key=totals.get)
     peak = totals[peak_phase]
     act = phases[peak_phase]
-    del encoder_saved, heads_part
 
     allow: Dict[str, float] = {}
     if on_gpu:

@@ -18,6 +18,27 @@ def as_json(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float, plans
             "fastest": best.as_dict() if best else None, "command": best.command if best else None}
 
 
+def shown(plans: List[Plan]) -> List[Plan]:
+    """The plans the text table lists: of the "first N blocks checkpointed" settings of an engine, only the
+    smallest N at each micro-batch (a larger N at the same micro-batch only recomputes more) and, of those that
+    fit nowhere, the largest N. The JSON lists every plan."""
+    def blocks(p: Plan):
+        value = p.setting.checkpointing
+        return None if isinstance(value, (bool, str)) else value
+
+    keep: Dict = {}
+    for p in plans:
+        n = blocks(p)
+        if n is None:
+            continue
+        key = (p.setting.kind, p.setting.zero, p.micro_batch)
+        held = keep.get(key)
+        if held is None or (not held.fastest and (p.fastest or (n < blocks(held) if p.fits else n > blocks(held)))):
+            keep[key] = p
+    kept = {id(p) for p in keep.values()}
+    return [p for p in plans if blocks(p) is None or id(p) in kept]
+
+
 def _breakdown(title: str, items: Dict[str, float]) -> List[str]:
     lines = [f"  {title}"]
     lines += [f"    {k:<58} {v / GB:9.2f} GB" for k, v in items.items() if v]
@@ -39,7 +60,8 @@ def as_text(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float, plans
     header = (f"{'':2}{'setting':<{width}} {'micro':>5} {'accum':>5} {'peak GB':>8} {'total GB':>8} {'step s':>7} "
               f"{'compute':>7} {'comm':>6} {'opt':>6} {'data':>6} {'MFU':>5} {'img/s/GPU':>9} {'GPU-h':>8}")
     out.append(header)
-    for p in plans:
+    listed = shown(plans)
+    for p in listed:
         mark = "* " if p.fastest else "  "
         if not p.fits:
             refine = p.memory.get("refine") or next(iter(p.memory.values()))
@@ -55,6 +77,9 @@ def as_text(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float, plans
                    f"{t['optimizer_s']:>6.3f} {t['data_s']:>6.3f} {t['mfu']:>5.1%} "
                    f"{t['images_per_s_per_gpu']:>9.1f} {p.total_gpu_hours:>8.0f}")
     out.append("(step time, split and MFU of the refine stage; GPU-hours of both stages; * the fastest that fits)")
+    if len(listed) < len(plans):
+        out.append(f"({len(plans) - len(listed)} settings with N checkpointed blocks not listed: a smaller N fits at "
+                   f"the same micro-batch with less recomputation; --json lists all {len(plans)})")
     best = fastest(plans)
     if best is None:
         out.append("\nNothing fits: more GPUs, a larger GPU, or a smaller model.")
@@ -69,7 +94,8 @@ def as_text(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float, plans
         out += _breakdown("activations and transients at the peak", m["activations"])
         out += _breakdown("allowances", m["allowances"])
         out.append(f"  per sample: trained block saves {m['per_sample']['trained block, saved'] / 1e6:.1f} MB, "
-                   f"checkpointed block {m['per_sample']['checkpointed block, saved'] / 1e6:.1f} MB")
+                   f"checkpointed block {m['per_sample']['checkpointed block, saved'] / 1e6:.1f} MB, "
+                   f"selective block {m['per_sample']['selective block, saved'] / 1e6:.1f} MB")
         out.append(f"  step {t['step_s']:.3f} s = compute {t['compute_s']:.3f} + exposed communication "
                    f"{t['exposed_comm_s']:.3f} (of {t['comm_s']:.3f}) + optimiser/EMA {t['optimizer_s']:.3f} + data "
                    f"{t['data_s']:.3f}; {t['model_flops_per_sample'] / 1e12:.2f} TFLOP model "

@@ -69,7 +69,8 @@ def plan_all(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float = 0.4
     capacity = gpu.memory_gb * 1e9
     divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
     plans = []
-    for setting in settings or all_settings(gpus, root, gpus_per_node=gpu.gpus_per_node):
+    trained = counts["refine"].depth - counts["refine"].frozen_blocks if "refine" in counts else 0
+    for setting in settings or all_settings(gpus, root, gpus_per_node=gpu.gpus_per_node, trained_blocks=trained):
         scfg = copy.deepcopy(cfg)
         scfg.model.checkpointing = setting.checkpointing
         chosen, memory = 0, {}

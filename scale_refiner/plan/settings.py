@@ -1,17 +1,17 @@
 """The engine settings the trainer supports, as the planner enumerates them, and the command line of each.
 
 A ``Setting`` is one way to run a recipe: the engine (``single``: one process, plain AdamW; ``deepspeed``:
-ZeRO-2 or ZeRO-3 as a JSON in ds_configs/ says; ``fsdp2``) and activation checkpointing on or off. The
-DeepSpeed JSON's values that change memory or time are read from the file itself. A new option (selective
-checkpointing, hybrid sharding, a replicated frozen prefix, torch.compile) is a new field here with its
-config override, and a branch where ``memory`` and ``timing`` read it.
+ZeRO-2 or ZeRO-3 as a JSON in ds_configs/ says; ``fsdp2``) and activation checkpointing (``model.checkpointing``:
+off, selective, the first N trained blocks, every trained block). The DeepSpeed JSON's values that change memory
+or time are read from the file itself. A new option (hybrid sharding, a replicated frozen prefix) is a new field
+here with its config override, and a branch where ``memory`` and ``timing`` read it.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 # DeepSpeed's own defaults (deepspeed/runtime/zero/config.py) for the keys a JSON may leave out
 _DS_DEFAULTS = {"contiguous_gradients": True, "reduce_bucket_size": 5e8,
@@ -53,10 +53,35 @@ class ZeroOptions:
                    hpz=int(zero.get("zero_hpz_partition_size", 1) or 1))
 
 
+def checkpointing_values(trained: int) -> List[Any]:
+    """Every distinct ``model.checkpointing`` of a model training ``trained`` blocks, least memory first: every
+    block, the first N for N = trained - 1 .. 1, selective, none."""
+    if trained <= 0:
+        return [False]
+    return [True, *range(trained - 1, 0, -1), "selective", False]
+
+
+def normal_checkpointing(value, trained: int):
+    """One spelling per behaviour: 0 is false, N >= the trained blocks is true."""
+    if isinstance(value, bool) or value == "selective":
+        return value if trained > 0 else False
+    return False if value <= 0 else (True if value >= trained else int(value))
+
+
+def checkpointing_label(value) -> str:
+    if value is True:
+        return "checkpointing on"
+    if value is False:
+        return "checkpointing off"
+    if value == "selective":
+        return "checkpointing selective"
+    return f"checkpointing {value} block{'s' if value != 1 else ''}"
+
+
 @dataclass(frozen=True)
 class Setting:
     engine: str                       # single | deepspeed | fsdp2
-    checkpointing: bool
+    checkpointing: Any                # model.checkpointing: False | True | N (first N trained blocks) | "selective"
     zero: Optional[ZeroOptions] = None
     replicate: int = 1                # fsdp2: engine.fsdp_replicate, replica groups (HSDP over nodes; 1: plain)
     replicate_frozen: bool = False    # fsdp2: engine.replicate_frozen, the frozen prefix whole in the compute dtype
@@ -71,7 +96,7 @@ class Setting:
         hybrid = f" HSDP {self.replicate}x" if self.replicate > 1 else ""
         frozen = ", frozen prefix replicated" if self.replicate_frozen else ""
         return f"{self.kind}{hybrid}{' (' + Path(self.zero.path).name + ')' if self.zero else ''}{frozen}, " \
-               f"checkpointing {'on' if self.checkpointing else 'off'}"
+               f"{checkpointing_label(self.checkpointing)}"
 
     def overrides(self, micro_batch: int, per_rank: int) -> List[str]:
         out = [f"engine.kind={self.engine}"]
@@ -81,7 +106,8 @@ class Setting:
             out.append(f"engine.fsdp_replicate={self.replicate}")
         if self.replicate_frozen:
             out.append("engine.replicate_frozen=true")
-        out.append(f"model.checkpointing={'true' if self.checkpointing else 'false'}")
+        value = self.checkpointing
+        out.append(f"model.checkpointing={str(value).lower() if isinstance(value, bool) else value}")
         if micro_batch != per_rank:
             out.append(f"data.micro_batch_size={micro_batch}")
         return out
@@ -111,12 +137,14 @@ class Setting:
 PLANNED_DS_CONFIGS = ("ds_configs/zero3.json", "ds_configs/zero2.json", "ds_configs/zero3_hpz.json")
 
 
-def all_settings(gpus: int, root: Path, ds_configs=PLANNED_DS_CONFIGS, gpus_per_node: int = 8) -> List[Setting]:
+def all_settings(gpus: int, root: Path, ds_configs=PLANNED_DS_CONFIGS, gpus_per_node: int = 8,
+                 trained_blocks: int = 1) -> List[Setting]:
     """Every setting the trainer runs on ``gpus`` GPUs: one process only on one GPU; ZeRO from each JSON; FSDP2,
     with the frozen prefix sharded or replicated, and across nodes also hybrid (HSDP, one replica a node); each
-    with checkpointing on and off. An offloading JSON (ds_configs/zero3_offload.json) is left out: the memory and
-    time of host offload are not modelled. A ZeRO++ hpZ JSON is planned only across nodes (inside one node its
-    secondary partition spans the same ranks as the primary one: plain ZeRO-3 with more memory)."""
+    with every checkpointing of ``trained_blocks`` trained blocks (``checkpointing_values``). An offloading JSON
+    (ds_configs/zero3_offload.json) is left out: the memory and time of host offload are not modelled. A ZeRO++
+    hpZ JSON is planned only across nodes (inside one node its secondary partition spans the same ranks as the
+    primary one: plain ZeRO-3 with more memory)."""
     out = []
     nodes = -(-gpus // gpus_per_node)
     engines = [("single", None, 1)] if gpus == 1 else []
@@ -134,7 +162,7 @@ def all_settings(gpus: int, root: Path, ds_configs=PLANNED_DS_CONFIGS, gpus_per_
             if zero.offload:
                 continue
         for frozen in ((False, True) if engine == "fsdp2" else (False,)):
-            for ckpt in (True, False):
+            for ckpt in checkpointing_values(trained_blocks):
                 out.append(Setting(engine, ckpt, zero, replicate=replicate, replicate_frozen=frozen))
     return out
 
@@ -150,11 +178,13 @@ def _relative(zero: ZeroOptions, root: Path) -> ZeroOptions:
 
 def setting_of_config(cfg, root: Path) -> Setting:
     """The setting a config runs as it is (engine.kind, engine.zero_config, model.checkpointing)."""
+    from scale_refiner.models.vit import resolve_model_dims
     zero = None
     if cfg.engine.kind == "deepspeed":
         path = Path(cfg.engine.zero_config)
         zero = _relative(ZeroOptions.from_json(str(path if path.is_absolute() else Path(root) / path)), root)
-    return Setting(cfg.engine.kind, bool(cfg.model.checkpointing), zero, replicate=cfg.engine.fsdp_replicate,
-                   replicate_frozen=bool(cfg.engine.replicate_frozen))
+    trained = resolve_model_dims(cfg.model)["depth"] - cfg.model.freeze_blocks
+    return Setting(cfg.engine.kind, normal_checkpointing(cfg.model.checkpointing, trained), zero,
+                   replicate=cfg.engine.fsdp_replicate, replicate_frozen=bool(cfg.engine.replicate_frozen))
 
 

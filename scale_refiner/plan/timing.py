@@ -1,8 +1,12 @@
 """Predicted time of one optimiser step on one GPU: compute, exposed communication, optimiser + EMA, data.
 
-- compute: the analytic FLOPs of ``bench/flops.py`` (model FLOPs plus the recomputation of checkpointed blocks)
-  of the rank's samples, at ``efficiency`` x the GPU's dense bf16 peak (0.4 by default: an assumption of what a
-  well-fed ViT step reaches, to be replaced by a measured MFU from ``launch/benchmark.py``);
+- compute: the analytic FLOPs of ``bench/flops.py`` (model FLOPs plus the recomputation of checkpointed blocks:
+  one forward of each, every trained block with ``model.checkpointing=true``, N of them with N) of the rank's
+  samples, at ``efficiency`` x the GPU's dense bf16 peak (0.4 by default: an assumption of what a well-fed ViT
+  step reaches, to be replaced by a measured MFU from ``launch/benchmark.py``). Selective checkpointing
+  recomputes no matmul, only the pointwise ops (two LayerNorms, GELU, the residual adds, autocast's casts): they
+  are memory-bound, so they are not FLOPs; they are modelled as ``SELECTIVE_RECOMPUTE`` (a stated 0.2) of the
+  time of each trained block's forward (its matmul FLOPs at the same efficiency);
 - communication, per rank, as the bytes of each collective (``full``: the tensor gathered or reduced;
   ``wire``: what a ring moves per rank, (W - 1) / W of it) at the NCCL bus bandwidth of the link it crosses
   (NVLink inside a node, the per-GPU network rate as soon as the job spans nodes). Per micro-batch:
@@ -26,6 +30,14 @@ from scale_refiner.plan.counts import ModelCounts
 from scale_refiner.plan.hardware import GPU
 from scale_refiner.plan.memory import Crops
 from scale_refiner.plan.settings import Setting
+
+# Selective checkpointing: the time of a block's recomputed pointwise ops as a fraction of the block's forward.
+# An estimate, not a measurement: in bf16 those ops read and write about 54 d bytes per token (two LayerNorms
+# reading the fp32 residual and writing it cast, the residual add, GELU over the r d hidden), against 24 d^2
+# matmul FLOPs; on an H100 (3.35 TB/s, 40 % of 989 TFLOP/s) that is 0.26 of the forward for ViT-L (d 1024) and
+# 0.10 for ViT-2B (d 2560). 0.2 sits between them, on the side of not over-selling selective checkpointing;
+# with model.compile the ops are fused with their neighbours and cost less.
+SELECTIVE_RECOMPUTE = 0.2
 
 # Share of a collective that runs under compute. ZeRO-3 prefetches parameters on a side stream
 # (stage3_prefetch_bucket_size > 0) and reduces on one only with overlap_comm; FSDP2 prefetches the next
@@ -57,7 +69,8 @@ class TimePrediction:
     per_rank_batch: int
     model_flops_per_sample: float
     hardware_flops_per_sample: float
-    compute_s: float
+    compute_s: float                  # includes selective_recompute_s
+    selective_recompute_s: float = 0.0
     collectives: Dict[str, Dict] = field(default_factory=dict)
     comm_s: float = 0.0
     exposed_comm_s: float = 0.0
@@ -156,7 +169,8 @@ def _fsdp2_hybrid(out: Dict[str, Collective], setting: Setting, W: int, c: int, 
 
 def predict_time(cfg, counts: ModelCounts, setting: Setting, gpu: GPU, world: int, micro_batch: int,
                  efficiency: float = 0.4, compute_bytes: int = 2) -> TimePrediction:
-    from scale_refiner.bench.flops import step_flops
+    from scale_refiner.bench.flops import block_forward_flops, step_flops
+    from scale_refiner.models.vit import checkpointing_plan
     W = world
     per_rank = cfg.data.batch_size // W
     accumulation = max(1, per_rank // micro_batch)
@@ -165,6 +179,13 @@ def predict_time(cfg, counts: ModelCounts, setting: Setting, gpu: GPU, world: in
     flops = step_flops(flop_cfg, counts.stage)
     peak = gpu.peak_tflops * 1e12
     compute = per_rank * flops.hardware / (peak * efficiency)
+    trained = counts.depth - counts.frozen_blocks if counts.stage == "refine" else 0
+    policy, checkpointed = checkpointing_plan(setting.checkpointing, trained)
+    selective = 0.0
+    if policy == "selective":
+        block = sum(c["count"] * block_forward_flops(c["tokens"], counts.dim, counts.mlp_ratio) for c in flops.crops)
+        selective = per_rank * SELECTIVE_RECOMPUTE * checkpointed * block / (peak * efficiency)
+        compute += selective
     bw = (gpu.nvlink_gbps if W <= gpu.gpus_per_node else gpu.internode_gbps) * 1e9
     colls = collectives(cfg, counts, setting, W, micro_batch, compute_bytes)
     hidden_wanted = 0.0
@@ -192,6 +213,7 @@ def predict_time(cfg, counts: ModelCounts, setting: Setting, gpu: GPU, world: in
     return TimePrediction(
         stage=counts.stage, micro_batch=micro_batch, accumulation=accumulation, per_rank_batch=per_rank,
         model_flops_per_sample=flops.model, hardware_flops_per_sample=flops.hardware, compute_s=compute,
-        collectives={k: v.as_dict() for k, v in colls.items()}, comm_s=total, exposed_comm_s=exposed,
+        selective_recompute_s=selective, collectives={k: v.as_dict() for k, v in colls.items()}, comm_s=total,
+        exposed_comm_s=exposed,
         optimizer_s=optimizer, data_s=data, step_s=step, mfu=per_rank * flops.model / (step * peak),
         images_per_s_per_gpu=per_rank / step)
