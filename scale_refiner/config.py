@@ -41,6 +41,10 @@ class ModelConfig:
     # block keeps its matmul and attention outputs and recomputes only the pointwise ops). Typed Any: OmegaConf's
     # structured configs have no bool-or-int-or-str union; validate() checks the value.
     checkpointing: Any = False
+    # torch.compile each transformer block (frozen and trained; checkpointing stays as set). Off by default: the
+    # first steps pay the compilation, and it needs a C++ compiler (inductor builds its CPU kernels, and Triton
+    # its launchers, with one).
+    compile: bool = False
 
 
 @dataclass
@@ -402,6 +406,8 @@ def _validate_shared(cfg, world_size: Optional[int], choices) -> None:
         fail("model.name", str(err.args[0]))
     patch = dims["patch_size"]
     _validate_checkpointing(cfg.model.checkpointing, dims["depth"], cfg.model.freeze_blocks)
+    if cfg.model.compile:
+        _validate_compile()
     if dims["embed_dim"] % dims["num_heads"]:
         fail("model.num_heads", f"{dims['num_heads']} does not divide embed_dim {dims['embed_dim']}")
     if cfg.model.img_size % patch:
@@ -486,6 +492,18 @@ def _validate_checkpointing(value, depth: int, freeze_blocks: int) -> None:
                                          f"{depth} minus model.freeze_blocks {freeze_blocks}); allowed: {allowed}")
         return
     _fail("model.checkpointing", f"{value!r} is not one of: {allowed}")
+
+
+def _validate_compile() -> None:
+    """torch.compile's inductor compiles C++ (CPU kernels; on a GPU, Triton's launcher stubs) with the compiler
+    in $CXX, else g++: without one the first step would fail deep inside inductor, so fail here instead."""
+    import os
+    import shutil
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        named = f"$CXX={compiler}" if os.environ.get("CXX") else "g++"
+        _fail("model.compile", f"torch.compile needs a C++ compiler ({named}) and none is on the PATH; install one "
+                               f"(apt-get install g++) or set model.compile=false")
 
 
 def to_yaml(cfg: RefineConfig) -> str:

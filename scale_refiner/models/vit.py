@@ -12,7 +12,8 @@ FSDP see one forward, and the blocks accept a list of token tensors so each bloc
 gathered) once per step for all resolutions.
 
 Activation checkpointing (``model.checkpointing``) is decided per block and applied inside the block's own
-``forward`` (so that whatever wraps a block, an engine's unit or a compiler, wraps its checkpoint too):
+``forward``, so that ``torch.compile`` of a block (``model.compile``) traces the checkpoint with it (checkpoint
+first, compile around it: the compiled graph then knows what it may drop and recompute):
 
 - ``false``: nothing checkpointed; ``true``: every trained block saves only its input and recomputes its
   forward in the backward;
@@ -204,6 +205,7 @@ class VisionTransformer(nn.Module):
         self.frozen_blocks = 0
         self.frozen_all = False
         self.grad_checkpointing = False  # model.checkpointing: false | true | N | 'selective'
+        self.compiled = False
         self._init_weights()
         if not self.learn_pos_embed:
             self.pos_embed.requires_grad_(False)
@@ -284,6 +286,15 @@ class VisionTransformer(nn.Module):
         policy, count = self.checkpointing_plan()
         for i, block in enumerate(self.blocks):
             block.checkpoint_policy = policy if 0 <= i - self.frozen_blocks < count else "none"
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every block in place (``nn.Module.compile``: parameter names, state dicts and the
+        engines' per-block wrapping stay as they are), frozen and trained alike. Each block's checkpointing runs
+        inside its compiled forward. The blocks have one structure, so one compiled graph serves them all per
+        (grad mode, checkpoint policy, input shapes); compilation happens at the first call."""
+        for block in self.blocks:
+            block.compile()
+        self.compiled = True
 
     # -------------------------------------------------------------------------------------------- forward
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -409,6 +420,10 @@ def build_vit(model_cfg, device=None, zero_init_config: Optional[dict] = None) -
             model = VisionTransformer(**kwargs)
     else:
         model = VisionTransformer(**kwargs)
+    # model.compile: here rather than in each method's builder, so the refiner and MAE pre-training get it alike
+    # (compiling is lazy: a meta-built model is only wrapped, nothing is traced until a block runs)
+    if getattr(model_cfg, "compile", False):
+        model.compile_blocks()
     return model
 
 
