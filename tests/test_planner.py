@@ -80,10 +80,12 @@ def _plan_2b(gpus):
 
 def test_2b_on_8_h100_is_well_formed_and_the_marked_plan_fits():
     cfg, plans = _plan_2b(8)
-    kinds = [(p.setting.kind, p.setting.checkpointing) for p in plans]
-    # 24 blocks, 6 frozen: every trained block, the first 17 .. 1 of the 18, selective, none
+    kinds = [(p.setting.kind, p.setting.replicate_frozen, p.setting.checkpointing) for p in plans]
+    # 24 blocks, 6 frozen: every trained block, the first 17 .. 1 of the 18, selective, none; FSDP2 with the
+    # frozen prefix sharded and replicated; one node: no hybrid setting, no hpZ
     modes = [True, *range(17, 0, -1), "selective", False]
-    assert kinds == [(k, c) for k in ("zero3", "zero2", "fsdp2") for c in modes]
+    engines = [("zero3", False), ("zero2", False), ("fsdp2", False), ("fsdp2", True)]
+    assert kinds == [(k, f, c) for k, f in engines for c in modes]
     marked = [p for p in plans if p.fastest]
     assert len(marked) == 1
     best = marked[0]
