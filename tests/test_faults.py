@@ -57,8 +57,17 @@ def command(kind, out, extra):
 
 
 def run(kind, out, extra, timeout=600):
-    return subprocess.run(command(kind, out, extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=ENV)
+    """The job to its end. On a timeout the whole session goes (launcher and ranks): subprocess.run would kill
+    the launcher alone and leave its ranks running (seen on a loaded box: orphans computing for an hour)."""
+    proc = subprocess.Popen(command(kind, out, extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def start(kind, out, extra, log):
