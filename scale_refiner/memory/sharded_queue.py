@@ -266,19 +266,14 @@ class ShardedNNQueue(nn.Module):
                query_label: Optional[torch.Tensor] = None, step: int = 0, global_queries: Optional[int] = None,
                offset: Optional[int] = None, group=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Collective. query: (B, d) L2-normalised, this rank's rows of the global batch (rank-major).
-        Same returns as ``NNQueue.lookup``. ``global_queries`` / ``offset`` are checked, not needed."""
-        if not 1 <= k <= self.size:
-            raise ValueError(f"k={k} must be in 1..{self.size} (the queue size)")
-        if group is None and self.world > 1:
-            group = dist.group.WORLD
-        world, rank = _world(group)
-        if (world, rank) != (self.world, self.rank):
-            raise ValueError(f"queue laid out for rank {self.rank} of {self.world}, called on {rank} of {world}")
-        batch, device = query.shape[0], self.vectors.device
-        if global_queries is not None and global_queries != world * batch:
-            raise ValueError(f"sharded lookup needs equal batches: global_queries={global_queries} != {world}x{batch}")
-        if offset is not None and offset != rank * batch:
-            raise ValueError(f"offset {offset} != rank * batch = {rank * batch}")
+        Same returns as ``NNQueue.lookup``. ``global_queries`` / ``offset`` are checked, not needed (k, the group
+        and the layout are checked by ``sharded_lookup``)."""
+        batch = query.shape[0]
+        if global_queries is not None and global_queries != self.world * batch:
+            raise ValueError(f"sharded lookup needs equal batches: global_queries={global_queries} != "
+                             f"{self.world}x{batch}")
+        if offset is not None and offset != self.rank * batch:
+            raise ValueError(f"offset {offset} != rank * batch = {self.rank * batch}")
         neighbours, metrics = sharded_lookup([self], query.unsqueeze(0).unsqueeze(0), query_index, k, query_label,
                                              step, group)
         return neighbours[0, 0], {key: value[0, 0] for key, value in metrics.items()}
