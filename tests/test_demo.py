@@ -152,3 +152,73 @@ def test_the_chain_runs_on_class_folders_and_evaluates_on_them(tmp_path):
     assert json.loads((out / "refined" / "demo_recipe.json").read_text())["overrides"][:2] == data["overrides"]
     with pytest.raises(SystemExit, match=r"--shards .*nowhere.*manifest not found"):
         demo_cli.prepare_data(demo_cli.parse_args(["--shards", str(tmp_path / "nowhere"), "--out", str(out)]))
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("sweep_cli", ROOT / "launch/sweep_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_cells_vary_one_factor_and_route_mae_keys():
+    sweep = load_sweep()
+    args = sweep.parse_args(["--base", "stages.refine.base_lr=2e-3", "--axis", "stages.refine.base_lr=1e-3,2e-3",
+                             "--axis", "mae:mae.decoder_depth=2", "--cell", "queue.size=64 mae:mae.mask_ratio=0.5"])
+    cells = sweep.build_cells(args)
+    # the axis value equal to the base is the base cell, not a second run of it
+    assert [c["name"] for c in cells] == ["base", "stages.refine.base_lr=1e-3", "mae:mae.decoder_depth=2",
+                                          "queue.size=64 mae:mae.mask_ratio=0.5"]
+    assert cells[1] == {"name": "stages.refine.base_lr=1e-3", "mae": [], "refine": ["stages.refine.base_lr=1e-3"]}
+    assert cells[2]["mae"] == ["mae.decoder_depth=2"] and cells[2]["refine"] == ["stages.refine.base_lr=2e-3"]
+    assert cells[3]["mae"] == ["mae.mask_ratio=0.5"]
+    # cells that pre-train the same MAE share its directory; another MAE recipe gets its own
+    mae_dirs = [sweep.demo_command(args, c, 0)[2] for c in cells]
+    assert mae_dirs[0] == mae_dirs[1] != mae_dirs[2] != mae_dirs[3]
+
+
+def test_sweep_table_means_and_spreads_over_seeds():
+    sweep = load_sweep()
+
+    def seed(mae, best, ema, mae_nmi, ema_nmi):
+        return {"mae_knn20": mae, "mae_best_block_knn20": best, "mae_nmi": mae_nmi, "online_knn20": ema,
+                "online_nmi": ema_nmi, "ema_knn20": ema, "ema_nmi": ema_nmi, "refine_minutes": 2.0}
+    row = {"name": "base", "steps": {"mae": 110, "heads": 16, "refine": 96},
+           "seeds": {0: seed(0.70, 0.72, 0.76, 0.60, 0.64), 1: seed(0.70, 0.74, 0.78, 0.60, 0.66)}}
+    refs = {"raw_pixels": {0: {"knn20": 0.8, "nmi": 0.5}},
+            "random_init": {0: {"knn20": 0.6, "nmi": 0.4, "best_block_knn20": 0.62}}}
+    rows = sweep.table_rows([row], refs)
+    assert rows[0][0] == "raw pixels (no encoder)" and rows[0][3] == "80.0"
+    assert rows[1][0] == "random-init encoder" and rows[1][3] == "60.0 (62.0)"
+    base = dict(zip(sweep.COLUMNS, rows[2]))
+    assert base["steps (MAE / heads + refine)"] == "110 / 16 + 96"
+    assert base["MAE k-NN@20 (best block)"] == "70.0 ± 0.0 (73.0 ± 1.4)"
+    assert base["EMA k-NN@20"] == "77.0 ± 1.4"
+    assert base["EMA - MAE best block"] == "4.0 ± 0.0"  # per seed: 76 - 72 and 78 - 74
+    assert base["EMA - MAE NMI"] == "5.0 ± 1.4" and base["seeds"] == "0,1"
+
+
+def test_sweep_runs_the_chain_and_writes_its_table(tmp_path):
+    """Two cells on the tiniest settings: one MAE pre-training serves both, every row has numbers."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "launch/sweep_demo.py", "--out", str(out), "--seeds", "0", "--eval-limit", "300",
+           "--kmeans-runs", "1", *(f"--base=mae:{o}" for o in MAE), *(f"--base={o}" for o in REFINE),
+           "--axis", "stages.refine.base_lr=1e-3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, f"sweep failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.stdout.count("== MAE pre-training") == 2 and "already exist" in proc.stdout  # trained once
+    assert proc.stdout.count("== evaluate MAE\n") == 1 and "== evaluate MAE: reused" in proc.stdout  # once too
+    result = json.loads((out / "sweep.json").read_text())
+    assert [c["name"] for c in result["cells"]] == ["base", "stages.refine.base_lr=1e-3"]
+    for cell in result["cells"]:
+        assert cell["steps"] == {"mae": 4, "heads": 2, "refine": 2}  # 64 samples / 32, 2 MAE epochs
+        numbers = cell["seeds"]["0"]
+        for key in ("mae_knn20", "mae_best_block_knn20", "online_knn20", "ema_knn20"):
+            assert 0.1 <= numbers[key] <= 1  # 10 classes
+    assert set(result["references"]["raw_pixels"]["0"]) == {"knn20", "nmi"}
+    lines = (out / "sweep.md").read_text().splitlines()
+    assert lines[0].startswith("| recipe | steps") and len(lines) == 2 + 2 + 2  # header, refs, cells
+    assert lines[2].startswith("| raw pixels") and lines[3].startswith("| random-init encoder")
+    assert (out / "cells" / "base" / "s0" / "per_block_knn.svg").read_text().lstrip().startswith("<?xml")

@@ -62,6 +62,9 @@ def parse_args(argv):
     p.add_argument("--test-fraction", type=float, default=None,
                    help="with --source folder:PATH: the part of each class held out as the test split (default 0.2 "
                         "when PATH has no train/ folder of its own, else none: its val/ or test/ is the test split)")
+    p.add_argument("--mae-dir", default=None,
+                   help="the MAE run directory (default <out>/mae); the sweep points several runs at one, so one "
+                        "pre-training serves every refinement recipe of a seed")
     p.add_argument("--mae", action="append", default=[], metavar="KEY=VALUE", help="pre-training override")
     p.add_argument("--refine", action="append", default=[], metavar="KEY=VALUE", help="refinement override")
     p.add_argument("--ranks", type=int, default=1,
@@ -84,10 +87,14 @@ def parse_args(argv):
         args.variants = {"refined": args.refine}
     # absolute: the steps run from the repository, whatever directory the demo was started in
     args.out = Path(args.out or ("runs/validate" if args.validate else "runs/demo")).resolve()
+    args.mae_dir = Path(args.mae_dir).resolve() if args.mae_dir else args.out / "mae"
     args.shard_root = str(Path(args.shard_root).resolve()) if args.shard_root else None
     if args.test_fraction is not None and not (args.source or "").startswith("folder:"):
         p.error("--test-fraction goes with --source folder:PATH")
     return args
+
+
+STEP_SECONDS: dict = {}  # step -> wall seconds of this invocation (a reused step takes ~ the start-up time)
 
 
 def run(step: str, args, env=None) -> None:
@@ -97,11 +104,28 @@ def run(step: str, args, env=None) -> None:
     status = subprocess.call(command, cwd=ROOT, env=None if env is None else dict(os.environ, **env))
     if status:
         raise SystemExit(f"error: step '{step}' failed with exit status {status}: {shlex.join(command)}")
-    print(f"== {step}: {time.time() - started:.0f} s", flush=True)
+    STEP_SECONDS[step] = round(time.time() - started, 1)
+    print(f"== {step}: {STEP_SECONDS[step]:.0f} s", flush=True)
 
 
 def evaluated(path: Path) -> dict:
     return json.loads((path / "metrics.json").read_text())
+
+
+def _evaluation_key(command: list, source: list) -> dict:
+    """What an evaluation's metrics depend on: its command and the weights file it read (size and time)."""
+    weights = Path(source[source.index("--weights") + 1])
+    return {"command": command, "weights": [weights.stat().st_size, weights.stat().st_mtime_ns]}
+
+
+def reusable_evaluation(where: Path, command: list, source: list) -> bool:
+    record = where / "demo_evaluation.json"
+    return ((where / "metrics.json").is_file() and record.is_file()
+            and json.loads(record.read_text()) == _evaluation_key(command, source))
+
+
+def record_evaluation(where: Path, command: list, source: list) -> None:
+    (where / "demo_evaluation.json").write_text(json.dumps(_evaluation_key(command, source)) + "\n")
 
 
 def summary_table(results: dict) -> str:
@@ -129,6 +153,31 @@ def summary_table(results: dict) -> str:
             cells.append(" / ".join(pct(r["mean"]) for r in m["lowshot"].values()) if "lowshot" in m else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_per_block(results: dict, paths, title: str) -> None:
+    """Every encoder's per-block k-NN@20 on one set of axes (blocks on x): where the MAE's representation
+    peaks, and what refinement does to the late blocks, in one picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    labels = None
+    for (name, m), style in zip(results.items(), ("o-", "s--", "^-", "d:", "v-.", "x-")):
+        blocks = m["blocks"]
+        labels = blocks["labels"]
+        ax.plot(range(len(labels)), [100 * a for a in blocks["knn20"]], style, label=name)
+    ax.set_xticks(range(len(labels)), [lab.replace("block", "") for lab in labels])
+    ax.set_xlabel("block (raw CLS; final = after the final norm, standardised)")
+    ax.set_ylabel("k-NN@20 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def claim_run_dir(run_dir: Path, recipe: dict) -> None:
@@ -208,7 +257,8 @@ def main(argv=None) -> int:
         args.mae = [*data["overrides"], *args.mae]
         args.variants = {name: [*data["overrides"], *o] for name, o in args.variants.items()}
 
-    mae_dir, eval_dir = out / "mae", out / "eval"
+    mae_dir, eval_dir = args.mae_dir, out / "eval"
+    shared_mae = mae_dir != out / "mae"
     run("MAE pre-training", ["launch/pretrain_mae.py", "--config", args.mae_config, f"run.out_dir={mae_dir}",
                              "run.resume=auto", *args.mae])
     weights = mae_dir / "mae_pretrained.pth"
@@ -231,11 +281,23 @@ def main(argv=None) -> int:
 
     results = {}
     for name, (subdir, source) in encoders.items():
-        run(f"evaluate {name}", ["launch/evaluate.py", *source, "--out", str(eval_dir / subdir), *common])
-        results[name] = {"dir": str(eval_dir / subdir), **evaluated(eval_dir / subdir)}
+        # a shared MAE (--mae-dir) is evaluated once, beside its weights, for every run that refines it
+        where = mae_dir / "eval" if (subdir == "mae" and shared_mae) else eval_dir / subdir
+        command = ["launch/evaluate.py", *source, "--out", str(where), *common]
+        if reusable_evaluation(where, command, source):
+            print(f"\n== evaluate {name}: reused {where / 'metrics.json'} (same command, same weights)", flush=True)
+        else:
+            run(f"evaluate {name}", command)
+            record_evaluation(where, command, source)
+        results[name] = {"dir": str(where), **evaluated(where)}
 
     table = summary_table(results)
-    summary = {"minutes": (time.time() - started) / 60, "dataset": data["name"], "shards": data["shards"],
+    plots = []
+    if all("blocks" in m for m in results.values()):
+        plots = [out / "per_block_knn.svg", out / "per_block_knn.png"]
+        plot_per_block(results, plots, f"{data['name']}: per-block k-NN@20 ({args.eval_limit or 'all'} images)")
+    summary = {"minutes": (time.time() - started) / 60, "step_seconds": dict(STEP_SECONDS),
+               "dataset": data["name"], "shards": data["shards"], "mae_dir": str(mae_dir),
                "eval_limit": args.eval_limit, "ranks": args.ranks,
                "variants": args.variants, "mae_overrides": args.mae,
                "encoders": {name: {k: m.get(k) for k in ("knn", "kmeans", "blocks", "linear", "lowshot", "dir")}
@@ -246,6 +308,8 @@ def main(argv=None) -> int:
     print(f"(accuracies in %, {data['name']}, first {args.eval_limit or 'all'} images of each split; "
           f"{summary['minutes']:.1f} min in all)")
     print(f"TensorBoard: tensorboard --logdir {out}")
+    if plots:
+        print(f"per-block k-NN of every encoder on one plot: {plots[0]}")
     print("per-block k-NN plots: " + ", ".join(str(Path(m["dir"]) / "knn_per_block.png") for m in results.values()
                                                if "blocks" in m))
     print(f"exports (timm-loadable): {out}/<variant>/export   summary: {out / 'summary.md'}")
