@@ -22,6 +22,7 @@ A step that fails stops the job with its exit status. Re-running resumes: finish
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -110,6 +111,23 @@ def run(step: str, args, env=None) -> None:
 
 def evaluated(path: Path) -> dict:
     return json.loads((path / "metrics.json").read_text())
+
+
+@contextlib.contextmanager
+def shared_lock(directory):
+    """Hold an exclusive lock on ``directory`` (None: no lock): concurrent demo runs sharing one MAE directory
+    (the sweep's) take turns to pre-train and evaluate it, so the first does the work and the rest reuse it."""
+    if directory is None:
+        yield
+        return
+    import fcntl
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _evaluation_key(command: list, source: list) -> dict:
@@ -259,8 +277,9 @@ def main(argv=None) -> int:
 
     mae_dir, eval_dir = args.mae_dir, out / "eval"
     shared_mae = mae_dir != out / "mae"
-    run("MAE pre-training", ["launch/pretrain_mae.py", "--config", args.mae_config, f"run.out_dir={mae_dir}",
-                             "run.resume=auto", *args.mae])
+    with shared_lock(mae_dir):  # runs sharing an MAE (--mae-dir) pre-train it once: the others wait, then reuse
+        run("MAE pre-training", ["launch/pretrain_mae.py", "--config", args.mae_config, f"run.out_dir={mae_dir}",
+                                 "run.resume=auto", *args.mae])
     weights = mae_dir / "mae_pretrained.pth"
     model_name = json.loads((mae_dir / "config.json").read_text())["model"]["name"]
     common = ["--protocols", args.protocols, "--limit", str(args.eval_limit), "--kmeans-runs", str(args.kmeans_runs),
@@ -284,11 +303,13 @@ def main(argv=None) -> int:
         # a shared MAE (--mae-dir) is evaluated once, beside its weights, for every run that refines it
         where = mae_dir / "eval" if (subdir == "mae" and shared_mae) else eval_dir / subdir
         command = ["launch/evaluate.py", *source, "--out", str(where), *common]
-        if reusable_evaluation(where, command, source):
-            print(f"\n== evaluate {name}: reused {where / 'metrics.json'} (same command, same weights)", flush=True)
-        else:
-            run(f"evaluate {name}", command)
-            record_evaluation(where, command, source)
+        with shared_lock(mae_dir if where.parent == mae_dir else None):
+            if reusable_evaluation(where, command, source):
+                print(f"\n== evaluate {name}: reused {where / 'metrics.json'} (same command, same weights)",
+                      flush=True)
+            else:
+                run(f"evaluate {name}", command)
+                record_evaluation(where, command, source)
         results[name] = {"dir": str(where), **evaluated(where)}
 
     table = summary_table(results)

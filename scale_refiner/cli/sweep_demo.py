@@ -69,6 +69,8 @@ def parse_args(argv):
                    help="one cell of several overrides (space-separated)")
     p.add_argument("--grid", choices=sorted(PRESET_GRIDS), help="add a preset grid's axes")
     p.add_argument("--no-base-cell", action="store_true", help="leave the base recipe itself out of the cells")
+    p.add_argument("--grid-seeds", type=int, default=0,
+                   help="run the cells other than the base with the first N seeds only (0: all seeds)")
     p.add_argument("--mae-config", default="configs/demo_mae.yaml")
     p.add_argument("--refine-config", default="configs/demo.yaml")
     p.add_argument("--shard-root", default=None, help="passed to launch/demo.py")
@@ -76,9 +78,10 @@ def parse_args(argv):
     p.add_argument("--kmeans-runs", type=int, default=3, help="passed to launch/demo.py")
     p.add_argument("--no-references", action="store_true", help="skip the raw-pixel and random-init rows")
     p.add_argument("--jobs", type=int, default=1,
-                   help="runs at a time (each with cores / jobs threads); the MAE of a (recipe, seed) is "
-                        "pre-trained and evaluated by one run before the others that share it start")
+                   help="runs at a time, each with cores / jobs threads and its output in <cell>/s<seed>.log")
     p.add_argument("--dry-run", action="store_true", help="print the runs, run nothing")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing but the references: the table of the runs that finished (their summary.json)")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not args.seeds:
@@ -132,7 +135,7 @@ def slug(overrides: list, empty: str = "base") -> str:
     """A directory name for a recipe: readable, and unique by a hash of the full overrides."""
     if not overrides:
         return empty
-    text = "_".join(o.split(".")[-1] for o in overrides)
+    text = "_".join(o.replace("stages.", "").replace("augment.", "") for o in overrides)
     text = re.sub(r"[^A-Za-z0-9=._-]+", "-", text)[:60]
     return f"{text}-{hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:6]}"
 
@@ -345,27 +348,30 @@ def main(argv=None) -> int:
     rows = []
     context = {"seeds": args.seeds, "eval_limit": args.eval_limit, "kmeans_runs": args.kmeans_runs,
                "mae_config": args.mae_config, "refine_config": args.refine_config, "base": args.base}
-    first, rest, runs = [], [], []
-    mae_dirs = set()
-    for cell in cells:
+    jobs, runs = [], []
+    for n, cell in enumerate(cells):
         row = {**cell, "steps": stage_steps(args, cell), "seeds": {}, "commands": {}}
         rows.append(row)
-        for seed in args.seeds:
-            command, run_dir, mae_dir = demo_command(args, cell, seed)
+        seeds = args.seeds if (n == 0 and not args.no_base_cell) else args.seeds[:args.grid_seeds or None]
+        for seed in seeds:
+            command, run_dir, _ = demo_command(args, cell, seed)
             row["commands"][seed] = shlex.join(["python", *command[1:]])
             runs.append((row, seed, run_dir))
-            # the first run of a shared MAE pre-trains and evaluates it; the others reuse both
-            (rest if mae_dir in mae_dirs else first).append((command, run_dir.parent / f"s{seed}.log"))
-            mae_dirs.add(mae_dir)
-    if args.jobs <= 1:  # in the cells' order, the table rewritten after each: an interrupted sweep keeps its rows
+            # runs sharing an MAE may run at once: the demo locks its directory, the first pre-trains and
+            # evaluates it, the others wait for it and reuse both
+            jobs.append((command, run_dir.parent / f"s{seed}.log"))
+    if args.table_only:
         for row, seed, run_dir in runs:
-            call(demo_command(args, row, seed)[0], args.dry_run)
+            if (run_dir / "summary.json").is_file():
+                row["seeds"][seed] = seed_result(json.loads((run_dir / "summary.json").read_text()))
+    elif args.jobs <= 1:  # in the cells' order, the table rewritten after each: an interrupted sweep keeps its rows
+        for (row, seed, run_dir), (command, _) in zip(runs, jobs):
+            call(command, args.dry_run)
             if not args.dry_run:
                 row["seeds"][seed] = seed_result(json.loads((run_dir / "summary.json").read_text()))
                 write_outputs(args.out, rows, references, {**context, "minutes": (time.time() - started) / 60})
     else:
-        run_all(first, args.jobs, args.dry_run)
-        run_all(rest, args.jobs, args.dry_run)
+        run_all(jobs, args.jobs, args.dry_run)
         if not args.dry_run:
             for row, seed, run_dir in runs:
                 row["seeds"][seed] = seed_result(json.loads((run_dir / "summary.json").read_text()))
