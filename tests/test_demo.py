@@ -208,7 +208,7 @@ def test_sweep_runs_the_chain_and_writes_its_table(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert proc.returncode == 0, f"sweep failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    assert proc.stdout.count("== MAE pre-training") == 2 and "already exist" in proc.stdout  # trained once
+    assert proc.stdout.count("== MAE pre-training\n") == 2 and "already exist" in proc.stdout  # trained once
     assert proc.stdout.count("== evaluate MAE\n") == 1 and "== evaluate MAE: reused" in proc.stdout  # once too
     result = json.loads((out / "sweep.json").read_text())
     assert [c["name"] for c in result["cells"]] == ["base", "stages.refine.base_lr=1e-3"]
