@@ -42,8 +42,11 @@ def test_every_step_runs_and_the_table_is_printed(demo_run):
         assert step in proc.stdout
     assert "| encoder | k-NN@10 | k-NN@20 | k-means ACC | k-means NMI | per-block k-NN@20 peak |" in proc.stdout
     assert "TensorBoard: tensorboard --logdir" in proc.stdout
+    assert "== evaluate random init" in proc.stdout and "== raw pixels" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["encoders"]) == {"MAE", "refined (online)", "refined (EMA)"}
+    assert set(summary["encoders"]) == {"raw pixels", "random init", "MAE", "refined (online)", "refined (EMA)"}
+    raw = summary["encoders"].pop("raw pixels")
+    assert 0.1 <= raw["knn"]["20"] <= 1 and raw["blocks"] is None
     for metrics in summary["encoders"].values():
         assert 0.1 <= metrics["knn"]["20"] <= 1  # 10 classes: chance is 0.1; the bank is 300 images
         assert 0 <= metrics["kmeans"]["nmi"] <= 1
@@ -152,6 +155,98 @@ def test_the_chain_runs_on_class_folders_and_evaluates_on_them(tmp_path):
     assert json.loads((out / "refined" / "demo_recipe.json").read_text())["overrides"][:2] == data["overrides"]
     with pytest.raises(SystemExit, match=r"--shards .*nowhere.*manifest not found"):
         demo_cli.prepare_data(demo_cli.parse_args(["--shards", str(tmp_path / "nowhere"), "--out", str(out)]))
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("demo_cli", ROOT / "launch/demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_starts_from_the_shipped_mae_only_for_its_recipe(tmp_path):
+    """The shipped MAE is adopted when the run would pre-train exactly its recipe; then launch/pretrain_mae.py
+    reuses it (same recipe) instead of pre-training. Overrides, other data or --pretrain-mae pre-train."""
+    demo_cli = load_demo()
+    shipped = demo_cli.SHIPPED_MAE
+    recipe = json.loads((shipped / "mae_pretrained.json").read_text())
+    from scale_refiner.cli.pretrain_mae import existing_weights, recipe_of
+    from scale_refiner.config import PretrainConfig, load_config
+    cfg = load_config(ROOT / "configs/demo_mae.yaml", [], schema_class=PretrainConfig)
+    assert recipe_of(cfg) == recipe  # configs/demo_mae.yaml is the recipe that made the file
+    args = demo_cli.parse_args(["--out", str(tmp_path / "a")])
+    assert demo_cli.adopt_shipped_mae(args, args.mae_dir)
+    assert (args.mae_dir / "mae_pretrained.pth").read_bytes() == (shipped / "mae_pretrained.pth").read_bytes()
+    assert existing_weights(args.mae_dir, cfg) is not None  # what makes pretrain_mae.py reuse it
+    assert not demo_cli.adopt_shipped_mae(args, args.mae_dir)  # weights already there: kept as they are
+    changed = demo_cli.parse_args(["--out", str(tmp_path / "b"), "--mae=stages.mae.epochs=1"])
+    assert not demo_cli.adopt_shipped_mae(changed, changed.mae_dir) and not changed.mae_dir.exists()
+    assert demo_cli.parse_args(["--validate"]).pretrain_mae  # validation re-creates it from the recipe
+    # the file holds the demo encoder (and the recorded quality names it)
+    weights = torch.load(shipped / "mae_pretrained.pth", weights_only=True)["model"]
+    from scale_refiner.models.vit import build_vit
+    encoder = build_vit(cfg.model)
+    missing, _ = encoder.load_state_dict({k: v for k, v in weights.items() if not k.startswith(("decoder", "mask"))},
+                                         strict=False)
+    assert not missing and all(torch.isfinite(v).all() for v in weights.values())
+    quality = json.loads((shipped / "eval_metrics.json").read_text())
+    assert quality["model"]["name"] == cfg.model.name and quality["limit"] == 10000
+
+
+def blocks_of(values):
+    return {"labels": [f"block{i}" for i in range(len(values) - 1)] + ["final"], "knn20": values}
+
+
+def test_validation_checks_measure_what_the_recipe_claims():
+    """The checks on made-up results: an early per-block peak beyond one standard error, refinement above the
+    peak, NNA against NNCLR, async against syncbn; and the same checks failing on results that do not show it."""
+    demo_cli = load_demo()
+    args = demo_cli.parse_args(["--validate", "--seeds", "0,1"])
+    args.pretrain_mae = False  # no comparison with the shipped file here
+
+    def ema(knn):
+        return {"knn": {"20": knn}, "kmeans": {"nmi": 0.5}, "blocks": blocks_of([0.7, knn])}
+    results = {"random init": {"knn": {"20": 0.60}}, "MAE": {"knn": {"20": 0.70},
+                                                            "blocks": blocks_of([0.72, 0.75, 0.70, 0.70])}}
+    for variant, knn in (("nna_bn", 0.78), ("nnclr_bn", 0.76), ("nna_syncbn", 0.77), ("nna_async", 0.775)):
+        for seed in (0, 1):
+            results[f"{variant} s{seed} (EMA)"] = ema(knn + 0.002 * seed)
+    checks = {c["name"]: c for c in demo_cli.validation_checks(args, results)}
+    assert all(c["passed"] for c in checks.values()), checks
+    peak = checks["MAE per-block k-NN@20 peaks before the last block (by > 1 s.e.)"]
+    assert abs(peak["value"] - 0.05) < 1e-9 and "at block1" in peak["detail"]
+    assert abs(checks["MAE k-NN@20 above random init"]["value"] - 0.10) < 1e-9
+    table = demo_cli.seed_table(args, results)
+    assert "| nna_bn | EMA | 2 | 78.1 ± 0.1 | 50.0 ± 0.0 |" in table
+    # a monotone MAE, refinement below its peak, NNCLR ahead, async 2 points behind: each check fails
+    results["MAE"]["blocks"] = blocks_of([0.70, 0.72, 0.74, 0.80])
+    results["random init"]["knn"]["20"] = 0.68
+    for seed in (0, 1):
+        results[f"nnclr_bn s{seed} (EMA)"] = ema(0.79)
+        results[f"nna_async s{seed} (EMA)"] = ema(0.75)
+    assert not any(c["passed"] for c in demo_cli.validation_checks(args, results))
+    curves = demo_cli.per_block_curves(args, {k: v for k, v in results.items() if "blocks" in v})
+    assert curves["nna_bn (EMA), 2 seeds"][1][-1] == pytest.approx(0.781) and "MAE" in curves
+
+
+def test_several_seeds_are_separate_runs_and_one_table(tmp_path):
+    """--seeds 0,1: two refinements (their own directories, seeds and results), one MAE, the mean-and-spread table
+    and one plot whose refined curves are the seeds' mean."""
+    out = tmp_path / "seeds"
+    proc = demo(out, ["--seeds", "0,1", "--no-references", "--protocols", "knn,blocks,kmeans"])
+    for seed in (0, 1):
+        assert f"== MIM-Refiner refined s{seed} (heads, then refine)" in proc.stdout
+        config = json.loads((out / "refined" / f"s{seed}" / "config.json").read_text())
+        assert config["run"]["seed"] == seed
+    assert proc.stdout.count("== MAE pre-training\n") == 1
+    a, b = (torch.load(out / "refined" / f"s{s}" / "checkpoints" / "refine-end" / "model_state.pt",
+                       weights_only=True) for s in (0, 1))
+    assert not torch.equal(a["encoder.blocks.3.mlp.fc1.weight"], b["encoder.blocks.3.mlp.fc1.weight"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and "refined s1 (EMA)" in summary["encoders"]
+    assert "| variant | encoder | seeds | k-NN@20 | k-means NMI |" in proc.stdout
+    assert "| refined | EMA | 2 |" in proc.stdout
+    assert (out / "per_block_knn.svg").read_text().count("refined (EMA), 2 seeds") == 1
 
 
 # ------------------------------------------------------------------------------------------------ the sweep

@@ -61,6 +61,9 @@ def parse_args(argv):
     p.add_argument("--mae-root", default=None,
                    help="where the shared MAEs live (default <out>/mae): sweeps of other cells or seeds may share them")
     p.add_argument("--seeds", default="0", help="comma-separated run.seed values (MAE and refinement alike)")
+    p.add_argument("--mae-seed", type=int, default=None,
+                   help="one MAE seed for every run (the seeds then vary the refinement alone); with 0 and the "
+                        "demo's MAE recipe every run starts from the shipped MAE, as the demo does")
     p.add_argument("--base", action="append", default=[], metavar="[mae:]KEY=VALUE",
                    help="overrides of every cell (the point the axes vary around)")
     p.add_argument("--axis", action="append", default=[], metavar="[mae:]KEY=V1,V2",
@@ -187,11 +190,13 @@ def run_all(jobs: list, parallel: int, dry_run: bool) -> None:
 
 def demo_command(args, cell, seed: int) -> tuple:
     run_dir = args.out / "cells" / slug(cell["mae"] + cell["refine"]) / f"s{seed}"
-    mae_dir = args.mae_root / slug(cell["mae"]) / f"s{seed}"
+    mae_seed = seed if args.mae_seed is None else args.mae_seed
+    mae_dir = args.mae_root / slug(cell["mae"]) / f"s{mae_seed}"
     command = [sys.executable, "launch/demo.py", "--out", str(run_dir), "--mae-dir", str(mae_dir),
                "--mae-config", args.mae_config, "--refine-config", args.refine_config,
                "--eval-limit", str(args.eval_limit), "--kmeans-runs", str(args.kmeans_runs),
-               "--protocols", "knn,blocks,kmeans", f"--mae=run.seed={seed}", f"--refine=run.seed={seed}",
+               "--protocols", "knn,blocks,kmeans", "--no-references",
+               f"--mae=run.seed={mae_seed}", f"--refine=run.seed={seed}",
                *(f"--mae={o}" for o in cell["mae"]), *(f"--refine={o}" for o in cell["refine"])]
     if args.shard_root:
         command += ["--shard-root", args.shard_root]
