@@ -318,3 +318,21 @@ def test_sweep_runs_the_chain_and_writes_its_table(tmp_path):
     assert lines[2].startswith("| raw pixels") and lines[3].startswith("| random-init encoder")
     plots = sorted((out / "cells").glob("*/s0/per_block_knn.svg"))  # a cell's directory: its overrides, hashed
     assert len(plots) == 2 and all(p.read_text().startswith("<?xml") for p in plots)
+
+
+def test_sweep_plots_a_cell_over_its_seeds(tmp_path):
+    """Several seeds of a cell: one plot, each encoder's curve the seeds' mean, the shared MAE once, the
+    references left to the random-init reference of the sweep itself."""
+    sweep = load_sweep()
+    args = sweep.parse_args(["--out", str(tmp_path), "--seeds", "0,1", "--mae-seed", "0"])
+    run_dirs = {}
+    for seed in (0, 1):
+        run_dirs[seed] = tmp_path / f"s{seed}"
+        run_dirs[seed].mkdir()
+        encoders = {"random init": {"blocks": blocks_of([0.6, 0.6])}, "MAE": {"blocks": blocks_of([0.7, 0.72])},
+                    "refined (EMA)": {"blocks": blocks_of([0.7, 0.74 + 0.02 * seed])}}
+        (run_dirs[seed] / "summary.json").write_text(json.dumps({"encoders": encoders}))
+    svg, png = sweep.plot_seeds(args, {"name": "base", "mae": [], "refine": []}, run_dirs)
+    text = svg.read_text()
+    assert "refined (EMA), 2 seeds" in text and text.count("random init") == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert ">MAE<" in text.replace("</text>", "<")  # the shared MAE: one curve, not "2 seeds"

@@ -328,6 +328,30 @@ def markdown(rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_seeds(args, row: dict, run_dirs: dict) -> list:
+    """One per-block plot of a cell over its seeds: each encoder's mean curve with a +- 1 std band, and the
+    random-init encoder's for scale. Written as ``<out>/plots/<cell>.{svg,png}``; returns the paths."""
+    from scale_refiner.cli.demo import REFERENCE_NAMES, mean_std, plot_per_block
+    curves, grouped = {}, {}
+    random_init = args.out / "random_init" / f"s{args.seeds[0]}" / "metrics.json"
+    if random_init.is_file():
+        blocks = json.loads(random_init.read_text()).get("blocks")
+        if blocks:
+            curves["random init"] = (blocks["labels"], blocks["knn20"], [0.0] * len(blocks["knn20"]))
+    for seed, run_dir in run_dirs.items():
+        for name, m in json.loads((run_dir / "summary.json").read_text())["encoders"].items():
+            if m.get("blocks") and name not in REFERENCE_NAMES:
+                grouped.setdefault(name, []).append(m["blocks"])
+    for name, runs in grouped.items():
+        stats = [mean_std(values) for values in zip(*(r["knn20"] for r in runs))]
+        shared = name == "MAE" and args.mae_seed is not None  # one MAE under every seed
+        curves[name if shared else f"{name}, {len(runs)} seeds"] = (runs[0]["labels"], [m for m, _ in stats], [sd for _, sd in stats])
+    paths = [args.out / "plots" / f"{slug(row['mae'] + row['refine'])}.{ext}" for ext in ("svg", "png")]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    plot_per_block(curves, paths, f"per-block k-NN@20: {row['name']} ({args.eval_limit or 'all'} images)")
+    return paths
+
+
 def write_outputs(out: Path, rows: list, references: dict, context: dict) -> str:
     table_r = table_rows(rows, references)
     text = markdown(table_r)
@@ -384,6 +408,10 @@ def main(argv=None) -> int:
                 row["seeds"][seed] = seed_result(json.loads((run_dir / "summary.json").read_text()))
     if args.dry_run:
         return 0
+    for row in rows:  # a cell measured on several seeds: its curves as mean and spread
+        done = {seed: run_dir for r, seed, run_dir in runs if r is row and seed in row["seeds"]}
+        if len(done) > 1:
+            row["plot"] = str(plot_seeds(args, row, done)[0])
     text = write_outputs(args.out, rows, references, {**context, "minutes": (time.time() - started) / 60})
     print("\n" + text)
     print(f"(k-NN@20 and k-means NMI in %, mean ± sample std over seeds {args.seeds}; first {args.eval_limit or 'all'} "
