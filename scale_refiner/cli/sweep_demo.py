@@ -345,7 +345,8 @@ def plot_seeds(args, row: dict, run_dirs: dict) -> list:
     for name, runs in grouped.items():
         stats = [mean_std(values) for values in zip(*(r["knn20"] for r in runs))]
         shared = name == "MAE" and args.mae_seed is not None  # one MAE under every seed
-        curves[name if shared else f"{name}, {len(runs)} seeds"] = (runs[0]["labels"], [m for m, _ in stats], [sd for _, sd in stats])
+        curves[name if shared else f"{name}, {len(runs)} seeds"] = (runs[0]["labels"], [m for m, _ in stats],
+                                                                     [sd for _, sd in stats])
     paths = [args.out / "plots" / f"{slug(row['mae'] + row['refine'])}.{ext}" for ext in ("svg", "png")]
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     plot_per_block(curves, paths, f"per-block k-NN@20: {row['name']} ({args.eval_limit or 'all'} images)")
