@@ -39,15 +39,15 @@ ROOT = Path(__file__).resolve().parents[2]
 # configs/demo_mae.yaml), each axis a setting the miniature may need sized differently from the paper's ViT-L.
 PRESET_GRIDS = {
     "fidelity": [
-        "stages.refine.base_lr=4.0e-4,1.0e-3,4.0e-3",
+        "stages.refine.base_lr=1.0e-3,4.0e-3",
         "stages.refine.layer_decay=0.65",
-        "stages.refine.warmup_epochs=0.125",
-        "stages.refine.epochs=1.5",
-        "stages.refine.ema=0.9,0.999",
+        "stages.refine.warmup_epochs=0.25",
+        "stages.refine.epochs=6,12",
+        "stages.refine.ema=0.99,0.999",
         "heads.temperature=0.1",
         "stages.refine.topk=5",
         "queue.size=2048",
-        "augment.num_local=0",
+        "augment.num_local=4",
         "mae:mae.decoder_depth=2",
         "mae:mae.decoder_dim=96",
     ],
