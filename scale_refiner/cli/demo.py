@@ -217,7 +217,8 @@ def plot_per_block(curves: dict, paths, title: str) -> None:
     ax.set_xticks(range(len(labels)), [lab.replace("block", "") for lab in labels])
     ax.set_xlabel("block (raw CLS; final = after the final norm, standardised)")
     ax.set_ylabel("k-NN@20 accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    import textwrap
+    ax.set_title("\n".join(textwrap.wrap(title, 72)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
