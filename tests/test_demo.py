@@ -336,3 +336,21 @@ def test_sweep_plots_a_cell_over_its_seeds(tmp_path):
     text = svg.read_text()
     assert "refined (EMA), 2 seeds" in text and text.count("random init") == 0 and png.read_bytes()[:4] == b"\x89PNG"
     assert ">MAE<" in text.replace("</text>", "<")  # the shared MAE: one curve, not "2 seeds"
+
+
+def test_sweep_table_skips_runs_of_an_edited_recipe(tmp_path):
+    """A cell's directory is named by its overrides: a run made before configs/demo.yaml changed must not be
+    reported under the new recipe."""
+    sweep = load_sweep()
+    from scale_refiner.config import load_config, to_dict
+    args = sweep.parse_args(["--out", str(tmp_path)])
+    cell = {"name": "base", "mae": [], "refine": []}
+    run_dir = tmp_path / "s0"
+    (run_dir / "refined").mkdir(parents=True)
+    recorded = to_dict(load_config(ROOT / "configs/demo.yaml", ["run.seed=0", "model.weights=/some/mae.pth"]))
+    (run_dir / "refined" / "config.json").write_text(json.dumps(recorded))
+    assert sweep.recipe_matches(args, cell, 0, run_dir)  # the MAE's path is not the recipe
+    assert not sweep.recipe_matches(args, cell, 1, run_dir)  # another seed
+    recorded["stages"]["refine"]["epochs"] = 1.5  # the recipe before an edit of configs/demo.yaml
+    (run_dir / "refined" / "config.json").write_text(json.dumps(recorded))
+    assert not sweep.recipe_matches(args, cell, 0, run_dir)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -507,11 +508,14 @@ def main(argv=None) -> int:
     common = ["--limit", str(args.eval_limit), "--kmeans-runs", str(args.kmeans_runs), *data["evaluate"]]
     # (encoder name, evaluation subdirectory, weights options, protocols)
     encoders = [("MAE", "mae", ["--model", model_name, "--weights", str(weights)], args.protocols)]
+    # the recipe file's content, not only its name: an edited configs/demo.yaml is another recipe
+    config_digest = hashlib.sha256((ROOT / args.refine_config).read_bytes()).hexdigest()
     for n, (variant, overrides) in enumerate(args.variants.items()):
         for seed in args.seeds:
             label, refine_dir = run_label(args, variant, seed), out / run_subdir(args, variant, seed)
             seeded = [*overrides, f"run.seed={seed}"] if len(args.seeds) > 1 else list(overrides)
-            claim_run_dir(refine_dir, {"config": args.refine_config, "overrides": seeded, "ranks": args.ranks,
+            claim_run_dir(refine_dir, {"config": args.refine_config, "config_sha256": config_digest,
+                                       "overrides": seeded, "ranks": args.ranks,
                                        "mae_recipe": json.loads((mae_dir / "mae_pretrained.json").read_text())})
             # CPU ranks share the cores: one thread pool each of cores / ranks, not cores each (oversubscription)
             threads = ({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.ranks))} if args.ranks > 1

@@ -203,6 +203,23 @@ def demo_command(args, cell, seed: int) -> tuple:
     return command, run_dir, mae_dir
 
 
+def recipe_matches(args, cell, seed: int, run_dir: Path) -> bool:
+    """Whether a finished run was made with the cell's recipe as it resolves now: a cell's directory is named
+    by its overrides, so an edited configs/demo.yaml leaves runs of the old recipe under the same name."""
+    from scale_refiner.config import load_config, to_dict
+    recorded = run_dir / "refined" / "config.json"
+    if not recorded.is_file():
+        return False
+    want = to_dict(load_config(ROOT / args.refine_config, [*cell["refine"], f"run.seed={seed}"]))
+    have = json.loads(recorded.read_text())
+
+    def recipe(c):
+        model = {k: v for k, v in c["model"].items() if k != "weights"}  # the MAE's path, not its recipe
+        data = {k: c["data"].get(k) for k in ("dataset", "batch_size", "samples_per_epoch")}
+        return [model, c["heads"], c["queue"], c["augment"], c["stages"], data, c["run"]["seed"]]
+    return recipe(want) == recipe(have)
+
+
 def seed_result(summary: dict) -> dict:
     """One (cell, seed) run's numbers from its demo summary.json (accuracies in [0, 1])."""
     enc = summary["encoders"]
@@ -394,8 +411,13 @@ def main(argv=None) -> int:
             jobs.append((command, run_dir.parent / f"s{seed}.log"))
     if args.table_only:
         for row, seed, run_dir in runs:
-            if (run_dir / "summary.json").is_file():
-                row["seeds"][seed] = seed_result(json.loads((run_dir / "summary.json").read_text()))
+            if not (run_dir / "summary.json").is_file():
+                continue
+            if not recipe_matches(args, row, seed, run_dir):
+                print(f"skipped {run_dir}: made with another recipe than the cell's as it resolves now "
+                      f"(an edited {args.refine_config}?)", flush=True)
+                continue
+            row["seeds"][seed] = seed_result(json.loads((run_dir / "summary.json").read_text()))
     elif args.jobs <= 1:  # in the cells' order, the table rewritten after each: an interrupted sweep keeps its rows
         for (row, seed, run_dir), (command, _) in zip(runs, jobs):
             call(command, args.dry_run)
