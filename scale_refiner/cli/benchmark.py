@@ -132,6 +132,7 @@ def planned_batch(cfg, ctx, stage: str, cap: int, cpu_budget_gb: float) -> int:
     from scale_refiner.engine.distributed import resolve_precision
     from scale_refiner.plan.counts import meta_refiner, model_counts
     from scale_refiner.plan.memory import predict_memory
+    from scale_refiner.plan.search import largest_fitting
     from scale_refiner.plan.settings import setting_of_config
     on_gpu = ctx.device.type == "cuda"
     capacity = (torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else cpu_budget_gb * 1e9)
@@ -140,12 +141,10 @@ def planned_batch(cfg, ctx, stage: str, cap: int, cpu_budget_gb: float) -> int:
     plan_cfg.data.batch_size = cap * ctx.world
     counts = model_counts(plan_cfg, stage, meta_refiner(plan_cfg))
     setting = setting_of_config(plan_cfg, Path(__file__).resolve().parents[2])
-    best = 0
-    for micro in range(1, cap + 1):
-        memory = predict_memory(plan_cfg, counts, setting, ctx.world, micro, compute_bytes, on_gpu=on_gpu)
-        if memory.total > capacity:
-            break
-        best = micro
+    best, _ = largest_fitting(
+        range(1, cap + 1),
+        lambda micro: predict_memory(plan_cfg, counts, setting, ctx.world, micro, compute_bytes, on_gpu=on_gpu),
+        capacity)
     return best
 
 
