@@ -18,7 +18,7 @@ and one JSON line to ``--json`` (default: ``--out`` with suffix .jsonl).
 available), capped by the recipe's per-rank batch).
 
 ``--compare``: comma list of ``engines`` (ZeRO-3, ZeRO-2, FSDP2; needs a process group: torchrun / deepspeed,
-or one local rank), ``checkpointing`` (on / off), ``norm`` (heads.norm bn / syncbn / async). Each variant is
+or one local rank), ``checkpointing`` (every trained block / the first half / selective / off), ``norm`` (heads.norm bn / syncbn / async). Each variant is
 built fresh, in turn, in the same process group; a side-by-side table with ratios to each group's first row
 is printed (``--rounds`` repeats the sequence and keeps each variant's median).
 """
@@ -107,11 +107,14 @@ def variants(cfg, groups, ds_ok: bool):
             c = copy.deepcopy(cfg)
             c.engine.kind = "fsdp2"
             out.append((group, "fsdp2", c))
-        elif group == "checkpointing":
-            for on in (True, False):
+        elif group == "checkpointing":  # the planner's modes: every trained block, half of them, op-level, none
+            from scale_refiner.models.vit import resolve_model_dims
+            trained = resolve_model_dims(cfg.model)["depth"] - cfg.model.freeze_blocks
+            for mode in (True, max(1, trained // 2), "selective", False):
                 c = copy.deepcopy(cfg)
-                c.model.checkpointing = on
-                out.append((group, f"checkpointing={'on' if on else 'off'}", c))
+                c.model.checkpointing = mode
+                label = {True: "every block", False: "off", "selective": "selective"}.get(mode, f"first {mode}")
+                out.append((group, f"checkpointing={label}", c))
         elif group == "norm":
             for kind in ("syncbn", "async", "bn"):
                 c = copy.deepcopy(cfg)
