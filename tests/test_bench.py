@@ -102,10 +102,10 @@ def test_benchmark_compare_in_one_process(tmp_path):
     out = tmp_path / "cmp.md"
     cmd = [sys.executable, str(ROOT / "launch/benchmark.py"), "--config", str(ROOT / "configs/demo.yaml"),
            "--steps", "1", "--warmup", "1", "--batch", "auto", "--max-batch", "2", "--out", str(out),
-           "--compare", "norm", "--no-cpu-peak", "model.name=vit_test_patch4", "heads.blocks=[1]",
+           "--compare", "norm,checkpointing", "--no-cpu-peak", "model.name=vit_test_patch4", "heads.blocks=[1]",
            "heads.proj_hidden_dim=32", "heads.pred_hidden_dim=32", "heads.proj_out_dim=16", "queue.size=64",
            "engine.kind=single", "augment.num_local=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--batch auto: per-rank batch 2" in proc.stdout
     # the search starts from the planner's prediction (capped at --max-batch) and reports both
@@ -113,6 +113,9 @@ def test_benchmark_compare_in_one_process(tmp_path):
     # the demo recipe's 128 on one rank, 2 at a time: 64 micro-batches of 2
     assert "runs as 64 micro-batch(es) of 2 per rank: data.micro_batch_size=2" in proc.stdout
     results = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert [r["variant"] for r in results] == ["heads.norm=syncbn", "heads.norm=async", "heads.norm=bn"]
+    assert [r["variant"] for r in results] == ["heads.norm=syncbn", "heads.norm=async", "heads.norm=bn",
+                                               "checkpointing=every block", "checkpointing=first 2",
+                                               "checkpointing=selective", "checkpointing=off"]
+    assert [r["checkpointing"] for r in results[3:]] == [True, 2, "selective", False]  # 4 trained blocks
     assert all(r["mfu"] is None and r["per_rank_batch"] == 2 for r in results)
     assert "| norm | heads.norm=async |" in proc.stdout and "| 1.00 |" in proc.stdout

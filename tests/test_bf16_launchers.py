@@ -1,5 +1,5 @@
-"""bf16 (CPU autocast) through the launchers users run, both stages, every engine, 2 gloo ranks; ZeRO-Offload;
-gradient accumulation.
+"""bf16 (CPU autocast) through the launchers users run, both stages, every engine, 2 gloo ranks; FSDP2 with
+selective checkpointing and HSDP on 4 ranks; ZeRO-Offload; gradient accumulation.
 
 The bf16 runs are held to the fp32 run of the same recipe: the loss of every step within ``BF16_RTOL`` of it,
 their mean gap within ``BF16_RTOL_MEAN``, and the first step (identical weights) within ``BF16_RTOL_FIRST``. The published weights (``model_state.pt``,
@@ -63,6 +63,21 @@ def test_bf16_run_tracks_the_fp32_run(fp32_run, tmp_path, kind, extra):
     from safetensors.torch import load_file
     exported = load_file(str(tmp_path / "bf16/export/online.safetensors"))
     assert all(torch.equal(exported[k], state[f"encoder.{k}"]) for k in exported)  # the export is that state
+
+
+@pytest.mark.parametrize("extra, ranks", [
+    (["model.checkpointing=selective"], 2),  # op-level SAC: saved matmul / SDPA outputs are bf16 under autocast
+    (["engine.fsdp_replicate=2"], 4),        # HSDP, 2 x 2 mesh: bf16 parameters sharded and replicated
+], ids=["fsdp2-selective", "hsdp-2x2"])
+def test_bf16_fsdp2_variants_track_the_fp32_run(fp32_run, tmp_path, extra, ranks):
+    """The FSDP2 settings the planner chooses between, in bf16 on CPU ranks, held to the same one-process fp32 run
+    (in fp32 both equal it to rounding: tests/test_checkpointing.py, tests/test_hybrid_launchers.py)."""
+    launch("fsdp2", tmp_path / "bf16", BOTH + BF16 + extra, ranks=ranks)
+    gaps = relative_gaps(fp32_run, tmp_path / "bf16")
+    print(f"bf16 vs fp32 relative loss gaps (fsdp2 {' '.join(extra)}, {ranks} ranks):", [f"{g:.2e}" for g in gaps])
+    assert gaps[0] <= BF16_RTOL_FIRST and max(gaps) <= BF16_RTOL and sum(gaps) / 6 <= BF16_RTOL_MEAN, gaps
+    state = torch.load(tmp_path / "bf16/checkpoints/refine-end/model_state.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
 def test_mae_pretraining_in_bf16_on_zero3_tracks_fp32(tmp_path):

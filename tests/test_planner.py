@@ -213,3 +213,21 @@ def test_memory_of_the_modes_is_ordered_and_the_search_picks_the_least_recomputa
     best = next(p for p in plans if p.fastest)
     assert best.setting.checkpointing == smallest <= 9
     assert all(best.total_gpu_hours <= p.total_gpu_hours for p in plans if p.fits)
+
+
+def test_largest_fitting_micro_batch_equals_a_brute_force_scan():
+    """The one search the planner and benchmark --batch auto share: the largest candidate whose every predicted
+    stage fits, against scanning all candidates; (0, the smallest's prediction) when none fits."""
+    from types import SimpleNamespace
+    from scale_refiner.plan.search import largest_fitting
+
+    def predict(micro):  # two stages, memory growing with the micro-batch at different rates
+        return {"heads": SimpleNamespace(total=100 + 7 * micro), "refine": SimpleNamespace(total=50 + 11 * micro)}
+    candidates = [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]
+    for capacity in (40, 61, 150, 200, 300, 10_000):
+        fitting = [m for m in candidates if all(v.total <= capacity for v in predict(m).values())]
+        micro, memory = largest_fitting(candidates, predict, capacity)
+        assert micro == max(fitting, default=0), capacity
+        assert memory == predict(micro if micro else 1)
+    single, _ = largest_fitting(range(1, 33), lambda m: SimpleNamespace(total=10 * m), 255)
+    assert single == 25

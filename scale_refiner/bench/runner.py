@@ -346,7 +346,7 @@ def benchmark(cfg, ctx, per_rank: int, opts: BenchOptions, config_name: str = "?
         "peak_memory_gb": mem_gb, "memory_kind": mem_kind, "breakdown_ms": breakdown,
         "gpu_hours": gpu_hours(cfg, stage_ips, notes, opts.dataset_size, opts.gpus or ctx.world),
         "data": "synthetic random crops at the recipe's sizes, copied host->device each step; no loading",
-        "checkpointing": bool(cfg.model.checkpointing), "heads_norm": cfg.heads.norm,
+        "checkpointing": cfg.model.checkpointing, "heads_norm": cfg.heads.norm,
         "freeze_blocks": cfg.model.freeze_blocks, "frozen_prefix": "inside the engine (run under no_grad)",
         "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

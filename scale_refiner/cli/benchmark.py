@@ -18,7 +18,7 @@ and one JSON line to ``--json`` (default: ``--out`` with suffix .jsonl).
 available), capped by the recipe's per-rank batch).
 
 ``--compare``: comma list of ``engines`` (ZeRO-3, ZeRO-2, FSDP2; needs a process group: torchrun / deepspeed,
-or one local rank), ``checkpointing`` (on / off), ``norm`` (heads.norm bn / syncbn / async). Each variant is
+or one local rank), ``checkpointing`` (every trained block / the first half / selective / off), ``norm`` (heads.norm bn / syncbn / async). Each variant is
 built fresh, in turn, in the same process group; a side-by-side table with ratios to each group's first row
 is printed (``--rounds`` repeats the sequence and keeps each variant's median).
 """
@@ -107,11 +107,14 @@ def variants(cfg, groups, ds_ok: bool):
             c = copy.deepcopy(cfg)
             c.engine.kind = "fsdp2"
             out.append((group, "fsdp2", c))
-        elif group == "checkpointing":
-            for on in (True, False):
+        elif group == "checkpointing":  # the planner's modes: every trained block, half of them, op-level, none
+            from scale_refiner.models.vit import resolve_model_dims
+            trained = resolve_model_dims(cfg.model)["depth"] - cfg.model.freeze_blocks
+            for mode in (True, max(1, trained // 2), "selective", False):
                 c = copy.deepcopy(cfg)
-                c.model.checkpointing = on
-                out.append((group, f"checkpointing={'on' if on else 'off'}", c))
+                c.model.checkpointing = mode
+                label = {True: "every block", False: "off", "selective": "selective"}.get(mode, f"first {mode}")
+                out.append((group, f"checkpointing={label}", c))
         elif group == "norm":
             for kind in ("syncbn", "async", "bn"):
                 c = copy.deepcopy(cfg)
@@ -132,6 +135,7 @@ def planned_batch(cfg, ctx, stage: str, cap: int, cpu_budget_gb: float) -> int:
     from scale_refiner.engine.distributed import resolve_precision
     from scale_refiner.plan.counts import meta_refiner, model_counts
     from scale_refiner.plan.memory import predict_memory
+    from scale_refiner.plan.search import largest_fitting
     from scale_refiner.plan.settings import setting_of_config
     on_gpu = ctx.device.type == "cuda"
     capacity = (torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else cpu_budget_gb * 1e9)
@@ -140,12 +144,10 @@ def planned_batch(cfg, ctx, stage: str, cap: int, cpu_budget_gb: float) -> int:
     plan_cfg.data.batch_size = cap * ctx.world
     counts = model_counts(plan_cfg, stage, meta_refiner(plan_cfg))
     setting = setting_of_config(plan_cfg, Path(__file__).resolve().parents[2])
-    best = 0
-    for micro in range(1, cap + 1):
-        memory = predict_memory(plan_cfg, counts, setting, ctx.world, micro, compute_bytes, on_gpu=on_gpu)
-        if memory.total > capacity:
-            break
-        best = micro
+    best, _ = largest_fitting(
+        range(1, cap + 1),
+        lambda micro: predict_memory(plan_cfg, counts, setting, ctx.world, micro, compute_bytes, on_gpu=on_gpu),
+        capacity)
     return best
 
 

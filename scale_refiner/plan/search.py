@@ -55,6 +55,19 @@ def compute_bytes_of(cfg) -> int:
     return 4 if cfg.engine.precision == "fp32" else 2
 
 
+def largest_fitting(candidates, predict, capacity: float):
+    """The largest micro-batch of ``candidates`` whose predicted memory fits ``capacity`` bytes, with that
+    prediction: ``predict(micro)`` returns a ``Memory`` or a dict of them (one per stage, all must fit).
+    (0, the smallest candidate's prediction) when none fits. Memory grows with the micro-batch, so the scan
+    runs downwards and stops at the first fit. The planner and ``benchmark.py --batch auto`` both ask this."""
+    memory = None
+    for micro in sorted(set(candidates), reverse=True):
+        memory = predict(micro)
+        if all(m.total <= capacity for m in (memory.values() if isinstance(memory, dict) else [memory])):
+            return micro, memory
+    return 0, memory
+
+
 def plan_all(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float = 0.4,
              root: Optional[Path] = None, settings: Optional[List[Setting]] = None) -> List[Plan]:
     from scale_refiner.engine.trainer import plan_stage
@@ -73,12 +86,9 @@ def plan_all(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float = 0.4
     for setting in settings or all_settings(gpus, root, gpus_per_node=gpu.gpus_per_node, trained_blocks=trained):
         scfg = copy.deepcopy(cfg)
         scfg.model.checkpointing = setting.checkpointing
-        chosen, memory = 0, {}
-        for micro in divisors:
-            memory = {s: predict_memory(scfg, counts[s], setting, gpus, micro, c) for s in stages}
-            if all(m.total <= capacity for m in memory.values()):
-                chosen = micro
-                break
+        chosen, memory = largest_fitting(
+            divisors, lambda micro: {s: predict_memory(scfg, counts[s], setting, gpus, micro, c) for s in stages},
+            capacity)
         plan = Plan(setting, chosen, per_rank // chosen if chosen else 0, bool(chosen),
                     memory={s: m.as_dict() for s, m in memory.items()})
         if chosen:
