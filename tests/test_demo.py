@@ -42,8 +42,11 @@ def test_every_step_runs_and_the_table_is_printed(demo_run):
         assert step in proc.stdout
     assert "| encoder | k-NN@10 | k-NN@20 | k-means ACC | k-means NMI | per-block k-NN@20 peak |" in proc.stdout
     assert "TensorBoard: tensorboard --logdir" in proc.stdout
+    assert "== evaluate random init" in proc.stdout and "== raw pixels" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["encoders"]) == {"MAE", "refined (online)", "refined (EMA)"}
+    assert set(summary["encoders"]) == {"raw pixels", "random init", "MAE", "refined (online)", "refined (EMA)"}
+    raw = summary["encoders"].pop("raw pixels")
+    assert 0.1 <= raw["knn"]["20"] <= 1 and raw["blocks"] is None
     for metrics in summary["encoders"].values():
         assert 0.1 <= metrics["knn"]["20"] <= 1  # 10 classes: chance is 0.1; the bank is 300 images
         assert 0 <= metrics["kmeans"]["nmi"] <= 1
@@ -152,3 +155,202 @@ def test_the_chain_runs_on_class_folders_and_evaluates_on_them(tmp_path):
     assert json.loads((out / "refined" / "demo_recipe.json").read_text())["overrides"][:2] == data["overrides"]
     with pytest.raises(SystemExit, match=r"--shards .*nowhere.*manifest not found"):
         demo_cli.prepare_data(demo_cli.parse_args(["--shards", str(tmp_path / "nowhere"), "--out", str(out)]))
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("demo_cli", ROOT / "launch/demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_starts_from_the_shipped_mae_only_for_its_recipe(tmp_path):
+    """The shipped MAE is adopted when the run would pre-train exactly its recipe; then launch/pretrain_mae.py
+    reuses it (same recipe) instead of pre-training. Overrides, other data or --pretrain-mae pre-train."""
+    demo_cli = load_demo()
+    shipped = demo_cli.SHIPPED_MAE
+    recipe = json.loads((shipped / "mae_pretrained.json").read_text())
+    from scale_refiner.cli.pretrain_mae import existing_weights, recipe_of
+    from scale_refiner.config import PretrainConfig, load_config
+    cfg = load_config(ROOT / "configs/demo_mae.yaml", [], schema_class=PretrainConfig)
+    assert recipe_of(cfg) == recipe  # configs/demo_mae.yaml is the recipe that made the file
+    args = demo_cli.parse_args(["--out", str(tmp_path / "a")])
+    assert demo_cli.adopt_shipped_mae(args, args.mae_dir)
+    assert (args.mae_dir / "mae_pretrained.pth").read_bytes() == (shipped / "mae_pretrained.pth").read_bytes()
+    assert existing_weights(args.mae_dir, cfg) is not None  # what makes pretrain_mae.py reuse it
+    assert not demo_cli.adopt_shipped_mae(args, args.mae_dir)  # weights already there: kept as they are
+    changed = demo_cli.parse_args(["--out", str(tmp_path / "b"), "--mae=stages.mae.epochs=1"])
+    assert not demo_cli.adopt_shipped_mae(changed, changed.mae_dir) and not changed.mae_dir.exists()
+    assert demo_cli.parse_args(["--validate"]).pretrain_mae  # validation re-creates it from the recipe
+    # the file holds the demo encoder (and the recorded quality names it)
+    weights = torch.load(shipped / "mae_pretrained.pth", weights_only=True)["model"]
+    from scale_refiner.models.vit import build_vit
+    encoder = build_vit(cfg.model)
+    missing, _ = encoder.load_state_dict({k: v for k, v in weights.items() if not k.startswith(("decoder", "mask"))},
+                                         strict=False)
+    assert not missing and all(torch.isfinite(v).all() for v in weights.values())
+    quality = json.loads((shipped / "eval_metrics.json").read_text())
+    assert quality["model"]["name"] == cfg.model.name and quality["limit"] == 10000
+
+
+def blocks_of(values):
+    return {"labels": [f"block{i}" for i in range(len(values) - 1)] + ["final"], "knn20": values}
+
+
+def test_validation_checks_measure_what_the_recipe_claims():
+    """The checks on made-up results: an early per-block peak beyond one standard error, refinement above the
+    peak, NNA against NNCLR, async against syncbn; and the same checks failing on results that do not show it."""
+    demo_cli = load_demo()
+    args = demo_cli.parse_args(["--validate", "--seeds", "0,1"])
+    args.pretrain_mae = False  # no comparison with the shipped file here
+
+    def ema(knn):
+        return {"knn": {"20": knn}, "kmeans": {"nmi": 0.5}, "blocks": blocks_of([0.7, knn])}
+    results = {"random init": {"knn": {"20": 0.60}}, "MAE": {"knn": {"20": 0.70},
+                                                            "blocks": blocks_of([0.72, 0.75, 0.70, 0.70])}}
+    for variant, knn in (("nna_bn", 0.78), ("nnclr_bn", 0.76), ("nna_syncbn", 0.77), ("nna_async", 0.775)):
+        for seed in (0, 1):
+            results[f"{variant} s{seed} (EMA)"] = ema(knn + 0.002 * seed)
+    checks = {c["name"]: c for c in demo_cli.validation_checks(args, results)}
+    assert all(c["passed"] for c in checks.values()), checks
+    peak = checks["MAE per-block k-NN@20 peaks before the last block (by > 1 s.e.)"]
+    assert abs(peak["value"] - 0.05) < 1e-9 and "at block1" in peak["detail"]
+    assert abs(checks["MAE k-NN@20 above random init"]["value"] - 0.10) < 1e-9
+    table = demo_cli.seed_table(args, results)
+    assert "| nna_bn | EMA | 2 | 78.1 ± 0.1 | 50.0 ± 0.0 |" in table
+    # a monotone MAE, refinement below its peak, NNCLR ahead, async 2 points behind: each check fails
+    results["MAE"]["blocks"] = blocks_of([0.70, 0.72, 0.74, 0.80])
+    results["random init"]["knn"]["20"] = 0.68
+    for seed in (0, 1):
+        results[f"nnclr_bn s{seed} (EMA)"] = ema(0.79)
+        results[f"nna_async s{seed} (EMA)"] = ema(0.75)
+    assert not any(c["passed"] for c in demo_cli.validation_checks(args, results))
+    curves = demo_cli.per_block_curves(args, {k: v for k, v in results.items() if "blocks" in v})
+    assert curves["nna_bn (EMA), 2 seeds"][1][-1] == pytest.approx(0.781) and "MAE" in curves
+
+
+def test_several_seeds_are_separate_runs_and_one_table(tmp_path):
+    """--seeds 0,1: two refinements (their own directories, seeds and results), one MAE, the mean-and-spread table
+    and one plot whose refined curves are the seeds' mean."""
+    out = tmp_path / "seeds"
+    proc = demo(out, ["--seeds", "0,1", "--no-references", "--protocols", "knn,blocks,kmeans"])
+    for seed in (0, 1):
+        assert f"== MIM-Refiner refined s{seed} (heads, then refine)" in proc.stdout
+        config = json.loads((out / "refined" / f"s{seed}" / "config.json").read_text())
+        assert config["run"]["seed"] == seed
+    assert proc.stdout.count("== MAE pre-training\n") == 1
+    a, b = (torch.load(out / "refined" / f"s{s}" / "checkpoints" / "refine-end" / "model_state.pt",
+                       weights_only=True) for s in (0, 1))
+    assert not torch.equal(a["encoder.blocks.3.mlp.fc1.weight"], b["encoder.blocks.3.mlp.fc1.weight"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and "refined s1 (EMA)" in summary["encoders"]
+    assert "| variant | encoder | seeds | k-NN@20 | k-means NMI |" in proc.stdout
+    assert "| refined | EMA | 2 |" in proc.stdout
+    assert (out / "per_block_knn.svg").read_text().count("refined (EMA), 2 seeds") == 1
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("sweep_cli", ROOT / "launch/sweep_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_cells_vary_one_factor_and_route_mae_keys():
+    sweep = load_sweep()
+    args = sweep.parse_args(["--base", "stages.refine.base_lr=2e-3", "--axis", "stages.refine.base_lr=1e-3,2e-3",
+                             "--axis", "mae:mae.decoder_depth=2", "--cell", "queue.size=64 mae:mae.mask_ratio=0.5"])
+    cells = sweep.build_cells(args)
+    # the axis value equal to the base is the base cell, not a second run of it
+    assert [c["name"] for c in cells] == ["base", "stages.refine.base_lr=1e-3", "mae:mae.decoder_depth=2",
+                                          "queue.size=64 mae:mae.mask_ratio=0.5"]
+    assert cells[1] == {"name": "stages.refine.base_lr=1e-3", "mae": [], "refine": ["stages.refine.base_lr=1e-3"]}
+    assert cells[2]["mae"] == ["mae.decoder_depth=2"] and cells[2]["refine"] == ["stages.refine.base_lr=2e-3"]
+    assert cells[3]["mae"] == ["mae.mask_ratio=0.5"]
+    # cells that pre-train the same MAE share its directory; another MAE recipe gets its own
+    mae_dirs = [sweep.demo_command(args, c, 0)[2] for c in cells]
+    assert mae_dirs[0] == mae_dirs[1] != mae_dirs[2] != mae_dirs[3]
+
+
+def test_sweep_table_means_and_spreads_over_seeds():
+    sweep = load_sweep()
+
+    def seed(mae, best, ema, mae_nmi, ema_nmi):
+        return {"mae_knn20": mae, "mae_best_block_knn20": best, "mae_nmi": mae_nmi, "online_knn20": ema,
+                "online_nmi": ema_nmi, "ema_knn20": ema, "ema_nmi": ema_nmi, "refine_minutes": 2.0}
+    row = {"name": "base", "steps": {"mae": 110, "heads": 16, "refine": 96},
+           "seeds": {0: seed(0.70, 0.72, 0.76, 0.60, 0.64), 1: seed(0.70, 0.74, 0.78, 0.60, 0.66)}}
+    refs = {"raw_pixels": {0: {"knn20": 0.8, "nmi": 0.5}},
+            "random_init": {0: {"knn20": 0.6, "nmi": 0.4, "best_block_knn20": 0.62}}}
+    rows = sweep.table_rows([row], refs)
+    assert rows[0][0] == "raw pixels (no encoder)" and rows[0][3] == "80.0"
+    assert rows[1][0] == "random-init encoder" and rows[1][3] == "60.0 (62.0)"
+    base = dict(zip(sweep.COLUMNS, rows[2]))
+    assert base["steps (MAE / heads + refine)"] == "110 / 16 + 96"
+    assert base["MAE k-NN@20 (best block)"] == "70.0 ± 0.0 (73.0 ± 1.4)"
+    assert base["EMA k-NN@20"] == "77.0 ± 1.4"
+    assert base["EMA - MAE best block"] == "4.0 ± 0.0"  # per seed: 76 - 72 and 78 - 74
+    assert base["EMA - MAE NMI"] == "5.0 ± 1.4" and base["seeds"] == "0,1"
+
+
+def test_sweep_runs_the_chain_and_writes_its_table(tmp_path):
+    """Two cells on the tiniest settings: one MAE pre-training serves both, every row has numbers."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "launch/sweep_demo.py", "--out", str(out), "--seeds", "0", "--eval-limit", "300",
+           "--kmeans-runs", "1", *(f"--base=mae:{o}" for o in MAE), *(f"--base={o}" for o in REFINE),
+           "--axis", "stages.refine.base_lr=1e-3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, f"sweep failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.stdout.count("== MAE pre-training\n") == 2 and "already exist" in proc.stdout  # trained once
+    assert proc.stdout.count("== evaluate MAE\n") == 1 and "== evaluate MAE: reused" in proc.stdout  # once too
+    result = json.loads((out / "sweep.json").read_text())
+    assert [c["name"] for c in result["cells"]] == ["base", "stages.refine.base_lr=1e-3"]
+    for cell in result["cells"]:
+        assert cell["steps"] == {"mae": 4, "heads": 2, "refine": 2}  # 64 samples / 32, 2 MAE epochs
+        numbers = cell["seeds"]["0"]
+        for key in ("mae_knn20", "mae_best_block_knn20", "online_knn20", "ema_knn20"):
+            assert 0.1 <= numbers[key] <= 1  # 10 classes
+    assert set(result["references"]["raw_pixels"]["0"]) == {"knn20", "nmi"}
+    lines = (out / "sweep.md").read_text().splitlines()
+    assert lines[0].startswith("| recipe | steps") and len(lines) == 2 + 2 + 2  # header, refs, cells
+    assert lines[2].startswith("| raw pixels") and lines[3].startswith("| random-init encoder")
+    plots = sorted((out / "cells").glob("*/s0/per_block_knn.svg"))  # a cell's directory: its overrides, hashed
+    assert len(plots) == 2 and all(p.read_text().startswith("<?xml") for p in plots)
+
+
+def test_sweep_plots_a_cell_over_its_seeds(tmp_path):
+    """Several seeds of a cell: one plot, each encoder's curve the seeds' mean, the shared MAE once, the
+    references left to the random-init reference of the sweep itself."""
+    sweep = load_sweep()
+    args = sweep.parse_args(["--out", str(tmp_path), "--seeds", "0,1", "--mae-seed", "0"])
+    run_dirs = {}
+    for seed in (0, 1):
+        run_dirs[seed] = tmp_path / f"s{seed}"
+        run_dirs[seed].mkdir()
+        encoders = {"random init": {"blocks": blocks_of([0.6, 0.6])}, "MAE": {"blocks": blocks_of([0.7, 0.72])},
+                    "refined (EMA)": {"blocks": blocks_of([0.7, 0.74 + 0.02 * seed])}}
+        (run_dirs[seed] / "summary.json").write_text(json.dumps({"encoders": encoders}))
+    svg, png = sweep.plot_seeds(args, {"name": "base", "mae": [], "refine": []}, run_dirs)
+    text = svg.read_text()
+    assert "refined (EMA), 2 seeds" in text and text.count("random init") == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert ">MAE<" in text.replace("</text>", "<")  # the shared MAE: one curve, not "2 seeds"
+
+
+def test_sweep_table_skips_runs_of_an_edited_recipe(tmp_path):
+    """A cell's directory is named by its overrides: a run made before configs/demo.yaml changed must not be
+    reported under the new recipe."""
+    sweep = load_sweep()
+    from scale_refiner.config import load_config, to_dict
+    args = sweep.parse_args(["--out", str(tmp_path)])
+    cell = {"name": "base", "mae": [], "refine": []}
+    run_dir = tmp_path / "s0"
+    (run_dir / "refined").mkdir(parents=True)
+    recorded = to_dict(load_config(ROOT / "configs/demo.yaml", ["run.seed=0", "model.weights=/some/mae.pth"]))
+    (run_dir / "refined" / "config.json").write_text(json.dumps(recorded))
+    assert sweep.recipe_matches(args, cell, 0, run_dir)  # the MAE's path is not the recipe
+    assert not sweep.recipe_matches(args, cell, 1, run_dir)  # another seed
+    recorded["stages"]["refine"]["epochs"] = 1.5  # the recipe before an edit of configs/demo.yaml
+    (run_dir / "refined" / "config.json").write_text(json.dumps(recorded))
+    assert not sweep.recipe_matches(args, cell, 0, run_dir)

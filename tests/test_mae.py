@@ -255,3 +255,19 @@ def test_run_control_keys_do_not_change_the_recipe():
     assert mae_signature(base) == mae_signature(other)
     changed = load_config(ROOT / "configs/demo_mae.yaml", ["stages.mae.base_lr=7.7e-4"], schema_class=PretrainConfig)
     assert mae_signature(base) != mae_signature(changed)
+
+
+def test_periodic_knn_is_logged_and_leaves_the_weights_unchanged(tmp_path):
+    """--eval-samples N with run.knn_every: a k-NN of the encoder every that many steps, in the log and in
+    TensorBoard; measuring forks the random streams, so the weights equal those of an unmeasured run bit for bit."""
+    pretrain(tmp_path / "plain")
+    measured = pretrain(tmp_path / "knn", ["--eval-samples", "64", "run.knn_every=1"])
+    lines = [line for line in measured.stderr.splitlines() if "k-NN {" in line]
+    steps = len(losses(tmp_path / "knn"))
+    assert len(lines) == steps and "(64 train / 64 test images)" in lines[0], measured.stderr[-2000:]
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "knn")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(next((tmp_path / "knn" / "tensorboard").iterdir()).parent))
+    events.Reload()
+    assert "mae/knn_top1_k20" in events.Tags()["scalars"]

@@ -41,6 +41,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="pre-training recipe YAML, e.g. configs/demo_mae.yaml")
     parser.add_argument("--force", action="store_true", help="pre-train even if the same recipe's weights exist")
+    parser.add_argument("--eval-samples", type=int, default=0,
+                        help="train / test images of a k-NN of the encoder every run.knn_every steps and at the end "
+                             "(0, the default, skips it: an MAE's k-NN is a progress signal, not its purpose)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.mae.epochs=10")
     return parse_launched(parser, argv, intermixed=True)  # --force may come after the overrides
 
@@ -69,6 +72,27 @@ def recipe_of(cfg: PretrainConfig) -> dict:
     return recipe
 
 
+def knn_monitor(cfg: PretrainConfig, ctx, writer, samples: int):
+    """``run_stage``'s ``evaluate`` hook: k-NN@10/20 of the encoder on ``samples`` train / test images every
+    ``run.knn_every`` steps, logged and written to TensorBoard as ``mae/knn_top1_k*``.
+    None when ``samples`` is 0. Collective, like the refine job's: every rank extracts a share."""
+    if not samples:
+        return None
+    from scale_refiner.data.loaders import eval_arrays
+    from scale_refiner.eval.knn import knn_of_state
+    with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global generator
+        eval_data = (eval_arrays(cfg, "train", samples, uint8=True), eval_arrays(cfg, "test", samples, uint8=True))
+
+    def periodic_knn(engine, stage, step):
+        accuracy = knn_of_state(engine.encoder_state(), cfg, ctx.device, eval_data)
+        if ctx.is_main:
+            for k, value in accuracy.items():
+                writer.add_scalar(f"{stage}/knn_top1_k{k}", value, step)
+            log.info("%s, step %d: k-NN %s (%d train / %d test images)", stage, step, accuracy,
+                     len(eval_data[0][1]), len(eval_data[1][1]))
+    return periodic_knn
+
+
 def existing_weights(out_dir: Path, cfg: PretrainConfig):
     """The weights file of an earlier run of this very recipe, or None."""
     weights, recipe = out_dir / WEIGHTS_NAME, out_dir / RECIPE_NAME
@@ -95,7 +119,7 @@ def _run(argv) -> int:
         return 0
     try:
         from scale_refiner.data.loaders import run_data
-        run_data(cfg)  # data.dataset and the shards agree, checked before any work
+        run_data(cfg, evaluate=bool(args.eval_samples))  # data.dataset and the shards agree, checked first
         ctx = start_job(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -139,8 +163,10 @@ def _run(argv) -> int:
         from scale_refiner.data.loaders import train_stream
         stream = train_stream(cfg, ctx.rank, ctx.world)
         engine = build_engine(model, cfg, "mae", ctx)
+        periodic_knn = knn_monitor(cfg, ctx, writer, args.eval_samples)
         result = run_stage(engine, cfg, "mae", stream, ctx, writer, checkpoints, point,
-                           metrics_file=out_dir / "metrics.jsonl", inputs=mae_inputs, signature=signature)
+                           metrics_file=out_dir / "metrics.jsonl", inputs=mae_inputs, signature=signature,
+                           evaluate=periodic_knn)
         last = result.metrics
         if writer is not None:
             writer.close()
