@@ -55,8 +55,11 @@ def test_paper_figures_from_design():
 
 
 def test_frozen_blocks_counted_once():
-    base = load_config(ROOT / "configs/demo.yaml", ["model.freeze_blocks=0", "model.checkpointing=false"])
-    frozen = load_config(ROOT / "configs/demo.yaml", ["model.freeze_blocks=2", "model.checkpointing=true"])
+    # 2 global crops of 32 px and 4 local crops of 16 px (pinned: the demo recipe itself trains on global crops)
+    base = load_config(ROOT / "configs/demo.yaml", ["model.freeze_blocks=0", "model.checkpointing=false",
+                                                    "augment.num_local=4"])
+    frozen = load_config(ROOT / "configs/demo.yaml", ["model.freeze_blocks=2", "model.checkpointing=true",
+                                                      "augment.num_local=4"])
     dims = resolve_model_dims(base.model)
     a, b = step_flops(base), step_flops(frozen)
     expected = 0
@@ -78,7 +81,8 @@ def test_benchmark_cli_end_to_end(tmp_path):
     cmd = [sys.executable, str(ROOT / "launch/benchmark.py"), "--config", str(ROOT / "configs/demo.yaml"),
            "--steps", "2", "--warmup", "1", "--batch", "8", "--out", str(out),
            "model.name=vit_test_patch4", "heads.blocks=[1,2]", "heads.proj_hidden_dim=64",
-           "heads.pred_hidden_dim=64", "heads.proj_out_dim=32", "queue.size=64", "engine.kind=single"]
+           "heads.pred_hidden_dim=64", "heads.proj_out_dim=32", "queue.size=64", "engine.kind=single",
+           "augment.num_local=4", "stages.refine.epochs=3"]  # 6 crops an image, 3 refine epochs: pinned below
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = out.read_text().strip().splitlines()
