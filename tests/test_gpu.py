@@ -115,37 +115,80 @@ def _train_steps(engine, ema, cfg, batch, device, steps: int, step0: int = 0):
     return loss
 
 
+def _synchronising_calls(fn):
+    """Run ``fn()`` under ``torch.cuda.set_sync_debug_mode("warn")`` and return every synchronising call it made,
+    each as the innermost frames of this repository that led to it (with its count). Warn mode rather than
+    "error": one run names every sync, not only the first, which matters on a GPU lent for minutes."""
+    import traceback
+    sites = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "called a synchronizing" not in str(message):  # not the mode switch's own "prototype" warning
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if str(ROOT) in f.filename]
+        where = " <- ".join(f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.line}" for f in frames[::-1][:3])
+        sites[where] = sites.get(where, 0) + 1
+    cuda_ = torch.cuda.is_available()  # without CUDA only the recording runs (its CPU test below)
+    previous = torch.cuda.get_sync_debug_mode() if cuda_ else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record  # catch_warnings restores it
+        if cuda_:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            if cuda_:
+                torch.cuda.set_sync_debug_mode(previous)
+    return result, sites
+
+
 @gpu
 @cuda
-@pytest.mark.parametrize("extra", [(), ("data.micro_batch_size=8",)], ids=["one-batch", "two-micro-batches"])
+@pytest.mark.parametrize("extra", [(), ("data.micro_batch_size=8",), ("heads.norm=async",)],
+                         ids=["one-batch", "two-micro-batches", "async-bn"])
 def test_gpu_steady_state_step_has_no_host_sync(extra):
     """After warm-up, a whole training step (inputs to the device, forward with the queue lookup and enqueue,
     backward, optimiser step, EMA) queues its work without the host once waiting for the GPU: under
-    ``torch.cuda.set_sync_debug_mode("error")`` any synchronising call (``.item()``, a blocking copy, a
-    ``nonzero``, a data-dependent shape) raises. Also with two micro-batches (non-contiguous slices of the
-    pinned batch)."""
+    ``torch.cuda.set_sync_debug_mode`` no synchronising call (``.item()``, a blocking copy, a ``nonzero``, a
+    data-dependent shape, a Python scalar written into an indexed tensor) is made. Also with two micro-batches
+    (non-contiguous slices of the pinned batch) and with the async-statistics BatchNorm heads."""
     device = torch.device("cuda", 0)
     cfg, engine, ema, batch = _steady_state_setup(device, *extra)
     assert engine.dtype == torch.bfloat16
     _train_steps(engine, ema, cfg, batch, device, 2)  # warm-up: lazy CUDA / cuBLAS / allocator set-up
     torch.cuda.synchronize()
     assert all(q.num_filled == q.size for q in engine.model.queues)  # the steady state, not the filling phase
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss = _train_steps(engine, ema, cfg, batch, device, 3, step0=2)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
+    loss, sites = _synchronising_calls(lambda: _train_steps(engine, ema, cfg, batch, device, 3, step0=2))
+    assert not sites, "host synchronisations in the steady-state step:\n" + "\n".join(
+        f"{n} x {where}" for where, n in sites.items())
     torch.cuda.synchronize()
     assert torch.isfinite(loss)
     for p in engine.model.parameters():
         assert torch.isfinite(p).all()
 
 
-def test_steady_state_step_loop_runs_on_cpu():
+def test_sync_recorder_names_each_synchronising_call():
+    """The GPU test's recorder: a sync warning (what torch's warn mode issues) is reported with the line that
+    caused it and its count; other warnings are not."""
+    def two_syncs():
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+        return 7
+    result, sites = _synchronising_calls(two_syncs)
+    assert result == 7
+    assert len(sites) == 1
+    (where, count), = sites.items()
+    assert count == 2 and where.startswith("tests/test_gpu.py:") and "synchronizing" in where
+
+
+@pytest.mark.parametrize("norm", ["bn", "async"])
+def test_steady_state_step_loop_runs_on_cpu(norm):
     """The loop of the test above, on the CPU in fp32: keeps that GPU-only test's calls in step with the code."""
     device = torch.device("cpu")
-    cfg, engine, ema, batch = _steady_state_setup(device, "engine.precision=fp32", "data.micro_batch_size=8")
+    cfg, engine, ema, batch = _steady_state_setup(device, "engine.precision=fp32", "data.micro_batch_size=8",
+                                                  f"heads.norm={norm}")
     assert engine.accumulation == 2
     before = {n: t.clone() for n, t in ema.shadow.items()}
     loss = _train_steps(engine, ema, cfg, batch, device, 5)

@@ -124,6 +124,11 @@ class NNQueue(nn.Module):
         slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
         self.vectors[slots] = vectors.to(self.vectors.dtype)
         self.indices[slots] = indices
-        self.labels[slots] = labels if labels is not None else -1
-        self.steps[slots] = step
+        # index_fill_ takes the scalar as a kernel argument; `t[slots] = scalar` would first copy the scalar to
+        # the device from pageable memory, a host synchronisation every step (found by tests/test_gpu.py on an H200)
+        if labels is not None:
+            self.labels[slots] = labels
+        else:
+            self.labels.index_fill_(0, slots, -1)
+        self.steps.index_fill_(0, slots, step)
         self.ptr.copy_((self.ptr + n) % self.size)
