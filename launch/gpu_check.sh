@@ -104,8 +104,12 @@ rows = [line for line in open(sys.argv[1]) if line.startswith("{")]
 r = json.loads(rows[-1])
 mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
 batch = [line.split("per-rank batch ")[1].split()[0] for line in open(sys.argv[1]) if "per-rank batch" in line]
+mem = ""
+if r.get("resting_memory_gb") is not None and r.get("planner_peak_gib"):
+    mem = (f" (resting {r['resting_memory_gb']:.1f}; planner {r['planner_peak_gib']:.1f}, state "
+           f"{r['planner_state_gib']:.1f})")
 print(f"batch {batch[-1] if batch else '?'}: {r['images_per_s_per_rank']:.1f} img/s/rank, "
-      f"{r['model_tflops_per_rank']:.1f} TFLOP/s, MFU {mfu}, peak {r['peak_memory_gb']:.1f} GB")
+      f"{r['model_tflops_per_rank']:.1f} TFLOP/s, MFU {mfu}, peak {r['peak_memory_gb']:.1f} GiB{mem}")
 EOF
 }
 

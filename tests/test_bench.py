@@ -99,6 +99,18 @@ def test_benchmark_cli_end_to_end(tmp_path):
     gh = result["gpu_hours"]
     assert set(gh) == {"heads", "refine", "total"} and gh["refine"]["source"] == "measured"
     assert gh["refine"]["gpu_hours"] == pytest.approx(3 * 1_281_167 / result["images_per_s_per_rank"] / 3600)
+    # the planner's prediction for the row as it ran (8 samples in one micro-batch, fp32, no GPU allowances);
+    # no resting counter on the CPU
+    from scale_refiner.config import load_config
+    from scale_refiner.plan.counts import model_counts
+    from scale_refiner.plan.memory import predict_memory
+    from scale_refiner.plan.settings import setting_of_config
+    cfg = load_config(ROOT / "configs/demo.yaml", cmd[cmd.index("model.name=vit_test_patch4"):] + ["data.batch_size=8"])
+    expected = predict_memory(cfg, model_counts(cfg, "refine"), setting_of_config(cfg, ROOT), 1, 8, 4, on_gpu=False)
+    assert result["resting_memory_gb"] is None
+    assert result["planner"]["peak_gib"] == pytest.approx(expected.peak_allocated / 2 ** 30)
+    assert result["planner"]["state_gib"] == pytest.approx(sum(expected.state.values()) / 2 ** 30)
+    assert "memory (single): the planner predicts" in proc.stdout
 
 
 def test_benchmark_compare_in_one_process(tmp_path):
@@ -123,3 +135,19 @@ def test_benchmark_compare_in_one_process(tmp_path):
     assert [r["checkpointing"] for r in results[3:]] == [True, 2, "selective", False]  # 4 trained blocks
     assert all(r["mfu"] is None and r["per_rank_batch"] == 2 for r in results)
     assert "| norm | heads.norm=async |" in proc.stdout and "| 1.00 |" in proc.stdout
+    # each row's prediction is its own variant's: checkpointing every block adds least, none the most
+    adds = [r["planner"]["step_adds_gib"] for r in results[3:]]
+    assert adds[0] < adds[1] < adds[3] and adds[2] < adds[3]
+
+
+def test_memory_line_compares_a_gpu_row_with_the_planner():
+    """The GPU row's words (only a GPU has the resting counter): measured peak and resting state against the
+    planner's peak and state, as ratios; a row without a prediction says so."""
+    from scale_refiner.cli.benchmark import memory_line
+    row = {"variant": "", "engine": "fsdp2", "memory_kind": "cuda max_memory_allocated", "peak_memory_gb": 50.0,
+           "resting_memory_gb": 20.0, "planner": {"peak_gib": 60.0, "state_gib": 25.0, "step_adds_gib": 35.0,
+                                                  "peak_phase": "backward"}}
+    line = memory_line(row)
+    assert "peak 50.00 GiB measured (20.00 resting between steps, 30.00 added by a step)" in line
+    assert "predicted / measured 1.20 for the peak, 1.25 for the state" in line
+    assert memory_line({**row, "planner": None}).endswith("no planner prediction")

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from scale_refiner.bench.flops import step_flops
-from scale_refiner.bench.timers import (StageTimer, available_memory_gb, current_rss_gb, device_peak_tflops,
-                                        peak_memory, reset_peak_memory, sync)
+from scale_refiner.bench.timers import (StageTimer, allocated_memory_gb, available_memory_gb, current_rss_gb,
+                                        device_peak_tflops, peak_memory, reset_peak_memory, sync)
 
 log = logging.getLogger("scale_refiner.bench")
 
@@ -38,7 +38,7 @@ RESULT_KEYS = ("config", "engine", "stage", "variant", "world", "device", "devic
                "per_rank_batch", "global_batch", "steps", "warmup", "step_time_s", "images_per_s_per_rank",
                "images_per_s", "crops_per_s_per_rank", "tokens_per_s_per_rank", "flops",
                "model_tflops_per_rank", "hardware_tflops_per_rank", "peak_tflops", "peak_source", "mfu",
-               "peak_memory_gb", "memory_kind", "breakdown_ms", "gpu_hours", "data")
+               "peak_memory_gb", "memory_kind", "resting_memory_gb", "breakdown_ms", "gpu_hours", "data")
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -293,6 +293,9 @@ def benchmark(cfg, ctx, per_rank: int, opts: BenchOptions, config_name: str = "?
         if instruments is not None:
             instruments.comm_calls = 0
         reset_peak_memory(device)
+        # what stays allocated between steps (weights, optimiser state, EMA, queues): the peak less this is what
+        # a step adds, the split the planner's memory model is checked on (None on the CPU)
+        resting_gb = allocated_memory_gb(device)
         if ctx.world > 1:
             dist.barrier()
         elapsed = run_steps(engine, cfg, ctx, batch, opts.steps, stage, timer, step0=opts.warmup, ema=ema)
@@ -343,7 +346,8 @@ def benchmark(cfg, ctx, per_rank: int, opts: BenchOptions, config_name: str = "?
         "hardware_tflops_per_rank": flops.hardware * ips / 1e12,
         "peak_tflops": peak, "peak_source": peak_source,
         "mfu": (model_tflops / peak) if peak else None,
-        "peak_memory_gb": mem_gb, "memory_kind": mem_kind, "breakdown_ms": breakdown,
+        "peak_memory_gb": mem_gb, "memory_kind": mem_kind, "resting_memory_gb": resting_gb,
+        "breakdown_ms": breakdown,
         "gpu_hours": gpu_hours(cfg, stage_ips, notes, opts.dataset_size, opts.gpus or ctx.world),
         "data": "synthetic random crops at the recipe's sizes, copied host->device each step; no loading",
         "checkpointing": cfg.model.checkpointing, "heads_norm": cfg.heads.norm,

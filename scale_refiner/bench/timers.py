@@ -94,6 +94,13 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def allocated_memory_gb(device: torch.device):
+    """GiB allocated now (``torch.cuda.memory_allocated``) on a GPU; None on the CPU, which has no such counter."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2 ** 30
+    return None
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
     """(GiB, what): ``torch.cuda.max_memory_allocated`` since the last reset on a GPU; on the CPU the
     process's peak resident set size over its lifetime (ru_maxrss: it cannot be reset)."""

@@ -151,6 +151,55 @@ def planned_batch(cfg, ctx, stage: str, cap: int, cpu_budget_gb: float) -> int:
     return best
 
 
+def planner_memory(cfg, ctx, stage: str, per_rank: int) -> dict:
+    """The planner's memory prediction (GiB) for one benchmark row: the config as it ran (its engine and
+    checkpointing), ``per_rank`` samples a step in one micro-batch, this device's dtype, GPU allowances left out
+    (the measured counterpart is ``torch.cuda.max_memory_allocated``). ``state_gib`` is what the model keeps
+    alive between steps, the counterpart of the row's ``resting_memory_gb``."""
+    from scale_refiner.engine.distributed import resolve_precision
+    from scale_refiner.plan.counts import meta_refiner, model_counts
+    from scale_refiner.plan.memory import predict_memory
+    from scale_refiner.plan.settings import setting_of_config
+    plan_cfg = copy.deepcopy(cfg)
+    plan_cfg.data.batch_size = per_rank * ctx.world
+    compute_bytes = 2 if resolve_precision(cfg.engine.precision, ctx.device) == torch.bfloat16 else 4
+    counts = model_counts(plan_cfg, stage, meta_refiner(plan_cfg))
+    setting = setting_of_config(plan_cfg, Path(__file__).resolve().parents[2])
+    m = predict_memory(plan_cfg, counts, setting, ctx.world, per_rank, compute_bytes,
+                       on_gpu=ctx.device.type == "cuda")
+    state = sum(m.state.values())
+    return {"peak_gib": m.peak_allocated / 2 ** 30, "state_gib": state / 2 ** 30,
+            "step_adds_gib": (m.peak_allocated - state) / 2 ** 30, "peak_phase": m.peak_phase,
+            "setting": setting.label}
+
+
+def planned_memory_or_none(cfg, ctx, stage: str, per_rank: int):
+    """``planner_memory``, or None for a variant the planner does not model (the row says so)."""
+    try:
+        return planner_memory(cfg, ctx, stage, per_rank)
+    except Exception as err:  # noqa: BLE001 -- a benchmark row must not be lost to its prediction
+        log.warning("no planner prediction for this row: %s", err)
+        return None
+
+
+def memory_line(r: dict) -> str:
+    """Measured against predicted memory of one row, in words."""
+    p = r.get("planner")
+    head = f"memory ({r['variant'] or r['engine']}): "
+    if p is None:
+        return head + f"peak {r['peak_memory_gb']:.2f} GiB ({r['memory_kind']}); no planner prediction"
+    if r["memory_kind"].startswith("cuda"):
+        rest = r["resting_memory_gb"]
+        return (head + f"peak {r['peak_memory_gb']:.2f} GiB measured ({rest:.2f} resting between steps, "
+                f"{r['peak_memory_gb'] - rest:.2f} added by a step); the planner predicts {p['peak_gib']:.2f} "
+                f"({p['state_gib']:.2f} state, {p['step_adds_gib']:.2f} added by a step, at {p['peak_phase']}): "
+                f"predicted / measured {p['peak_gib'] / r['peak_memory_gb']:.2f} for the peak, "
+                f"{p['state_gib'] / rest:.2f} for the state")
+    return (head + f"the planner predicts {p['peak_gib']:.2f} GiB of tensors at the peak ({p['state_gib']:.2f} "
+            f"state); the measured {r['peak_memory_gb']:.2f} GiB is the process's peak RSS, not comparable "
+            f"(python launch/plan.py --validate checks the model against the CPU's live tensors)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
@@ -204,6 +253,7 @@ def main(argv=None) -> int:
         while True:
             try:
                 results = [runner.benchmark(cfg, ctx, per_rank, opts, name)]
+                results[0]["planner"] = planned_memory_or_none(cfg, ctx, args.stage, per_rank)
                 break
             except RuntimeError as err:  # --batch auto found the edge; fragmentation can push it over
                 if args.batch != "auto" or per_rank == 1 or not runner._is_oom(err):
@@ -220,6 +270,7 @@ def main(argv=None) -> int:
             for group, label, vcfg in todo:
                 r = runner.benchmark(vcfg, ctx, per_rank, opts, name, variant=label)
                 r["group"] = group
+                r["planner"] = planned_memory_or_none(vcfg, ctx, args.stage, per_rank)
                 runs.setdefault((group, label), []).append(r)
         results = []
         for key, rs in runs.items():
@@ -227,8 +278,13 @@ def main(argv=None) -> int:
             results.append(rs[len(rs) // 2])  # the median round
     if ctx.is_main:
         for r in results:
-            print(json.dumps({k: r[k] for k in ("config", "engine", "variant", "images_per_s_per_rank",
-                                                 "model_tflops_per_rank", "mfu", "peak_memory_gb")}))
+            print(memory_line(r))
+        for r in results:
+            print(json.dumps({**{k: r[k] for k in ("config", "engine", "variant", "images_per_s_per_rank",
+                                                    "model_tflops_per_rank", "mfu", "peak_memory_gb",
+                                                    "resting_memory_gb")},
+                              "planner_peak_gib": (r.get("planner") or {}).get("peak_gib"),
+                              "planner_state_gib": (r.get("planner") or {}).get("state_gib")}))
         print()
         print(runner.MD_HEADER)
         for r in results:

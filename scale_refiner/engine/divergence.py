@@ -47,7 +47,7 @@ class NonFiniteGuard:
             if torch.is_tensor(value):
                 return (~torch.isfinite(value.detach().float().reshape(()))).to(device)
             # a host number (or None: no norm this step): a device fill, not a host-to-device copy, so that the
-            # step stays free of syncs (torch.cuda.set_sync_debug_mode("error") in tests/test_gpu.py)
+            # step stays free of syncs (torch.cuda.set_sync_debug_mode in tests/test_gpu.py)
             bad = value is not None and not math.isfinite(float(value))
             return torch.full((), bad, dtype=torch.bool, device=device)
 
