@@ -294,6 +294,25 @@ def test_sweep_table_means_and_spreads_over_seeds():
     assert base["EMA - MAE NMI"] == "5.0 ± 1.4" and base["seeds"] == "0,1"
 
 
+def test_mean_std_and_curves_shared_by_demo_and_sweep():
+    """One statistics helper for the demo and the sweep: sample std, missing and NaN values skipped; one curve
+    builder: a group of several seeds is their mean with its band, a shared model keeps its bare name."""
+    import math
+    from scale_refiner.cli.demo import mean_curves, mean_std
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_std([1.0, None, float("nan"), 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    assert all(math.isnan(v) for v in mean_std([None]))
+    blocks = lambda *k: {"labels": ["block0", "final"], "knn20": list(k)}  # noqa: E731
+    curves = mean_curves({"MAE": [blocks(0.5, 0.7), blocks(0.5, 0.7)], "refined": [blocks(0.4, 0.8), blocks(0.6, 0.6)],
+                          "alone": [blocks(0.1, 0.2)]}, shared={"MAE"})
+    assert set(curves) == {"MAE", "refined, 2 seeds", "alone"}
+    labels, means, stds = curves["refined, 2 seeds"]
+    assert labels == ["block0", "final"] and means == pytest.approx([0.5, 0.7])
+    assert stds == pytest.approx([0.1 * 2 ** 0.5] * 2)
+    assert curves["alone"][2] == [0.0, 0.0]
+
+
 def test_sweep_runs_the_chain_and_writes_its_table(tmp_path):
     """Two cells on the tiniest settings: one MAE pre-training serves both, every row has numbers."""
     out = tmp_path / "sweep"
@@ -313,6 +332,7 @@ def test_sweep_runs_the_chain_and_writes_its_table(tmp_path):
         for key in ("mae_knn20", "mae_best_block_knn20", "online_knn20", "ema_knn20"):
             assert 0.1 <= numbers[key] <= 1  # 10 classes
     assert set(result["references"]["raw_pixels"]["0"]) == {"knn20", "nmi"}
+    assert (out / "raw_pixels" / "metrics.json").is_file()  # the demo's cached row: --table-only reuses it
     lines = (out / "sweep.md").read_text().splitlines()
     assert lines[0].startswith("| recipe | steps") and len(lines) == 2 + 2 + 2  # header, refs, cells
     assert lines[2].startswith("| raw pixels") and lines[3].startswith("| random-init encoder")

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -277,20 +278,28 @@ def reference_results(args, data: dict, eval_dir: Path, common: list) -> dict:
     """The two rows that put the encoders on a scale, on the same images and protocols: k-NN and k-means on the
     raw pixels (the evaluation's own preprocessing, flattened), and the encoder at the MAE's initial weights
     (what pre-training starts from: launch/pretrain_mae.py seeds the same way before building it)."""
-    import torch
-    from scale_refiner.config import PretrainConfig, load_config
-    from scale_refiner.mae import build_mae, mae_state_dict
-    cfg = load_config(ROOT / args.mae_config, args.mae, schema_class=PretrainConfig)
     where = eval_dir / "random_init"
-    weights = where / "init.pth"
-    if not weights.is_file():  # written once: its size and time key the evaluation's reuse
-        where.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.run.seed)
-        torch.save({"model": mae_state_dict(build_mae(cfg).state_dict())}, weights)
+    cfg, weights = random_init_weights(args.mae_config, args.mae, where)
     source = ["--model", cfg.model.name, "--weights", str(weights)]
     command = ["launch/evaluate.py", *source, "--out", str(where), "--protocols", args.seed_protocols, *common]
     random_init = {"dir": str(where), **evaluate_once("random init", where, command, source)}
     return {"raw pixels": raw_pixel_metrics(args, data, eval_dir / "raw_pixels"), "random init": random_init}
+
+
+def random_init_weights(mae_config: str, overrides: list, where: Path) -> tuple:
+    """(MAE config, ``where/init.pth``): the encoder at the MAE's initial weights, seeded with the config's
+    run.seed exactly as launch/pretrain_mae.py seeds before it builds the model. Written once: its size and time
+    key the reuse of its evaluation."""
+    import torch
+    from scale_refiner.config import PretrainConfig, load_config
+    from scale_refiner.mae import build_mae, mae_state_dict
+    cfg = load_config(ROOT / mae_config, overrides, schema_class=PretrainConfig)
+    weights = where / "init.pth"
+    if not weights.is_file():
+        where.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.run.seed)
+        torch.save({"model": mae_state_dict(build_mae(cfg).state_dict())}, weights)
+    return cfg, weights
 
 
 def raw_pixel_metrics(args, data: dict, where: Path) -> dict:
@@ -320,12 +329,27 @@ def raw_pixel_metrics(args, data: dict, where: Path) -> dict:
 
 
 def mean_std(values) -> tuple:
-    """Mean and sample standard deviation (0 for one value)."""
-    values = list(values)
-    mean = sum(values) / len(values)
-    if len(values) < 2:
+    """Mean and sample standard deviation (0 for one value) of the finite values (None and NaN skipped: a run
+    that has no such number); (nan, nan) for none."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
         return mean, 0.0
-    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+
+
+def mean_curves(grouped: dict, shared=()) -> dict:
+    """Plot curves from per-block k-NN@20 results grouped by encoder ({name: [blocks, ...]}, one per seed): each
+    group's mean with its sample standard deviation as the band, {label: (labels, means, stds)}. A group of
+    several runs is labelled "<name>, N seeds", except the names in ``shared`` (one model under every seed)."""
+    curves = {}
+    for key, runs in grouped.items():
+        stats = [mean_std(values) for values in zip(*(r["knn20"] for r in runs))]
+        label = key if len(runs) == 1 or key in shared else f"{key}, {len(runs)} seeds"
+        curves[label] = (runs[0]["labels"], [m for m, _ in stats], [sd for _, sd in stats])
+    return curves
 
 
 def per_block_curves(args, results: dict) -> dict:
@@ -337,12 +361,7 @@ def per_block_curves(args, results: dict) -> dict:
         for seed in args.seeds if len(args.seeds) > 1 else ():
             key = key.replace(f" s{seed} (", " (")
         grouped.setdefault(key, []).append(m["blocks"])
-    curves = {}
-    for key, runs in grouped.items():
-        stats = [mean_std(values) for values in zip(*(r["knn20"] for r in runs))]
-        label = key if len(runs) == 1 else f"{key}, {len(runs)} seeds"
-        curves[label] = (runs[0]["labels"], [m for m, _ in stats], [sd for _, sd in stats])
-    return curves
+    return mean_curves(grouped)
 
 
 def seed_table(args, results: dict) -> str:

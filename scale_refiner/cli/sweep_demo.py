@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from scale_refiner.cli.demo import mean_std
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # The grid docs/fidelity.md reports: one factor at a time around the demo's recipe (configs/demo.yaml,
@@ -235,38 +237,25 @@ def seed_result(summary: dict) -> dict:
 
 
 def raw_pixel_metrics(args) -> dict:
-    """k-NN@20 and k-means NMI on flattened pixels, with the protocols' own preprocessing and data."""
-    from scale_refiner.config import load_config
-    from scale_refiner.data.loaders import eval_arrays
-    from scale_refiner.eval.clustering import kmeans_eval
-    from scale_refiner.eval.knn import knn_accuracy
-    overrides = [f"data.shard_root={args.shard_root}"] if args.shard_root else []
-    cfg = load_config(ROOT / args.refine_config, overrides)
-    cfg.data.num_workers = 0
-    (train_x, train_y), (test_x, test_y) = (eval_arrays(cfg, s, args.eval_limit) for s in ("train", "test"))
-    train_x, test_x = train_x.flatten(1), test_x.flatten(1)
-    knn = knn_accuracy(train_x, train_y, test_x, test_y, ks=(20,))
-    results = {}
-    for seed in args.seeds[:args.reference_seeds or None]:
-        km = kmeans_eval(test_x, test_y, runs=args.kmeans_runs, seed=seed)
-        results[seed] = {"knn20": knn[20], "nmi": km["nmi"]}
-    return results
+    """k-NN@20 and k-means NMI on flattened pixels, with the protocols' own preprocessing and data: the demo's
+    reference row, kept in ``<out>/raw_pixels`` and reused while the data, image count and restarts are the same.
+    Keyed by seed 0 (no training seed applies to pixels)."""
+    from scale_refiner.cli.demo import raw_pixel_metrics as demo_raw_pixels
+    from scale_refiner.data.shards import EMBEDDED_DATASET
+    data = {"name": EMBEDDED_DATASET, "shards": None,
+            "overrides": [f"data.shard_root={args.shard_root}"] if args.shard_root else []}
+    m = demo_raw_pixels(args, data, args.out / "raw_pixels")
+    return {0: {"knn20": m["knn"]["20"], "nmi": m["kmeans"]["nmi"]}}
 
 
 def random_init_metrics(args, dry_run: bool) -> dict:
     """The demo encoder at the MAE's initial weights (the same seeds): what pre-training starts from."""
-    import torch
-    from scale_refiner.config import PretrainConfig, load_config
-    from scale_refiner.mae import build_mae, mae_state_dict
+    from scale_refiner.cli.demo import random_init_weights
     results = {}
     for seed in args.seeds[:args.reference_seeds or None]:
         where = args.out / "random_init" / f"s{seed}"
         if not (where / "metrics.json").is_file():
-            cfg = load_config(ROOT / args.mae_config, [f"run.seed={seed}"], schema_class=PretrainConfig)
-            where.mkdir(parents=True, exist_ok=True)
-            torch.manual_seed(seed)  # as launch/pretrain_mae.py seeds it before build_mae
-            weights = where / "init.pth"
-            torch.save({"model": mae_state_dict(build_mae(cfg).state_dict())}, weights)
+            cfg, weights = random_init_weights(args.mae_config, [f"run.seed={seed}"], where)
             command = [sys.executable, "launch/evaluate.py", "--model", cfg.model.name, "--weights", str(weights),
                        "--out", str(where), "--protocols", "knn,blocks,kmeans", "--limit", str(args.eval_limit),
                        "--kmeans-runs", str(args.kmeans_runs), "--seed", str(seed)]
@@ -286,19 +275,8 @@ def random_init_metrics(args, dry_run: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ table
-def mean_spread(values) -> tuple:
-    """Mean and sample standard deviation (0 for one value) of the finite values; (nan, nan) for none."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    mean = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return mean, 0.0
-    return mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-
-
 def fmt(values, scale: float = 100.0, digits: int = 1) -> str:
-    mean, spread = mean_spread(values)
+    mean, spread = mean_std(values)
     if math.isnan(mean):
         return "-"
     if len([v for v in values if v is not None]) == 1:
@@ -348,7 +326,7 @@ def markdown(rows: list) -> str:
 def plot_seeds(args, row: dict, run_dirs: dict) -> list:
     """One per-block plot of a cell over its seeds: each encoder's mean curve with a +- 1 std band, and the
     random-init encoder's for scale. Written as ``<out>/plots/<cell>.{svg,png}``; returns the paths."""
-    from scale_refiner.cli.demo import REFERENCE_NAMES, mean_std, plot_per_block
+    from scale_refiner.cli.demo import REFERENCE_NAMES, mean_curves, plot_per_block
     curves, grouped = {}, {}
     random_init = args.out / "random_init" / f"s{args.seeds[0]}" / "metrics.json"
     if random_init.is_file():
@@ -359,11 +337,7 @@ def plot_seeds(args, row: dict, run_dirs: dict) -> list:
         for name, m in json.loads((run_dir / "summary.json").read_text())["encoders"].items():
             if m.get("blocks") and name not in REFERENCE_NAMES:
                 grouped.setdefault(name, []).append(m["blocks"])
-    for name, runs in grouped.items():
-        stats = [mean_std(values) for values in zip(*(r["knn20"] for r in runs))]
-        shared = name == "MAE" and args.mae_seed is not None  # one MAE under every seed
-        curves[name if shared else f"{name}, {len(runs)} seeds"] = (runs[0]["labels"], [m for m, _ in stats],
-                                                                     [sd for _, sd in stats])
+    curves.update(mean_curves(grouped, shared={"MAE"} if args.mae_seed is not None else ()))  # --mae-seed: one MAE
     paths = [args.out / "plots" / f"{slug(row['mae'] + row['refine'])}.{ext}" for ext in ("svg", "png")]
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     plot_per_block(curves, paths, f"per-block k-NN@20: {row['name']} ({args.eval_limit or 'all'} images)")
