@@ -193,6 +193,42 @@ def test_demo_starts_from_the_shipped_mae_only_for_its_recipe(tmp_path):
     assert quality["model"]["name"] == cfg.model.name and quality["limit"] == 10000
 
 
+def test_shipped_mae_evaluation_is_reused_only_for_its_weights_and_protocols(tmp_path):
+    """The demo's MAE evaluation reuses weights/demo_mae/eval_metrics.json only for the shipped file byte for
+    byte, on the embedded data, at the protocols, image count and restarts that made it; then evaluate_once
+    takes it without running evaluate.py."""
+    import shutil
+    demo_cli = load_demo()
+    shipped = demo_cli.SHIPPED_MAE
+    weights = tmp_path / "mae" / "mae_pretrained.pth"
+    weights.parent.mkdir()
+    shutil.copyfile(shipped / "mae_pretrained.pth", weights)
+    args = demo_cli.parse_args(["--out", str(tmp_path / "run")])
+    source = ["--model", "vit_mini_patch4", "--weights", str(weights)]
+
+    def command(where, protocols="knn,blocks,kmeans", limit=10000, extra=()):
+        return ["launch/evaluate.py", *source, "--out", str(where), "--protocols", protocols, "--limit", str(limit),
+                "--kmeans-runs", "3", *extra]
+    where = tmp_path / "eval" / "mae"
+    assert demo_cli.seed_shipped_mae_evaluation(args, where, command(where), source, "knn,blocks,kmeans")
+    assert json.loads((where / "metrics.json").read_text()) == json.loads((shipped / "eval_metrics.json").read_text())
+    assert demo_cli.reusable_evaluation(where, command(where), source)
+    assert demo_cli.evaluate_once("MAE", where, command(where), source)["knn"]["20"] > 0.7  # no subprocess
+    # anything else evaluates for real
+    other = tmp_path / "other"
+    assert not demo_cli.seed_shipped_mae_evaluation(args, other, command(other), source, "knn,blocks")
+    few = demo_cli.parse_args(["--out", str(tmp_path / "run"), "--eval-limit", "500"])
+    assert not demo_cli.seed_shipped_mae_evaluation(few, other, command(other, limit=500), source,
+                                                    "knn,blocks,kmeans")
+    assert not demo_cli.seed_shipped_mae_evaluation(args, other, command(other, extra=("--train-shards", "x")),
+                                                    source, "knn,blocks,kmeans")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert not demo_cli.seed_shipped_mae_evaluation(args, other, command(other), source, "knn,blocks,kmeans")
+    assert not other.exists()
+
+
 def blocks_of(values):
     return {"labels": [f"block{i}" for i in range(len(values) - 1)] + ["final"], "knn20": values}
 
