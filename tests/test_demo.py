@@ -265,6 +265,29 @@ def test_validation_checks_measure_what_the_recipe_claims():
     assert curves["nna_bn (EMA), 2 seeds"][1][-1] == pytest.approx(0.781) and "MAE" in curves
 
 
+def test_digits_part_of_the_validation_checks_figure_3b_on_its_own_run(tmp_path):
+    """--validate's digits part: the Figure 3b checks read the digits run's summary and take the standard error
+    from the number of test images its MAE was evaluated on (360 here, not the Fashion-MNIST default)."""
+    demo_cli = load_demo()
+    mae_dir = tmp_path / "eval" / "mae"
+    mae_dir.mkdir(parents=True)
+    (mae_dir / "metrics.json").write_text(json.dumps({"n_test": 360}))
+    summary = {"encoders": {"MAE": {"knn": {"20": 0.594}, "dir": str(mae_dir),
+                                    "blocks": blocks_of([0.747, 0.70, 0.647, 0.594])},
+                            "refined (EMA)": {"knn": {"20": 0.856}, "blocks": blocks_of([0.8, 0.85, 0.86, 0.856])}}}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    checks = demo_cli.digits_checks(path)
+    assert [c["passed"] for c in checks] == [True, True] and all(c["name"].endswith("(digits)") for c in checks)
+    se = (0.647 * 0.353 / 360) ** 0.5  # the last block's accuracy on 360 images
+    assert checks[0]["target"] == f"> +{100 * se:.2f} points (1 s.e.)" and "at block0" in checks[0]["detail"]
+    assert checks[1]["value"] == pytest.approx(0.856 - 0.747)
+    # a drop smaller than one standard error on 360 images (2.5 points) is not the shape
+    summary["encoders"]["MAE"]["blocks"] = blocks_of([0.66, 0.65, 0.647, 0.64])
+    path.write_text(json.dumps(summary))
+    assert [c["passed"] for c in demo_cli.digits_checks(path)] == [False, True]
+
+
 def test_several_seeds_are_separate_runs_and_one_table(tmp_path):
     """--seeds 0,1: two refinements (their own directories, seeds and results), one MAE, the mean-and-spread table
     and one plot whose refined curves are the seeds' mean."""
