@@ -103,6 +103,9 @@ def test_rerun_reuses_finished_steps(demo_run):
     assert "resuming from" in proc.stderr and "stage refine on" not in proc.stderr  # nothing trained again
     assert weights.stat().st_mtime_ns == before[0]
     assert (out / "refined" / "export" / "ema.safetensors").read_bytes() == before[1]
+    # every evaluation reused: the re-exported weights are the same bytes (keyed by content, not file time)
+    evaluations = [line for line in proc.stdout.splitlines() if line.startswith("== evaluate ")]
+    assert evaluations and all(": reused " in line for line in evaluations), evaluations
 
 
 def class_folders(root: Path, per_class: int) -> Path:

@@ -166,9 +166,12 @@ def shared_lock(directory):
 
 
 def _evaluation_key(command: list, source: list) -> dict:
-    """What an evaluation's metrics depend on: its command and the weights file it read (size and time)."""
+    """What an evaluation's metrics depend on: its command and the content of the weights file it read (a
+    hash, not the file's time: a resumed finished refinement re-exports the same bytes, which must not cost
+    the evaluations again; the demo's files are a few MB)."""
+    from scale_refiner.atomic import sha256_file
     weights = Path(source[source.index("--weights") + 1])
-    return {"command": command, "weights": [weights.stat().st_size, weights.stat().st_mtime_ns]}
+    return {"command": command, "weights_sha256": sha256_file(weights)}
 
 
 def reusable_evaluation(where: Path, command: list, source: list) -> bool:
