@@ -128,45 +128,43 @@ def variants(cfg, groups, ds_ok: bool):
     return out
 
 
+def memory_predictor(cfg, ctx, stage: str, per_rank: int):
+    """(``micro -> plan.memory.MemoryPrediction``, the planner's setting) for this config as it is (its engine and
+    checkpointing) with ``per_rank`` samples a step, on this device: its compute dtype, the GPU allowances only
+    on a GPU. Shared by ``--batch auto``'s planned batch and each row's memory comparison."""
+    from scale_refiner.engine.distributed import resolve_precision
+    from scale_refiner.plan.counts import meta_refiner, model_counts
+    from scale_refiner.plan.memory import predict_memory
+    from scale_refiner.plan.settings import setting_of_config
+    on_gpu = ctx.device.type == "cuda"
+    compute_bytes = 2 if resolve_precision(cfg.engine.precision, ctx.device) == torch.bfloat16 else 4
+    plan_cfg = copy.deepcopy(cfg)
+    plan_cfg.data.batch_size = per_rank * ctx.world
+    counts = model_counts(plan_cfg, stage, meta_refiner(plan_cfg))
+    setting = setting_of_config(plan_cfg, Path(__file__).resolve().parents[2])
+    return (lambda micro: predict_memory(plan_cfg, counts, setting, ctx.world, micro, compute_bytes, on_gpu=on_gpu),
+            setting)
+
+
 def planned_batch(cfg, ctx, stage: str, cap: int, cpu_budget_gb: float) -> int:
     """The planner's largest per-rank micro-batch (up to ``cap``) for this config as it is, on this device: the
     GPU's total memory with the GPU allowances, or on the CPU the ``--batch auto`` budget with none (and fp32
     unless the config asks for bf16). 0 when not even 1 is predicted to fit."""
-    from scale_refiner.engine.distributed import resolve_precision
-    from scale_refiner.plan.counts import meta_refiner, model_counts
-    from scale_refiner.plan.memory import predict_memory
     from scale_refiner.plan.search import largest_fitting
-    from scale_refiner.plan.settings import setting_of_config
-    on_gpu = ctx.device.type == "cuda"
-    capacity = (torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else cpu_budget_gb * 1e9)
-    compute_bytes = 2 if resolve_precision(cfg.engine.precision, ctx.device) == torch.bfloat16 else 4
-    plan_cfg = copy.deepcopy(cfg)
-    plan_cfg.data.batch_size = cap * ctx.world
-    counts = model_counts(plan_cfg, stage, meta_refiner(plan_cfg))
-    setting = setting_of_config(plan_cfg, Path(__file__).resolve().parents[2])
-    best, _ = largest_fitting(
-        range(1, cap + 1),
-        lambda micro: predict_memory(plan_cfg, counts, setting, ctx.world, micro, compute_bytes, on_gpu=on_gpu),
-        capacity)
+    capacity = (torch.cuda.get_device_properties(ctx.device).total_memory if ctx.device.type == "cuda"
+                else cpu_budget_gb * 1e9)
+    predict, _ = memory_predictor(cfg, ctx, stage, cap)
+    best, _ = largest_fitting(range(1, cap + 1), predict, capacity)
     return best
 
 
 def planner_memory(cfg, ctx, stage: str, per_rank: int) -> dict:
-    """The planner's memory prediction (GiB) for one benchmark row: the config as it ran (its engine and
-    checkpointing), ``per_rank`` samples a step in one micro-batch, this device's dtype, GPU allowances left out
-    (the measured counterpart is ``torch.cuda.max_memory_allocated``). ``state_gib`` is what the model keeps
-    alive between steps, the counterpart of the row's ``resting_memory_gb``."""
-    from scale_refiner.engine.distributed import resolve_precision
-    from scale_refiner.plan.counts import meta_refiner, model_counts
-    from scale_refiner.plan.memory import predict_memory
-    from scale_refiner.plan.settings import setting_of_config
-    plan_cfg = copy.deepcopy(cfg)
-    plan_cfg.data.batch_size = per_rank * ctx.world
-    compute_bytes = 2 if resolve_precision(cfg.engine.precision, ctx.device) == torch.bfloat16 else 4
-    counts = model_counts(plan_cfg, stage, meta_refiner(plan_cfg))
-    setting = setting_of_config(plan_cfg, Path(__file__).resolve().parents[2])
-    m = predict_memory(plan_cfg, counts, setting, ctx.world, per_rank, compute_bytes,
-                       on_gpu=ctx.device.type == "cuda")
+    """The planner's memory prediction (GiB) for one benchmark row: the config as it ran, ``per_rank`` samples a
+    step in one micro-batch (the measured counterpart is ``torch.cuda.max_memory_allocated``, which the GPU
+    allowances are not part of). ``state_gib`` is what the model keeps alive between steps, the counterpart of
+    the row's ``resting_memory_gb``."""
+    predict, setting = memory_predictor(cfg, ctx, stage, per_rank)
+    m = predict(per_rank)
     state = sum(m.state.values())
     return {"peak_gib": m.peak_allocated / 2 ** 30, "state_gib": state / 2 ** 30,
             "step_adds_gib": (m.peak_allocated - state) / 2 ** 30, "peak_phase": m.peak_phase,

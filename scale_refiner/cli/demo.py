@@ -325,8 +325,8 @@ def reference_results(args, data: dict, eval_dir: Path, common: list) -> dict:
 
 def random_init_weights(mae_config: str, overrides: list, where: Path) -> tuple:
     """(MAE config, ``where/init.pth``): the encoder at the MAE's initial weights, seeded with the config's
-    run.seed exactly as launch/pretrain_mae.py seeds before it builds the model. Written once: its size and time
-    key the reuse of its evaluation."""
+    run.seed exactly as launch/pretrain_mae.py seeds before it builds the model. Written once, and reused while
+    it is there."""
     import torch
     from scale_refiner.config import PretrainConfig, load_config
     from scale_refiner.mae import build_mae, mae_state_dict
