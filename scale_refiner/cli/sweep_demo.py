@@ -83,7 +83,8 @@ def parse_args(argv):
     p.add_argument("--kmeans-runs", type=int, default=3, help="passed to launch/demo.py")
     p.add_argument("--no-references", action="store_true", help="skip the raw-pixel and random-init rows")
     p.add_argument("--reference-seeds", type=int, default=0,
-                   help="the reference rows with the first N seeds only (0: all seeds)")
+                   help="the random-init row with the first N seeds only (0: all seeds); the raw-pixel row has "
+                        "no training seed and is computed once")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each with cores / jobs threads and its output in <cell>/s<seed>.log")
     p.add_argument("--dry-run", action="store_true", help="print the runs, run nothing")
