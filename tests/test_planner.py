@@ -231,3 +231,51 @@ def test_largest_fitting_micro_batch_equals_a_brute_force_scan():
         assert memory == predict(micro if micro else 1)
     single, _ = largest_fitting(range(1, 33), lambda m: SimpleNamespace(total=10 * m), 255)
     assert single == 25
+
+
+# ------------------------------------------------------------------ the residual stream's dtype, per engine
+def _block_io_dtypes(rank, world, kind):
+    """The dtypes of every encoder block's input and output in one bf16 refinement forward on ``kind``."""
+    from scale_refiner.bench.runner import synthetic_batch
+    from scale_refiner.refiner import refiner_inputs
+    from tests.test_precision import _bf16_engine
+    engine, cfg = _bf16_engine(kind, rank, world, ["heads.norm=bn"])
+    seen = set()
+
+    def record(module, args, output):
+        seen.update(str(x.dtype) for x in list(args[0]) + list(output))
+    model = getattr(engine.model, "module", engine.model)
+    hooks = [block.register_forward_hook(record) for block in model.encoder.blocks]
+    batch = synthetic_batch(cfg, cfg.data.batch_size // world, engine.ctx.device, rank)
+    args, kwargs = refiner_inputs(batch, engine.ctx.device, cfg.stages.refine, 0)
+    engine.forward(*args, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["single", "deepspeed", "fsdp2"])
+def test_the_planners_residual_dtype_is_the_engines(gloo, kind):
+    """The memory model's residual-stream bytes (checkpointed block inputs, the mid-block residual) are what each
+    engine's bf16 forward really carries between blocks: fp32 on the single engine, bf16 on the sharded ones."""
+    from scale_refiner.plan.memory import residual_bytes
+    seen = _block_io_dtypes(0, 1, kind) if kind == "single" else gloo(_block_io_dtypes, 1, kind)
+    assert seen == {{4: "torch.float32", 2: "torch.bfloat16"}[residual_bytes(kind, 2)]}
+
+
+@pytest.mark.parametrize("config, overrides, batch, measured_gib", [
+    # launch/gpu_check.sh on one NVIDIA H200, torch 2.11.0+cu130, 2026-11-30 (docs/planner.md "Checked on one
+    # GPU"): torch.cuda.max_memory_allocated over the timed steps
+    ("configs/mae_l16.yaml", ["engine.kind=single", "engine.precision=bf16"], 512, 59.14),
+    ("configs/mae_2b14.yaml", ["engine.kind=fsdp2", "engine.precision=bf16"], 128, 49.69),
+])
+def test_predicted_peak_within_5_percent_of_the_h200_measurement(config, overrides, batch, measured_gib):
+    """The bf16 GPU memory model against the two peaks measured on an H200 (one rank, one micro-batch)."""
+    from scale_refiner.plan.counts import meta_refiner, model_counts
+    from scale_refiner.plan.memory import predict_memory
+    from scale_refiner.plan.settings import setting_of_config
+    cfg = load_config(ROOT / config, overrides)
+    cfg.data.batch_size = batch
+    counts = model_counts(cfg, "refine", meta_refiner(cfg))
+    m = predict_memory(cfg, counts, setting_of_config(cfg, ROOT), 1, batch, 2, on_gpu=True)
+    assert abs(m.peak_allocated / 2 ** 30 / measured_gib - 1) < 0.05, m.peak_allocated / 2 ** 30

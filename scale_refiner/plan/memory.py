@@ -30,20 +30,25 @@ State, by engine (P all parameters, T trainable, E the trainable encoder, W rank
 
 Activations, per micro-batch of B samples of S tokens (all crops; d width, h attention heads, r MLP ratio):
 
-- a trained block saves, per token: its input and the mid-block residual (fp32 under autocast: LayerNorm runs
-  in fp32 and the residual adds promote), the two LayerNorm outputs cast for the next matmul, q/k/v, the
-  attention output (SDPA writes it token-major, so the projection's input is a view of it, no copy), the MLP's
-  fc1 output and GELU output: ``d (8 + (5 + 2 r) c) + 4 h`` bytes (the last term the attention's
-  log-sum-exp). bf16: 36 d, fp32: 64 d.
-- with non-reentrant checkpointing a trained block saves only its input (4 d per token), and its backward
+- the residual stream (a block's input and output, the mid-block residual) is ``a`` bytes a value: fp32 (4) on
+  the single engine under autocast, whose parameters stay fp32 (the fp32 position embedding promotes the patch
+  embedding's bf16 output, and each residual add keeps fp32); the compute dtype (``a = c``) on DeepSpeed and FSDP2,
+  which hand the model compute-dtype parameters (bf16 mode, ``param_dtype``), so the position embedding and
+  every add are bf16 (checked per engine by tests/test_planner.py; a ViT-2B/14 FSDP2 prediction that took
+  fp32 was 22 % over on an H200, 11 GiB of checkpointed block inputs).
+- a trained block saves, per token: its input and the mid-block residual (``a`` each), the two LayerNorm outputs
+  cast for the next matmul, q/k/v, the attention output (SDPA writes it token-major, so the projection's input
+  is a view of it, no copy), the MLP's fc1 output and GELU output: ``d (2 a + (5 + 2 r) c) + 4 h`` bytes (the last
+  term the attention's log-sum-exp). bf16 on the single engine: 36 d; bf16 sharded: 32 d; fp32: 64 d.
+- with non-reentrant checkpointing a trained block saves only its input (a d per token), and its backward
   recomputes the block: its activations but the input (already saved), one block at a time, on top.
   ``model.checkpointing=N`` checkpoints the first N trained blocks, the rest save everything; the backward
   reaches the checkpointed ones last, when the others' activations are freed.
-- selective checkpointing (``model.checkpointing=selective``): a trained block saves its input (4 d) and the
+- selective checkpointing (``model.checkpointing=selective``): a trained block saves its input (a d) and the
   outputs of its matmuls and attention: q/k/v (3 c d), the attention output (c d) and log-sum-exp (4 h), the
-  projection's output (c d), fc1's (r c d) and fc2's (c d): ``d (4 + (6 + r) c) + 4 h`` per token (bf16 24 d,
-  fp32 44 d). Its backward recomputes the pointwise outputs it needs: both LayerNorm outputs (c d each), the
-  mid-block residual (4 d) and GELU's output (r c d), ``d (4 + (2 + r) c)``, one block at a time.
+  projection's output (c d), fc1's (r c d) and fc2's (c d): ``d (a + (6 + r) c) + 4 h`` per token (bf16 single
+  24 d, fp32 44 d). Its backward recomputes the pointwise outputs it needs: both LayerNorm outputs (c d each), the
+  mid-block residual (a d) and GELU's output (r c d), ``d (a + (2 + r) c)``, one block at a time.
 - frozen blocks run under no_grad and save nothing; the last block's output stays alive until the loss; a tapped
   block that is frozen keeps its whole output alive (the tap is a view of it), so the heads stage keeps every
   tapped block's output.
@@ -118,21 +123,28 @@ def _saved_by_kind(blocks: List[Tuple[str, float, float]], alive: int) -> Dict[s
     return out
 
 
-def block_saved_per_token(c: int, d: int, h: int, r: float) -> float:
-    """Bytes one trained (not checkpointed) block saves for its backward, per token (see the module's text)."""
-    return d * (4 + c + 3 * c + c + 4 + c + 2 * r * c) + 4 * h
+def residual_bytes(kind: str, c: int) -> int:
+    """Bytes of one residual-stream value: fp32 on the single engine (its parameters stay fp32 under autocast),
+    the compute dtype on DeepSpeed and FSDP2 (they give the model compute-dtype parameters)."""
+    return 4 if kind == "single" else c
 
 
-def block_selective_saved_per_token(c: int, d: int, h: int, r: float) -> float:
-    """Bytes a selectively checkpointed block saves per token: its input (fp32 residual), the matmul outputs
+def block_saved_per_token(c: int, d: int, h: int, r: float, a: int = 4) -> float:
+    """Bytes one trained (not checkpointed) block saves for its backward, per token (see the module's text);
+    ``a``: the residual stream's bytes (``residual_bytes``)."""
+    return d * (a + c + 3 * c + c + a + c + 2 * r * c) + 4 * h
+
+
+def block_selective_saved_per_token(c: int, d: int, h: int, r: float, a: int = 4) -> float:
+    """Bytes a selectively checkpointed block saves per token: its input (the residual), the matmul outputs
     (q/k/v, projection, fc1, fc2) and the attention's output and log-sum-exp (see the module's text)."""
-    return d * (4 + (3 + 1 + 1 + r + 1) * c) + 4 * h
+    return d * (a + (3 + 1 + 1 + r + 1) * c) + 4 * h
 
 
-def block_selective_recomputed_per_token(c: int, d: int, r: float) -> float:
+def block_selective_recomputed_per_token(c: int, d: int, r: float, a: int = 4) -> float:
     """What a selective block's backward recomputes and holds, per token: both LayerNorm outputs, the
-    mid-block residual (fp32) and GELU's output."""
-    return d * (4 + (2 + r) * c)
+    mid-block residual and GELU's output."""
+    return d * (a + (2 + r) * c)
 
 
 def block_backward_per_token(c: int, d: int, r: float) -> float:
@@ -259,10 +271,11 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     st["input micro-batch (fp32 crops)"] = B * crops.pixel_bytes
 
     # ------------------------------------------------------------------------------------ activations
-    saved_block = B * S * block_saved_per_token(c, d, h, r)
-    residual = B * S * 4 * d
-    selective_saved = B * S * block_selective_saved_per_token(c, d, h, r)
-    selective_recomputed = B * S * block_selective_recomputed_per_token(c, d, r)
+    a = residual_bytes(kind, c)
+    saved_block = B * S * block_saved_per_token(c, d, h, r, a)
+    residual = B * S * a * d
+    selective_saved = B * S * block_selective_saved_per_token(c, d, h, r, a)
+    selective_recomputed = B * S * block_selective_recomputed_per_token(c, d, r, a)
     per_sample = {"trained block, saved": saved_block / B, "checkpointed block, saved": residual / B,
                   "selective block, saved": selective_saved / B}
     # every trained block, first to last: (kind, bytes it saves, bytes its backward adds by recomputing)
