@@ -235,8 +235,10 @@ def test_largest_fitting_micro_batch_equals_a_brute_force_scan():
 
 # ------------------------------------------------------------------ the residual stream's dtype, per engine
 def _block_io_dtypes(rank, world, kind):
-    """The dtypes of every encoder block's input and output in one bf16 refinement forward on ``kind``."""
+    """(the planner's setting kind for this engine's config, the dtypes of every encoder block's input and output
+    in one bf16 refinement forward on ``kind``)."""
     from scale_refiner.bench.runner import synthetic_batch
+    from scale_refiner.plan.settings import setting_of_config
     from scale_refiner.refiner import refiner_inputs
     from tests.test_precision import _bf16_engine
     engine, cfg = _bf16_engine(kind, rank, world, ["heads.norm=bn"])
@@ -251,7 +253,7 @@ def _block_io_dtypes(rank, world, kind):
     engine.forward(*args, **kwargs)
     for hook in hooks:
         hook.remove()
-    return seen
+    return setting_of_config(cfg, ROOT).kind, seen
 
 
 @pytest.mark.parametrize("kind", ["single", "deepspeed", "fsdp2"])
@@ -259,8 +261,9 @@ def test_the_planners_residual_dtype_is_the_engines(gloo, kind):
     """The memory model's residual-stream bytes (checkpointed block inputs, the mid-block residual) are what each
     engine's bf16 forward really carries between blocks: fp32 on the single engine, bf16 on the sharded ones."""
     from scale_refiner.plan.memory import residual_bytes
-    seen = _block_io_dtypes(0, 1, kind) if kind == "single" else gloo(_block_io_dtypes, 1, kind)
-    assert seen == {{4: "torch.float32", 2: "torch.bfloat16"}[residual_bytes(kind, 2)]}
+    planned_kind, seen = _block_io_dtypes(0, 1, kind) if kind == "single" else gloo(_block_io_dtypes, 1, kind)
+    # the kind predict_memory passes (single, zero2 / zero3, fsdp2), not the engine's name
+    assert seen == {{4: "torch.float32", 2: "torch.bfloat16"}[residual_bytes(planned_kind, 2)]}
 
 
 @pytest.mark.parametrize("config, overrides, batch, measured_gib", [

@@ -129,19 +129,19 @@ def residual_bytes(kind: str, c: int) -> int:
     return 4 if kind == "single" else c
 
 
-def block_saved_per_token(c: int, d: int, h: int, r: float, a: int = 4) -> float:
+def block_saved_per_token(c: int, d: int, h: int, r: float, a: int) -> float:
     """Bytes one trained (not checkpointed) block saves for its backward, per token (see the module's text);
     ``a``: the residual stream's bytes (``residual_bytes``)."""
     return d * (a + c + 3 * c + c + a + c + 2 * r * c) + 4 * h
 
 
-def block_selective_saved_per_token(c: int, d: int, h: int, r: float, a: int = 4) -> float:
+def block_selective_saved_per_token(c: int, d: int, h: int, r: float, a: int) -> float:
     """Bytes a selectively checkpointed block saves per token: its input (the residual), the matmul outputs
     (q/k/v, projection, fc1, fc2) and the attention's output and log-sum-exp (see the module's text)."""
     return d * (a + (3 + 1 + 1 + r + 1) * c) + 4 * h
 
 
-def block_selective_recomputed_per_token(c: int, d: int, r: float, a: int = 4) -> float:
+def block_selective_recomputed_per_token(c: int, d: int, r: float, a: int) -> float:
     """What a selective block's backward recomputes and holds, per token: both LayerNorm outputs, the
     mid-block residual and GELU's output."""
     return d * (a + (2 + r) * c)
