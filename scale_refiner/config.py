@@ -146,6 +146,10 @@ class EngineConfig:
     # The frozen prefix (patch embed, cls, pos, the first model.freeze_blocks blocks; the whole encoder in the heads
     # stage) held whole on every rank in the compute dtype instead of sharded: never gathered (fsdp2 only)
     replicate_frozen: bool = False
+    # AdamW's kernel (engine/optim.py ``adamw``): auto (fused on a GPU, torch's default on the CPU, whose numbers
+    # the CPU recipes were measured with) | fused (one kernel over all of a group's tensors) | foreach | loop.
+    # ZeRO's CPU offload always steps with DeepSpeed's CPU Adam and takes auto only.
+    optimizer_impl: str = "auto"
 
 
 @dataclass
@@ -239,6 +243,7 @@ _CHOICES = {
     "data.on_error": ("raise", "skip"),
     "engine.precision": ("auto", "bf16", "fp32"),
     "engine.reduce_dtype": ("fp32", "bf16"),
+    "engine.optimizer_impl": ("auto", "fused", "foreach", "loop"),
 }
 _CHOICES_SHARED = tuple(k for k in _CHOICES if not k.startswith(("heads.", "queue.")))
 

@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from scale_refiner.engine.base import Engine, cpu_state_copy
 from scale_refiner.engine.checkpoint import CheckpointError, atomic_save, refuse_unsafe_pickle
 from scale_refiner.engine.distributed import SHARD_DIM, data_parallel_mesh
+from scale_refiner.engine.optim import adamw
 
 FROZEN_FILE = "frozen_params.pt"  # the replicated frozen prefix, fp32, beside DCP's files
 
@@ -50,7 +51,8 @@ class FSDPEngine(Engine):
     kind = "fsdp2"
 
     def __init__(self, model, groups, betas, ctx, dtype, accumulation: int = 1,
-                 reduce_dtype: torch.dtype = torch.float32, replicate: int = 1, replicate_frozen: bool = False):
+                 reduce_dtype: torch.dtype = torch.float32, replicate: int = 1, replicate_frozen: bool = False,
+                 optimizer_impl: str = "auto"):
         super().__init__(model, groups, betas, ctx, dtype, accumulation)  # trainable encoder names, pre-sharding
         # An encoder built on the meta device (build_refiner(partitioned=True)) is sharded as it is, and only then
         # materialised, each rank its own shards, read from its pending weights: no rank holds it whole
@@ -90,8 +92,7 @@ class FSDPEngine(Engine):
         params = dict(model.named_parameters())
         sharded_groups = [{**{k: v for k, v in g.items() if k != "params"},
                            "params": [params[n] for n in g["param_names"]]} for g in groups]
-        self.optimizer = torch.optim.AdamW(sharded_groups, lr=0.0, betas=tuple(betas),
-                                           foreach=ctx.device.type == "cuda")
+        self.optimizer = adamw(sharded_groups, betas, ctx.device, optimizer_impl)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         encoder_params = dict(model.encoder.named_parameters())
         self._encoder_params = {n: encoder_params[n] for n in self.trainable_encoder}
@@ -184,7 +185,12 @@ class FSDPEngine(Engine):
 
     def step(self, clip_grad: Optional[float]) -> torch.Tensor:
         # DTensor-aware: the norm of the sharded gradients is reduced over ranks, so every rank clips alike.
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip_grad or float("inf"))
+        # Without clipping only the norm is taken (the divergence guard and the log read it): clip_grad_norm_
+        # with an infinite bound would still multiply every gradient by 1, a pass over all of them.
+        if clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip_grad)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         self.optimizer.step()

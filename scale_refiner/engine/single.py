@@ -1,4 +1,4 @@
-"""Single-process engine: plain AdamW over the parameter groups, the model as it is."""
+"""Single-process engine: AdamW over the parameter groups (``engine.optimizer_impl``'s kernel), the model as it is."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,18 +9,18 @@ from torch import nn
 
 from scale_refiner.engine.base import Engine, cpu_state_copy
 from scale_refiner.engine.checkpoint import atomic_save
+from scale_refiner.engine.optim import adamw
 
 
 class SingleEngine(Engine):
     kind = "single"
 
-    def __init__(self, model, groups, betas, ctx, dtype, accumulation: int = 1):
+    def __init__(self, model, groups, betas, ctx, dtype, accumulation: int = 1, optimizer_impl: str = "auto"):
         super().__init__(model, groups, betas, ctx, dtype, accumulation)
         if ctx.world > 1:
             raise ValueError("engine.kind=single runs in one process; launched with "
                              f"{ctx.world} ranks use engine.kind=deepspeed or fsdp2")
-        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas),
-                                           fused=ctx.device.type == "cuda")
+        self.optimizer = adamw(groups, betas, ctx.device, optimizer_impl)
         self.trainable = [p for g in groups for p in g["params"]]
 
     @property

@@ -62,15 +62,18 @@ def build_engine(model: nn.Module, cfg: RefineConfig, name: str, ctx: DistContex
     accumulation = accumulation_steps(cfg, ctx.world)
     if cfg.engine.kind == "single":
         from scale_refiner.engine.single import SingleEngine
-        return SingleEngine(model.to(ctx.device), groups, stage.betas, ctx, dtype, accumulation)
+        return SingleEngine(model.to(ctx.device), groups, stage.betas, ctx, dtype, accumulation,
+                            optimizer_impl=cfg.engine.optimizer_impl)
     if cfg.engine.kind == "deepspeed":
         from scale_refiner.engine.zero import ZeroEngine, load_ds_config
         return ZeroEngine(model, groups, stage.betas, ctx, dtype, load_ds_config(cfg.engine.zero_config),
                           micro_batch=cfg.data.batch_size // ctx.world // accumulation, clip_grad=stage.clip_grad,
-                          accumulation=accumulation, reduce_dtype=reduce_dtype)
+                          accumulation=accumulation, reduce_dtype=reduce_dtype,
+                          optimizer_impl=cfg.engine.optimizer_impl)
     from scale_refiner.engine.fsdp import FSDPEngine
     return FSDPEngine(model, groups, stage.betas, ctx, dtype, accumulation, reduce_dtype,
-                      replicate=cfg.engine.fsdp_replicate, replicate_frozen=cfg.engine.replicate_frozen)
+                      replicate=cfg.engine.fsdp_replicate, replicate_frozen=cfg.engine.replicate_frozen,
+                      optimizer_impl=cfg.engine.optimizer_impl)
 
 
 def micro_batches(batch: Dict[str, torch.Tensor], parts: int):

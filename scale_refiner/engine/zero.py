@@ -21,6 +21,7 @@ its optimiser owns, so frozen weights and every rank's buffers (BN statistics, q
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
@@ -31,12 +32,21 @@ from torch import nn
 from scale_refiner.engine.base import Engine
 from scale_refiner.engine.base import cpu_state_copy
 from scale_refiner.engine.checkpoint import atomic_save, refuse_unsafe_pickles
+from scale_refiner.engine.optim import adamw
 from scale_refiner.partition import fill_partition, is_partitioned, partition_range, zero_init  # noqa: F401
+
+log = logging.getLogger("scale_refiner")
 
 
 def offloads_optimizer(ds_config: dict) -> bool:
     device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return device in ("cpu", "nvme")
+
+
+def offloaded_key(ds_config: dict) -> str:
+    """The JSON key that offloads the optimiser, with its value, for messages."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return f"zero_optimization.offload_optimizer.device={device}"
 
 
 def load_ds_config(path: str | Path) -> dict:
@@ -68,6 +78,32 @@ def check_hpz(ds_config: dict, world: int) -> int:
         raise ConfigError(f"config key 'engine.zero_config': zero_optimization.zero_hpz_partition_size={hpz} (ranks "
                           f"per node) does not divide the world size {world}")
     return hpz
+
+
+def largest_unit_numel(model: nn.Module) -> int:
+    """Elements of the model's largest shard unit (an encoder block, an ID head, an MAE decoder block): the
+    parameters one prefetch must bring for the next module to start at once. Counted from ``ds_numel`` under
+    ``zero_init``, where a parameter's own storage is its partition."""
+    def numel(p):
+        return int(getattr(p, "ds_numel", p.numel()))
+    return max((sum(numel(p) for p in unit.parameters()) for unit in model.shard_units()), default=0)
+
+
+def ensure_prefetch_bucket(config: dict, model: nn.Module) -> Optional[tuple]:
+    """ZeRO-3 prefetches the parameters of the modules about to run until ``stage3_prefetch_bucket_size``
+    elements are in flight. A bucket smaller than one block fetches the next block in part, and the rest is
+    gathered on demand when that block starts, in the critical path: our JSON's 5e7 is below one ViT-2B block
+    (78.7 M). The bucket is raised here, in ``config`` (stage 3 only), to the largest shard unit of ``model``;
+    a larger value is the user's and is kept. Returns ``(old, new)`` when it raised it, else None."""
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        return None
+    need = largest_unit_numel(model)
+    old = zero.get("stage3_prefetch_bucket_size", 5e7)  # DeepSpeed's default
+    if isinstance(old, (int, float)) and old >= need:
+        return None
+    config["zero_optimization"] = dict(zero, stage3_prefetch_bucket_size=int(need))
+    return old, int(need)
 
 
 # ------------------------------------------------------------------ building partitioned, loading by partition
@@ -142,7 +178,7 @@ class ZeroEngine(Engine):
 
     def __init__(self, model, groups, betas, ctx, dtype, ds_config: dict, micro_batch: int,
                  clip_grad: Optional[float] = None, accumulation: int = 1,
-                 reduce_dtype: torch.dtype = torch.float32):
+                 reduce_dtype: torch.dtype = torch.float32, optimizer_impl: str = "auto"):
         import deepspeed
 
         super().__init__(model, groups, betas, ctx, dtype, accumulation)
@@ -156,13 +192,23 @@ class ZeroEngine(Engine):
             config["communication_data_type"] = {torch.float32: "fp32", torch.bfloat16: "bf16"}[reduce_dtype]
         self.stage = config["zero_optimization"]["stage"]
         check_hpz(config, ctx.world)
+        raised = ensure_prefetch_bucket(config, model)
+        if raised is not None and ctx.is_main:
+            log.info("zero_optimization.stage3_prefetch_bucket_size raised from %s to %d elements, the largest "
+                     "block of this model, so that the next block is prefetched whole", raised[0], raised[1])
+        self.ds_config = config  # what DeepSpeed was given
         # Plain lists of tensors and scalars only: ZeRO rebuilds its own groups from these.
         plain_groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
         if offloads_optimizer(config):
+            if optimizer_impl != "auto":
+                from scale_refiner.config import ConfigError
+                raise ConfigError(f"config key 'engine.optimizer_impl': {optimizer_impl} with an offloaded optimiser "
+                                  f"({offloaded_key(config)}); ZeRO-Offload steps with DeepSpeed's CPU Adam "
+                                  f"only: use auto")
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             optimizer = DeepSpeedCPUAdam(plain_groups, lr=0.0, betas=tuple(betas), adamw_mode=True)
-        else:
-            optimizer = torch.optim.AdamW(plain_groups, lr=0.0, betas=tuple(betas))
+        else:  # torch's AdamW over ZeRO's fp32 partitions (fused on a GPU: engine/optim.py)
+            optimizer = adamw(plain_groups, betas, ctx.device, optimizer_impl)
         # bf16 mode casts the model to bf16 and then builds its fp32 masters from the bf16 copy: the loaded
         # weights would be rounded for good. This rank's share of every parameter's fp32 values is taken first
         # (its ZeRO-3 partition, 1/world of the model; the whole tensor under ZeRO-2) and put back below.

@@ -200,6 +200,14 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     policy, checkpointed = checkpointing_plan(setting.checkpointing, trained_blocks)
     reduce_bytes = 4 if (c == 4 or cfg.engine.reduce_dtype == "fp32") else 2
     block = counts.block_params
+    # engine.optimizer_impl as the engines resolve it (engine/optim.py): fused on a GPU unless set otherwise
+    kernel = setting.optimizer_impl if setting.optimizer_impl != "auto" else ("fused" if on_gpu else "loop")
+
+    def step_temporaries(moments: float, largest: float) -> float:
+        """What AdamW allocates for itself: nothing fused; foreach, a square-root temporary of every moment
+        (``moments`` bytes of this rank's second moments); the per-tensor loop, about two temporaries of the
+        largest tensor it steps (``largest`` bytes)."""
+        return {"fused": 0.0, "foreach": moments}.get(kernel, 2 * largest)
 
     st: Dict[str, float] = {}
     shard_world = W  # the ranks a parameter is sharded over (FSDP2 HSDP: a node's)
@@ -214,8 +222,7 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
             st["autocast bf16 copies of trainable weights"] = 2 * T
         st["Adam moments (fp32)"] = 8 * T
         grads_total, grads_grow = 4 * T, True
-        # fused AdamW on a GPU; torch's per-parameter loop on the CPU: about two temporaries of a parameter
-        step_transient = 0 if on_gpu else 2 * 4 * counts.largest_param
+        step_transient = step_temporaries(4 * T, 4 * counts.largest_param)
     elif kind == "zero3":
         persist = sum(counts.persistent(zero.persistence_threshold))
         st[f"weights ({'bf16' if c == 2 else 'fp32'} partitions)"] = c * ((P - persist) / W + persist)
@@ -225,12 +232,12 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
         st["fp32 gradient buffer (largest group)"] = 4 * math.ceil(counts.largest_group / W)
         if zero.contiguous_gradients:
             st["reduce bucket"] = reduce_bytes * min(zero.reduce_bucket_size, max(T, 1))
-        prefetch = min(zero.prefetch_bucket_size, zero.max_live_parameters)
+        # the engine raises a bucket smaller than one block (engine/zero.py ensure_prefetch_bucket)
+        prefetch = min(max(zero.prefetch_bucket_size, block), zero.max_live_parameters)
         gathered = c * min(P, block + prefetch)
         block_grad_transient = c * block
-        # torch's AdamW over DeepSpeed's flat fp32 groups: foreach on a GPU (a square-root temporary of every
-        # moment, 4 T / W), a per-group loop on the CPU (about two temporaries of the largest group)
-        step_transient = 4 * T / W if on_gpu else 2 * 4 * math.ceil(counts.largest_group / W)
+        # torch's AdamW over DeepSpeed's flat fp32 groups (the loop's largest tensor: the largest group's partition)
+        step_transient = step_temporaries(4 * T / W, 4 * math.ceil(counts.largest_group / W))
         if zero.hpz > 1:
             # ZeRO++ hpZ: a second, intra-node partition of every parameter (frozen ones too) in the compute dtype,
             # cut at its first release and kept (the trained ones' recut after each step)
@@ -242,7 +249,9 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
         st["gradient partitions"] = c * T / W
         st["reduce buckets"] = (2 if zero.overlap_comm else 1) * c * min(zero.reduce_bucket_size, max(T, 1))
         block_grad_transient = c * block
-        step_transient = 4 * T / W + c * min(zero.allgather_bucket_size, max(T, 1))
+        # ZeRO-2's step: a gradient-sized temporary of its partitions (but for the fused kernel's), then the
+        # all-gather of the updated partitions in buckets
+        step_transient = (0.0 if kernel == "fused" else 4 * T / W) + c * min(zero.allgather_bucket_size, max(T, 1))
     elif kind == "fsdp2":
         # HSDP (engine.fsdp_replicate R): sharded over the W / R ranks of a node, replicated over the R nodes;
         # a replicated frozen prefix (engine.replicate_frozen) is whole on every rank in the compute dtype (its
@@ -256,7 +265,7 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
         grads_total, grads_grow = 4 * T / shard_world, True
         gathered = 2 * c * block  # the running block and the one prefetched
         block_grad_transient = (c + reduce_bytes) * block
-        step_transient = 4 * T / shard_world if on_gpu else 2 * 4 * counts.largest_param
+        step_transient = step_temporaries(4 * T / shard_world, 4 * counts.largest_param)
     else:
         raise ValueError(f"unknown engine kind {kind!r}")
     sharded_ema = kind in ("zero3", "zero2", "fsdp2") and W > 1

@@ -85,6 +85,7 @@ class Setting:
     zero: Optional[ZeroOptions] = None
     replicate: int = 1                # fsdp2: engine.fsdp_replicate, replica groups (HSDP over nodes; 1: plain)
     replicate_frozen: bool = False    # fsdp2: engine.replicate_frozen, the frozen prefix whole in the compute dtype
+    optimizer_impl: str = "auto"      # engine.optimizer_impl: AdamW's kernel (auto: fused on a GPU)
 
     @property
     def kind(self) -> str:
@@ -106,6 +107,8 @@ class Setting:
             out.append(f"engine.fsdp_replicate={self.replicate}")
         if self.replicate_frozen:
             out.append("engine.replicate_frozen=true")
+        if self.optimizer_impl != "auto":
+            out.append(f"engine.optimizer_impl={self.optimizer_impl}")
         value = self.checkpointing
         out.append(f"model.checkpointing={str(value).lower() if isinstance(value, bool) else value}")
         if micro_batch != per_rank:
@@ -185,6 +188,7 @@ def setting_of_config(cfg, root: Path) -> Setting:
         zero = _relative(ZeroOptions.from_json(str(path if path.is_absolute() else Path(root) / path)), root)
     trained = resolve_model_dims(cfg.model)["depth"] - cfg.model.freeze_blocks
     return Setting(cfg.engine.kind, normal_checkpointing(cfg.model.checkpointing, trained), zero,
-                   replicate=cfg.engine.fsdp_replicate, replicate_frozen=bool(cfg.engine.replicate_frozen))
+                   replicate=cfg.engine.fsdp_replicate, replicate_frozen=bool(cfg.engine.replicate_frozen),
+                   optimizer_impl=cfg.engine.optimizer_impl)
 
 
