@@ -151,3 +151,36 @@ def test_memory_line_compares_a_gpu_row_with_the_planner():
     assert "peak 50.00 GiB measured (20.00 resting between steps, 30.00 added by a step)" in line
     assert "predicted / measured 1.20 for the peak, 1.25 for the state" in line
     assert memory_line({**row, "planner": None}).endswith("no planner prediction")
+
+
+@pytest.mark.parametrize("breakdown_steps", [0, 2])
+def test_throughput_window_runs_without_region_timers(monkeypatch, breakdown_steps):
+    """With breakdown steps (the GPU default) the timed window's steps run with the timers off, so no region
+    synchronises the device inside it, and the breakdown comes from steps timed after it; without (the CPU
+    default, where timers cost nothing) one window gives both."""
+    from scale_refiner.bench import runner
+    from scale_refiner.config import load_config
+    from scale_refiner.engine.distributed import DistContext
+    windows = []
+    original = runner.run_steps
+
+    def recorded(engine, cfg, ctx, batch, steps, stage, timer, **kwargs):
+        windows.append((steps, timer.enabled))
+        return original(engine, cfg, ctx, batch, steps, stage, timer, **kwargs)
+    monkeypatch.setattr(runner, "run_steps", recorded)
+    cfg = load_config(ROOT / "configs/demo.yaml", ["model.name=vit_test_patch4", "heads.blocks=[1]",
+                                                   "heads.proj_hidden_dim=32", "heads.pred_hidden_dim=32",
+                                                   "heads.proj_out_dim=16", "queue.size=64", "engine.kind=single",
+                                                   "augment.num_local=2"])
+    opts = runner.BenchOptions(steps=3, warmup=1, breakdown_steps=breakdown_steps, measure_cpu_peak=False)
+    result = runner.benchmark(cfg, DistContext(0, 1, 0, torch.device("cpu")), 4, opts)
+    if breakdown_steps:
+        assert windows == [(1, False), (3, False), (2, True)]
+    else:
+        assert windows == [(1, False), (3, True)]
+    assert result["breakdown_steps"] == breakdown_steps
+    b = result["breakdown_ms"]
+    assert b["lookup"] > 0 and b["forward"] > b["lookup"]  # the breakdown's regions were timed either way
+    assert b["total"] == pytest.approx(1000 * result["breakdown_step_time_s"])
+    assert result["images_per_s_per_rank"] == pytest.approx(4 / result["step_time_s"])
+    assert result["compile"] is False and result["optimizer_impl"] == "auto"

@@ -55,6 +55,9 @@ def parse_args(argv):
     p.add_argument("--compare", default="", help="engines,checkpointing,norm")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--no-fine-timers", action="store_true", help="no synchronised lookup / comm timers")
+    p.add_argument("--breakdown-steps", type=int, default=None,
+                   help="steps timed region by region after the untimed throughput window (default: 2 on a GPU, "
+                        "whose region timers synchronise; 0 on the CPU: one window gives both)")
     p.add_argument("--no-cpu-peak", action="store_true", help="CPU: MFU n/a instead of a measured matmul peak")
     p.add_argument("--out", default="runs/bench/results.md")
     p.add_argument("--json", default=None)
@@ -244,7 +247,8 @@ def main(argv=None) -> int:
         return 2
     opts = runner.BenchOptions(stage=args.stage, steps=args.steps, warmup=args.warmup,
                                dataset_size=args.dataset_size, gpus=args.gpus,
-                               fine_timers=not args.no_fine_timers, measure_cpu_peak=not args.no_cpu_peak)
+                               fine_timers=not args.no_fine_timers, measure_cpu_peak=not args.no_cpu_peak,
+                               breakdown_steps=args.breakdown_steps)
     name = Path(args.config).stem
 
     if not groups:
