@@ -95,12 +95,24 @@ def test_the_h200_rows_give_0_38_and_0_52_and_are_the_planners_defaults():
     for r in cal.results:
         assert r.after.step_s == pytest.approx(r.matched.measured.step_s, rel=1e-9)
         assert r.after.images_per_s_per_gpu == pytest.approx(r.matched.measured.row["images_per_s_per_rank"])
-    # the planner's defaults are this calibration, named with the card and date
+    # the planner's defaults hold these, named with the card and date
     defaults = default_table().entries
-    assert set(defaults) == set(fitted)
-    for key, entry in defaults.items():
-        assert entry.efficiency == pytest.approx(fitted[key], rel=1e-9)
+    for key, value in fitted.items():
+        entry = defaults[key]
+        assert entry.efficiency == pytest.approx(value, rel=1e-9)
         assert (entry.device, entry.date, entry.torch) == ("NVIDIA H200", "2026-11-30", "2.11.0+cu130")
+
+
+def test_the_defaults_are_the_calibration_of_the_measurements_folder(monkeypatch):
+    """efficiency_defaults.json is what --calibrate writes for docs/measurements/ (docs/planner.md says how to
+    add a measurement): no value in it was typed by hand."""
+    from scale_refiner.plan.calibrate import calibrate
+    from scale_refiner.plan.efficiency import default_table
+    monkeypatch.chdir(ROOT)  # the entries name their rows by the path given, relative to the repository
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs/measurements").glob("*.jsonl"))
+    rounded = lambda table: [{**e, "efficiency": round(e["efficiency"], 12)}  # noqa: E731
+                             for e in table.as_dict()["entries"]]
+    assert rounded(calibrate(files).table) == rounded(default_table())
 
 
 def test_the_fallback_rule():
