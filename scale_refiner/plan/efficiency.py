@@ -42,6 +42,7 @@ from scale_refiner.plan.hardware import GPU, GPUS
 ASSUMED = 0.4
 
 MODES = ("every", "blocks", "off", "selective")
+FALLBACK = "; fallback: "  # in a source, what follows says which steps of the fallback rule it took, "; " apart
 FORMAT = "scale_refiner planner efficiency table, version 1"
 RELATIVE_TO = ("fraction of the card's dense bf16 peak reached by the step's hardware FLOPs (model FLOPs plus "
                "the recomputed forwards of checkpointed blocks) in the step's compute time (the step less exposed "
@@ -147,8 +148,8 @@ class EfficiencyTable:
                     if c != compiled:
                         how.append("eager taken for compiled")
                     if card != gpu.name:
-                        how.append(f"{card} taken for {gpu.name}, the same architecture ({gpu.arch})")
-                    fallback = f"; fallback: {', '.join(how)}" if how else ""
+                        how.append(f"{card} taken for {gpu.name} (the same architecture, {gpu.arch})")
+                    fallback = f"{FALLBACK}{'; '.join(how)}" if how else ""
                     return Resolved(entry.efficiency, f"{entry.efficiency:.3f} {entry.measured_on} ({model}, "
                                     f"checkpointing {m}, {'compiled' if c else 'eager'}){fallback}", entry)
         return Resolved(ASSUMED, f"{ASSUMED:.3f} assumed (nothing measured for {model} on {gpu.name}"
@@ -205,3 +206,24 @@ def resolve(efficiency: EfficiencyArg, gpu: GPU, model: str, mode: str, compiled
         return Resolved(float(efficiency), f"{float(efficiency):.3f} given")
     table = efficiency if isinstance(efficiency, EfficiencyTable) else default_table()
     return table.lookup(gpu, model, mode, compiled)
+
+
+def summarise_sources(sources: Iterable[str]) -> List[str]:
+    """Distinct efficiency sources, once each: the fallbacks each value was taken by gathered under it (the modes
+    a measured mode stood in for in one list), for a report's header."""
+    taken: Dict[str, List[str]] = {}
+    for source in sources:
+        base, _, how = source.partition(FALLBACK)
+        steps = taken.setdefault(base, [])
+        for step in how.split("; ") if how else ():
+            if step not in steps:
+                steps.append(step)
+    out = []
+    for base, steps in taken.items():
+        modes = [s for s in steps if s.startswith("checkpointing ")]
+        other = [s for s in steps if not s.startswith("checkpointing ")]
+        if modes:  # "checkpointing every taken for off", "... for blocks": one step, "taken for off, blocks"
+            other.insert(0, modes[0].split(" taken for ")[0] + " taken for "
+                         + ", ".join(s.split(" taken for ")[1] for s in modes))
+        out.append(base + (FALLBACK + "; ".join(other) if other else ""))
+    return out

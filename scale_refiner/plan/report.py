@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from scale_refiner.plan.efficiency import EfficiencyArg, EfficiencyTable
+from scale_refiner.plan.efficiency import EfficiencyArg, EfficiencyTable, summarise_sources
 from scale_refiner.plan.hardware import GPU
 from scale_refiner.plan.search import Plan, dataset_size, fastest
 
@@ -11,13 +11,8 @@ GB = 1e9
 
 
 def efficiency_sources(plans: List[Plan]) -> List[str]:
-    """Every distinct compute efficiency the plans' refine-stage times ran at, with its source."""
-    seen = []
-    for p in plans:
-        for t in p.time.values():
-            if t["efficiency_source"] not in seen:
-                seen.append(t["efficiency_source"])
-    return seen
+    """Every distinct compute efficiency the plans' times ran at, with its source, once."""
+    return summarise_sources(t["efficiency_source"] for p in plans for t in p.time.values())
 
 
 def _given(efficiency: EfficiencyArg):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
-from scale_refiner.plan.efficiency import EfficiencyArg
+from scale_refiner.plan.efficiency import EfficiencyArg, summarise_sources
 from scale_refiner.plan.hardware import GPU
 from scale_refiner.plan.search import fastest, plan_all
 
@@ -47,7 +47,7 @@ def scaling_rows(cfg, config_path: str, gpu: GPU, gpu_counts: Sequence[int],
 
 
 def scaling_text(cfg, config_path: str, gpu: GPU, efficiency: EfficiencyArg, rows: List[Dict]) -> str:
-    sources = sorted({r["compute_efficiency_source"] for r in rows if r["fits"]})
+    sources = summarise_sources(r["compute_efficiency_source"] for r in rows if r["fits"])
     lines = [f"Scaling projection for {config_path} on {gpu.name} (global batch {cfg.data.batch_size}; "
              f"{gpu.peak_tflops:.0f} TFLOP/s bf16; collectives at "
              f"{gpu.nvlink_gbps:.0f} GB/s inside a node of {gpu.gpus_per_node}, {gpu.internode_gbps:.0f} GB/s per GPU "
