@@ -62,7 +62,10 @@ def parse_args(argv):
         p.error("--config is required (or --validate, --calibrate)")
     if args.gpus < 1:
         p.error("--gpus must be >= 1")
-    args.efficiency = efficiency_arg(p, args.efficiency)
+    given = args.efficiency
+    args.efficiency = efficiency_arg(p, given)
+    # the calibrated table's path, where --efficiency names one (--calibrate carries its entries on)
+    args.efficiency_file = given if given is not None and not isinstance(args.efficiency, float) else None
     return args
 
 
@@ -94,11 +97,8 @@ def calibrate_main(args) -> int:
         return 2
     written = None
     if cal.table.entries:
-        # a calibrated table given with --efficiency carries its entries on; the defaults are loaded anyway
-        keep = []
-        if isinstance(args.efficiency, EfficiencyTable):
-            from scale_refiner.plan.efficiency import default_table
-            keep = [e for k, e in args.efficiency.entries.items() if default_table().entries.get(k) is not e]
+        # a calibrated table given with --efficiency carries its entries on (not the defaults: loaded anyway)
+        keep = EfficiencyTable.load(args.efficiency_file).entries.values() if args.efficiency_file else ()
         write_table(cal, args.write, keep)
         written = args.write
     if args.json:
