@@ -161,6 +161,8 @@ def test_cpu_rows_and_rows_without_a_device_name_are_skipped_and_named(tmp_path)
     (_row(device="NVIDIA L40S"), "'NVIDIA L40S'"),
     ({k: v for k, v in _row().items() if k != "step_time_s"}, "'step_time_s'"),
     (_row(config="mae_nonexistent"), "'mae_nonexistent'"),
+    (_row(engine="megatron"), "'megatron'"),
+    ({**_row(), "step_time_s": 0}, "'step_time_s' is 0"),
 ])
 def test_a_row_the_planner_cannot_match_is_refused_naming_it(tmp_path, row, named):
     from scale_refiner.plan.calibrate import CalibrationError, calibrate

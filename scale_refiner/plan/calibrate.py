@@ -12,8 +12,8 @@ has no collectives, and the optimiser/EMA and data terms are subtracted as predi
 rows takes the median of their fitted values.
 
 Rows that cannot calibrate the planner are skipped with a note saying which and why (CPU rows, no GPU device
-name, not bf16, not the refine stage); a row the planner would mispredict for a reason of its own (an unknown
-card, a config that is not in the repository, a missing key) is an error naming the file, line and key.
+name, not bf16, not the refine stage); a row the planner cannot be matched to (an unknown card, a config that
+is not in the repository, a missing or impossible key) is an error naming the file, line and key.
 """
 from __future__ import annotations
 
@@ -58,10 +58,9 @@ class MeasuredRow:
     @property
     def label(self) -> str:
         r = self.row
-        ckpt = r.get("checkpointing")
-        ckpt = {True: "ckpt every", False: "ckpt off"}.get(ckpt, f"ckpt {ckpt}") if isinstance(ckpt, bool) \
-            else f"ckpt {ckpt}"
-        return (f"{r['config']} {r['engine']} x{r['world']} b{self.per_rank} {ckpt}"
+        ckpt = r.get("checkpointing", "?")
+        ckpt = ("every" if ckpt else "off") if isinstance(ckpt, bool) else ckpt
+        return (f"{r['config']} {r['engine']} x{r['world']} b{self.per_rank} ckpt {ckpt}"
                 f"{' compiled' if self.compiled else ''}")
 
 
@@ -99,6 +98,9 @@ def read_rows(paths: Sequence[str]) -> Tuple[List[MeasuredRow], List[str]]:
             if row["stage"] != "refine":
                 notes.append(f"skipped {where}: stage {row['stage']}; the table holds refine-stage efficiencies")
                 continue
+            for key in ("step_time_s", "per_rank_batch", "world"):
+                if not isinstance(row[key], (int, float)) or isinstance(row[key], bool) or row[key] <= 0:
+                    raise CalibrationError(f"{where}: key {key!r} is {row[key]!r}, not a positive number")
             try:
                 card = card_of_device(name)
             except ValueError as err:
@@ -113,7 +115,10 @@ def _overrides(m: MeasuredRow) -> List[str]:
     if engine in ("single", "fsdp2"):
         out = [f"engine.kind={engine}"]
     elif engine.startswith("deepspeed-zero"):
-        out = ["engine.kind=deepspeed", f"engine.zero_config=ds_configs/zero{engine[len('deepspeed-zero'):]}.json"]
+        json_path = f"ds_configs/zero{engine[len('deepspeed-zero'):]}.json"
+        if not (ROOT / json_path).is_file():
+            raise CalibrationError(f"{m.where}: key 'engine' is {engine!r}, and {json_path} does not exist")
+        out = ["engine.kind=deepspeed", f"engine.zero_config={json_path}"]
     else:
         raise CalibrationError(f"{m.where}: key 'engine' is {engine!r}, not single, fsdp2 or deepspeed-zeroN")
     out.append("engine.precision=bf16")
