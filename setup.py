@@ -11,6 +11,8 @@ setup(
     version="0.1.0",
     description="MIM-Refiner for ViT-L/H/2B at cluster scale: ZeRO-3/FSDP2, DALI, sharded faiss NN queue",
     packages=find_packages(include=["scale_refiner", "scale_refiner.*"]),
+    # the planner's measured compute efficiencies (plan/efficiency.py)
+    package_data={"scale_refiner.plan": ["efficiency_defaults.json"]},
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={"test": ["pytest"]},

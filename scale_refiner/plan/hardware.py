@@ -10,6 +10,9 @@
   200 Gb/s HDR = 25 GB/s -> 20. A ring collective that spans nodes runs at this rate.
 - ``hbm_gbps``: memory bandwidth, for the memory-bound optimiser step and EMA (H100 3350, H200 4800, A100 2039).
 - ``pcie_gbps``: host-to-device copies of the batch, 80 % of PCIe Gen5 x16 (64 GB/s) or Gen4 (32 GB/s).
+- ``arch``: the tensor-core generation; a compute efficiency measured on one card stands in for another of the
+  same architecture and peak (``efficiency.py``). A custom card has none.
+- ``DEVICE_NAMES``: what ``torch.cuda.get_device_name`` reports for each card, for reading benchmark rows.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class GPU:
     hbm_gbps: float
     pcie_gbps: float
     gpus_per_node: int = 8
+    arch: str = ""
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -34,12 +38,28 @@ class GPU:
 
 GPUS: Dict[str, GPU] = {
     "h100-80gb": GPU("h100-80gb", memory_gb=85.0, peak_tflops=989.0, nvlink_gbps=360.0, internode_gbps=40.0,
-                     hbm_gbps=3350.0, pcie_gbps=51.0),
+                     hbm_gbps=3350.0, pcie_gbps=51.0, arch="hopper"),
     "h200": GPU("h200", memory_gb=150.0, peak_tflops=989.0, nvlink_gbps=360.0, internode_gbps=40.0,
-                hbm_gbps=4800.0, pcie_gbps=51.0),
+                hbm_gbps=4800.0, pcie_gbps=51.0, arch="hopper"),
     "a100-80gb": GPU("a100-80gb", memory_gb=85.0, peak_tflops=312.0, nvlink_gbps=240.0, internode_gbps=20.0,
-                     hbm_gbps=2039.0, pcie_gbps=25.0),
+                     hbm_gbps=2039.0, pcie_gbps=25.0, arch="ampere"),
 }
+
+# torch.cuda.get_device_name of each card, SXM parts only: a PCIe or NVL part has another peak and is refused
+DEVICE_NAMES: Dict[str, str] = {
+    "NVIDIA H100 80GB HBM3": "h100-80gb",
+    "NVIDIA H200": "h200",
+    "NVIDIA A100-SXM4-80GB": "a100-80gb",
+}
+
+
+def card_of_device(device_name: str) -> str:
+    """The planner's card for a device name torch reports; ValueError naming it when the planner has none."""
+    card = DEVICE_NAMES.get(device_name.strip())
+    if card is None:
+        raise ValueError(f"device {device_name!r} is not a card the planner knows (known: "
+                         f"{', '.join(f'{d!r}' for d in DEVICE_NAMES)}); add it to plan/hardware.py")
+    return card
 
 
 def resolve_gpu(name: str, **overrides) -> GPU:
@@ -50,7 +70,7 @@ def resolve_gpu(name: str, **overrides) -> GPU:
         missing = [k for k in ("memory_gb", "peak_tflops") if k not in given]
         if missing:
             raise ValueError(f"--gpu custom needs {', '.join('--' + m.replace('_', '-').replace('memory-gb', 'gpu-memory-gb') for m in missing)}")
-        return replace(GPUS["h100-80gb"], name="custom", **given)
+        return replace(GPUS["h100-80gb"], name="custom", arch="", **given)
     if name not in GPUS:
         raise ValueError(f"unknown GPU {name!r}; known: {', '.join(GPUS)}, custom")
     return replace(GPUS[name], **given)

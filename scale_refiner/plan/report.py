@@ -3,15 +3,30 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from scale_refiner.plan.efficiency import EfficiencyArg, EfficiencyTable, summarise_sources
 from scale_refiner.plan.hardware import GPU
 from scale_refiner.plan.search import Plan, dataset_size, fastest
 
 GB = 1e9
 
 
-def as_json(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float, plans: List[Plan], counts: Dict) -> Dict:
+def efficiency_sources(plans: List[Plan]) -> List[str]:
+    """Every distinct compute efficiency the plans' times ran at, with its source, once."""
+    return summarise_sources(t["efficiency_source"] for p in plans for t in p.time.values())
+
+
+def _given(efficiency: EfficiencyArg):
+    """The JSON of the ``efficiency`` argument: the number given, the table's file(s), or None (the defaults)."""
+    if isinstance(efficiency, EfficiencyTable):
+        return efficiency.origin or "table"
+    return efficiency
+
+
+def as_json(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: EfficiencyArg, plans: List[Plan],
+            counts: Dict) -> Dict:
     best = fastest(plans)
-    return {"config": config_path, "gpus": gpus, "gpu": gpu.as_dict(), "efficiency": efficiency,
+    return {"config": config_path, "gpus": gpus, "gpu": gpu.as_dict(), "efficiency": _given(efficiency),
+            "efficiency_sources": efficiency_sources(plans),
             "global_batch": cfg.data.batch_size, "dataset_size": dataset_size(cfg),
             "epochs": {s: getattr(cfg.stages, s).epochs for s in cfg.stages.run},
             "counts": counts, "plans": [p.as_dict() for p in plans],
@@ -45,20 +60,23 @@ def _breakdown(title: str, items: Dict[str, float]) -> List[str]:
     return lines
 
 
-def as_text(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float, plans: List[Plan], counts: Dict) -> str:
-    out = [f"Plan for {config_path} on {gpus} x {gpu.name} ({gpu.memory_gb:g} GB, {gpu.peak_tflops:g} TFLOP/s bf16 "
-           f"at {efficiency:.0%} efficiency; NVLink {gpu.nvlink_gbps:g} GB/s, network {gpu.internode_gbps:g} GB/s "
-           f"per GPU, {gpu.gpus_per_node} GPUs a node)",
-           f"global batch {cfg.data.batch_size} ({cfg.data.batch_size // gpus} per GPU), "
-           f"{dataset_size(cfg):,} images per epoch, epochs: "
-           + ", ".join(f"{s} {getattr(cfg.stages, s).epochs:g}" for s in cfg.stages.run)]
+def as_text(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: EfficiencyArg, plans: List[Plan],
+            counts: Dict) -> str:
+    out = [f"Plan for {config_path} on {gpus} x {gpu.name} ({gpu.memory_gb:g} GB, {gpu.peak_tflops:g} TFLOP/s bf16; "
+           f"NVLink {gpu.nvlink_gbps:g} GB/s, network {gpu.internode_gbps:g} GB/s "
+           f"per GPU, {gpu.gpus_per_node} GPUs a node)"]
+    # the efficiency of the hardware FLOPs (recomputation included) in the compute time: column eff
+    out += [f"compute efficiency: {s}" for s in efficiency_sources(plans)]
+    out += [f"global batch {cfg.data.batch_size} ({cfg.data.batch_size // gpus} per GPU), "
+            f"{dataset_size(cfg):,} images per epoch, epochs: "
+            + ", ".join(f"{s} {getattr(cfg.stages, s).epochs:g}" for s in cfg.stages.run)]
     for stage, c in counts.items():
         out.append(f"parameters ({stage}): {c['total_params']:,} ({c['encoder_params']:,} encoder + "
                    f"{c['heads_params']:,} heads), trained {c['trainable']:,}, frozen {c['frozen']:,}")
     out.append("")
     width = max([40] + [len(p.setting.label) for p in plans])  # the longest setting's label sets the column
     header = (f"{'':2}{'setting':<{width}} {'micro':>5} {'accum':>5} {'peak GB':>8} {'total GB':>8} {'step s':>7} "
-              f"{'compute':>7} {'comm':>6} {'opt':>6} {'data':>6} {'MFU':>5} {'img/s/GPU':>9} {'GPU-h':>8}")
+              f"{'compute':>7} {'comm':>6} {'opt':>6} {'data':>6} {'eff':>5} {'MFU':>5} {'img/s/GPU':>9} {'GPU-h':>8}")
     out.append(header)
     listed = shown(plans)
     for p in listed:
@@ -74,9 +92,10 @@ def as_text(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float, plans
         total = max(x["total"] for x in p.memory.values())
         out.append(f"{mark}{p.setting.label:<{width}} {p.micro_batch:>5} {p.accumulation:>5} {peak / GB:>8.1f} "
                    f"{total / GB:>8.1f} {t['step_s']:>7.3f} {t['compute_s']:>7.3f} {t['exposed_comm_s']:>6.3f} "
-                   f"{t['optimizer_s']:>6.3f} {t['data_s']:>6.3f} {t['mfu']:>5.1%} "
+                   f"{t['optimizer_s']:>6.3f} {t['data_s']:>6.3f} {t['efficiency']:>5.2f} {t['mfu']:>5.1%} "
                    f"{t['images_per_s_per_gpu']:>9.1f} {p.total_gpu_hours:>8.0f}")
-    out.append("(step time, split and MFU of the refine stage; GPU-hours of both stages; * the fastest that fits)")
+    out.append("(step time, split, compute efficiency and MFU of the refine stage; GPU-hours of both stages; * the "
+               "fastest that fits)")
     if len(listed) < len(plans):
         out.append(f"({len(plans) - len(listed)} settings with N checkpointed blocks not listed: a smaller N fits at "
                    f"the same micro-batch with less recomputation; --json lists all {len(plans)})")
@@ -102,6 +121,7 @@ def as_text(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float, plans
                    f"({t['hardware_flops_per_sample'] / 1e12:.2f} with recomputation) per sample; MFU "
                    f"{t['mfu']:.1%}; {t['images_per_s_per_gpu']:.1f} img/s per GPU; {best.steps[stage]:,} steps, "
                    f"{best.gpu_hours[stage]:,.0f} GPU-hours")
+        out.append(f"  compute efficiency {t['efficiency_source']}")
         for name, col in t["collectives"].items():
             out.append(f"    {name:<66} {col['full_bytes'] / GB:7.3f} GB x {col['per_step']}/step, "
                        f"{col['wire_bytes'] / GB:.3f} GB on the wire each, {col['seconds'] * 1e3:7.1f} ms, "

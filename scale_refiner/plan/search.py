@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from scale_refiner.plan.counts import meta_refiner, model_counts
+from scale_refiner.plan.efficiency import EfficiencyArg
 from scale_refiner.plan.hardware import GPU
 from scale_refiner.plan.memory import predict_memory
 from scale_refiner.plan.settings import Setting, all_settings
@@ -68,8 +69,10 @@ def largest_fitting(candidates, predict, capacity: float):
     return 0, memory
 
 
-def plan_all(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: float = 0.4,
+def plan_all(cfg, config_path: str, gpu: GPU, gpus: int, efficiency: EfficiencyArg = None,
              root: Optional[Path] = None, settings: Optional[List[Setting]] = None) -> List[Plan]:
+    """Every setting's plan; ``efficiency``: a number for every setting, an ``EfficiencyTable``, or None (the
+    measured defaults, efficiency.py): each stage's time names the value it used."""
     from scale_refiner.engine.trainer import plan_stage
     root = Path(root or Path(__file__).resolve().parents[2])
     if cfg.data.batch_size % gpus:

@@ -2,8 +2,9 @@
 
 - compute: the analytic FLOPs of ``bench/flops.py`` (model FLOPs plus the recomputation of checkpointed blocks:
   one forward of each, every trained block with ``model.checkpointing=true``, N of them with N) of the rank's
-  samples, at ``efficiency`` x the GPU's dense bf16 peak (0.4 by default: an assumption of what a well-fed ViT
-  step reaches, to be replaced by a measured MFU from ``launch/benchmark.py``). Selective checkpointing
+  samples, at ``efficiency`` x the GPU's dense bf16 peak: a number given, else the measured table of
+  ``efficiency.py`` (per card, model, checkpointing mode and compile, with its fallback rule; 0.4 assumed where
+  nothing applies), fitted to benchmark rows by ``calibrate.py``. The prediction names its source. Selective checkpointing
   recomputes no matmul, only the pointwise ops (two LayerNorms, GELU, the residual adds, autocast's casts): they
   are memory-bound, so they are not FLOPs; they are modelled as ``SELECTIVE_RECOMPUTE`` (a stated 0.2) of the
   time of each trained block's forward (its matmul FLOPs at the same efficiency);
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
 
 from scale_refiner.plan.counts import ModelCounts
+from scale_refiner.plan.efficiency import EfficiencyArg, mode_of, resolve
 from scale_refiner.plan.hardware import GPU
 from scale_refiner.plan.memory import Crops
 from scale_refiner.plan.settings import Setting
@@ -79,6 +81,8 @@ class TimePrediction:
     step_s: float = 0.0
     mfu: float = 0.0
     images_per_s_per_gpu: float = 0.0
+    efficiency: float = 0.0           # the compute efficiency it ran at (of hardware FLOPs, efficiency.py)
+    efficiency_source: str = ""       # where that came from: given, measured (card, date), a fallback, assumed
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -168,9 +172,14 @@ def _fsdp2_hybrid(out: Dict[str, Collective], setting: Setting, W: int, c: int, 
 
 
 def predict_time(cfg, counts: ModelCounts, setting: Setting, gpu: GPU, world: int, micro_batch: int,
-                 efficiency: float = 0.4, compute_bytes: int = 2) -> TimePrediction:
+                 efficiency: EfficiencyArg = None, compute_bytes: int = 2) -> TimePrediction:
+    """``efficiency``: a number (used as it is), an ``EfficiencyTable`` or None (the measured defaults)."""
     from scale_refiner.bench.flops import block_forward_flops, step_flops
     from scale_refiner.models.vit import checkpointing_plan
+    # the refine stage's checkpointing mode keys the table in both stages (the heads stage trains no block)
+    used = resolve(efficiency, gpu, cfg.model.name,
+                   mode_of(setting.checkpointing, counts.depth - cfg.model.freeze_blocks), bool(cfg.model.compile))
+    efficiency = used.value
     W = world
     per_rank = cfg.data.batch_size // W
     accumulation = max(1, per_rank // micro_batch)
@@ -216,4 +225,4 @@ def predict_time(cfg, counts: ModelCounts, setting: Setting, gpu: GPU, world: in
         selective_recompute_s=selective, collectives={k: v.as_dict() for k, v in colls.items()}, comm_s=total,
         exposed_comm_s=exposed,
         optimizer_s=optimizer, data_s=data, step_s=step, mfu=per_rank * flops.model / (step * peak),
-        images_per_s_per_gpu=per_rank / step)
+        images_per_s_per_gpu=per_rank / step, efficiency=efficiency, efficiency_source=used.source)
