@@ -282,9 +282,10 @@ def main(argv=None) -> int:
         for r in results:
             print(memory_line(r))
         for r in results:
-            print(json.dumps({**{k: r[k] for k in ("config", "engine", "variant", "images_per_s_per_rank",
+            print(json.dumps({**{k: r[k] for k in ("config", "engine", "variant", "per_rank_batch",
+                                                    "checkpointing", "compile", "images_per_s_per_rank",
                                                     "model_tflops_per_rank", "mfu", "peak_memory_gb",
-                                                    "resting_memory_gb")},
+                                                    "resting_memory_gb", "step_time_s", "breakdown_step_time_s")},
                               "planner_peak_gib": (r.get("planner") or {}).get("peak_gib"),
                               "planner_state_gib": (r.get("planner") or {}).get("state_gib")}))
         print()
