@@ -45,6 +45,11 @@ class ModelConfig:
     # first steps pay the compilation, and it needs a C++ compiler (inductor builds its CPU kernels, and Triton
     # its launchers, with one).
     compile: bool = False
+    # dtype of the residual stream between blocks under bf16 autocast: compute (bf16: what DeepSpeed's and FSDP2's
+    # bf16 parameters give anyway; on the single engine the fp32 position embedding would promote it to fp32) |
+    # fp32 (single engine only: its LayerNorms hold fp32 weights; the sharded engines' bf16 LayerNorm weights take
+    # no fp32 input, and FSDP2 casts each block's input to bf16). No effect in fp32.
+    residual_dtype: str = "compute"
 
 
 @dataclass
@@ -232,6 +237,7 @@ class PretrainConfig:
 _CHOICES = {
     "model.arch": ("prenorm", "postnorm"),
     "model.weights_format": ("auto", "mae", "timm", "maws", "d2v2", "native"),
+    "model.residual_dtype": ("compute", "fp32"),
     "heads.norm": ("bn", "syncbn", "async"),
     "heads.objective": ("nna", "nnclr"),
     "heads.pairing": ("intended", "official"),
@@ -473,6 +479,9 @@ def _validate_hybrid(cfg, world_size: Optional[int]) -> None:
     if world_size is not None and world_size % replicate:
         _fail("engine.fsdp_replicate", f"{replicate} replica groups do not divide the world size {world_size}: "
                                        f"use the number of nodes, each with the same number of ranks")
+    if getattr(cfg.model, "residual_dtype", "compute") == "fp32" and cfg.engine.kind != "single":
+        _fail("model.residual_dtype", f"fp32 needs engine.kind=single (engine.kind is {cfg.engine.kind}: its bf16 "
+                                      f"parameters keep the stream in bf16; their LayerNorms take no fp32 input)")
     if cfg.engine.replicate_frozen and cfg.engine.kind == "single":
         _fail("engine.replicate_frozen", "needs engine.kind=fsdp2 (one process holds everything whole already)")
     if cfg.engine.replicate_frozen and cfg.engine.kind == "deepspeed":

@@ -242,14 +242,14 @@ def test_largest_fitting_micro_batch_equals_a_brute_force_scan():
 
 
 # ------------------------------------------------------------------ the residual stream's dtype, per engine
-def _block_io_dtypes(rank, world, kind):
+def _block_io_dtypes(rank, world, kind, residual="compute"):
     """(the planner's setting kind for this engine's config, the dtypes of every encoder block's input and output
-    in one bf16 refinement forward on ``kind``)."""
+    in one bf16 refinement forward on ``kind`` with ``model.residual_dtype=residual``)."""
     from scale_refiner.bench.runner import synthetic_batch
     from scale_refiner.plan.settings import setting_of_config
     from scale_refiner.refiner import refiner_inputs
     from tests.test_precision import _bf16_engine
-    engine, cfg = _bf16_engine(kind, rank, world, ["heads.norm=bn"])
+    engine, cfg = _bf16_engine(kind, rank, world, ["heads.norm=bn", f"model.residual_dtype={residual}"])
     seen = set()
 
     def record(module, args, output):
@@ -264,20 +264,24 @@ def _block_io_dtypes(rank, world, kind):
     return setting_of_config(cfg, ROOT).kind, seen
 
 
-@pytest.mark.parametrize("kind", ["single", "deepspeed", "fsdp2"])
-def test_the_planners_residual_dtype_is_the_engines(gloo, kind):
+@pytest.mark.parametrize("kind, residual", [("single", "compute"), ("deepspeed", "compute"), ("fsdp2", "compute"),
+                                            ("single", "fp32")])
+def test_the_planners_residual_dtype_is_the_engines(gloo, kind, residual):
     """The memory model's residual-stream bytes (checkpointed block inputs, the mid-block residual) are what each
-    engine's bf16 forward really carries between blocks: fp32 on the single engine, bf16 on the sharded ones."""
+    engine's bf16 forward really carries between blocks: bf16 on every engine (model.residual_dtype=compute), fp32
+    on the single engine when asked (the sharded engines refuse it: test_residual_dtype_fp32_is_single_only)."""
     from scale_refiner.plan.memory import residual_bytes
-    planned_kind, seen = _block_io_dtypes(0, 1, kind) if kind == "single" else gloo(_block_io_dtypes, 1, kind)
-    # the kind predict_memory passes (single, zero2 / zero3, fsdp2), not the engine's name
-    assert seen == {{4: "torch.float32", 2: "torch.bfloat16"}[residual_bytes(planned_kind, 2)]}
+    planned_kind, seen = (_block_io_dtypes(0, 1, kind, residual) if kind == "single"
+                          else gloo(_block_io_dtypes, 1, kind, residual))
+    assert seen == {{4: "torch.float32", 2: "torch.bfloat16"}[residual_bytes(2, residual)]}, planned_kind
 
 
 @pytest.mark.parametrize("config, overrides, batch, measured_gib", [
     # launch/gpu_check.sh on one NVIDIA H200, torch 2.11.0+cu130, 2026-11-30 (docs/planner.md "Checked on one
     # GPU"): torch.cuda.max_memory_allocated over the timed steps
-    ("configs/mae_l16.yaml", ["engine.kind=single", "engine.precision=bf16"], 512, 59.14),
+    # measured with the fp32 residual stream the single engine carried then (model.residual_dtype=compute now)
+    ("configs/mae_l16.yaml", ["engine.kind=single", "engine.precision=bf16", "model.residual_dtype=fp32"], 512,
+     59.14),
     # measured with the foreach AdamW FSDP2 stepped with then (engine.optimizer_impl=auto is fused now)
     ("configs/mae_2b14.yaml", ["engine.kind=fsdp2", "engine.precision=bf16", "engine.optimizer_impl=foreach"], 128,
      49.69),
@@ -292,3 +296,13 @@ def test_predicted_peak_within_5_percent_of_the_h200_measurement(config, overrid
     counts = model_counts(cfg, "refine", meta_refiner(cfg))
     m = predict_memory(cfg, counts, setting_of_config(cfg, ROOT), 1, batch, 2, on_gpu=True)
     assert abs(m.peak_allocated / 2 ** 30 / measured_gib - 1) < 0.05, m.peak_allocated / 2 ** 30
+
+
+def test_residual_dtype_fp32_is_single_only():
+    from scale_refiner.config import ConfigError
+    assert load_config(ROOT / "configs/demo.yaml", ["engine.kind=single", "model.residual_dtype=fp32"])
+    for kind in ("deepspeed", "fsdp2"):
+        with pytest.raises(ConfigError, match=r"model.residual_dtype.*fp32 needs engine.kind=single"):
+            load_config(ROOT / "configs/demo.yaml", [f"engine.kind={kind}", "model.residual_dtype=fp32"])
+    with pytest.raises(ConfigError, match="model.residual_dtype"):
+        load_config(ROOT / "configs/demo.yaml", ["model.residual_dtype=fp16"])

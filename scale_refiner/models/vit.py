@@ -182,6 +182,7 @@ class VisionTransformer(nn.Module):
         if arch not in ("prenorm", "postnorm"):
             raise ValueError(f"arch must be prenorm or postnorm, got {arch!r}")
         self.arch = arch
+        self.residual_dtype = "compute"  # model.residual_dtype (build_vit): the stream's dtype under autocast
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.depth = depth
@@ -307,7 +308,17 @@ class VisionTransformer(nn.Module):
                                          num_prefix_tokens=1, interpolation="bicubic", antialias=False)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls + pos[:, :1], x + pos[:, 1:]], dim=1)
-        return self.norm_pre(x)
+        return self.norm_pre(self._residual_cast(x))
+
+    def _residual_cast(self, x: torch.Tensor) -> torch.Tensor:
+        """The stream in ``residual_dtype`` under autocast: ``compute``, autocast's dtype (where the weights are
+        fp32, the single engine, the position embedding's add would otherwise promote the whole stream to fp32:
+        twice the bytes of every saved block input and residual add); ``fp32``, fp32 whatever the weights."""
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return x
+        dtype = torch.get_autocast_dtype(device) if self.residual_dtype == "compute" else torch.float32
+        return x.to(dtype)
 
     def forward(self, crops: Sequence[torch.Tensor], tap_blocks: Sequence[int] = ()) -> List[Dict[str, torch.Tensor]]:
         """``crops``: one (B, C, H, W) tensor per resolution.
@@ -420,6 +431,7 @@ def build_vit(model_cfg, device=None, zero_init_config: Optional[dict] = None) -
             model = VisionTransformer(**kwargs)
     else:
         model = VisionTransformer(**kwargs)
+    model.residual_dtype = getattr(model_cfg, "residual_dtype", "compute")
     # model.compile: here rather than in each method's builder, so the refiner and MAE pre-training get it alike
     # (compiling is lazy: a meta-built model is only wrapped, nothing is traced until a block runs)
     if getattr(model_cfg, "compile", False):

@@ -123,10 +123,10 @@ def _saved_by_kind(blocks: List[Tuple[str, float, float]], alive: int) -> Dict[s
     return out
 
 
-def residual_bytes(kind: str, c: int) -> int:
-    """Bytes of one residual-stream value: fp32 on the single engine (its parameters stay fp32 under autocast),
-    the compute dtype on DeepSpeed and FSDP2 (they give the model compute-dtype parameters)."""
-    return 4 if kind == "single" else c
+def residual_bytes(c: int, residual_dtype: str = "compute") -> int:
+    """Bytes of one residual-stream value on every engine: the compute dtype's (``model.residual_dtype=compute``,
+    the model casts the stream after the position embedding) or fp32's."""
+    return 4 if residual_dtype == "fp32" else c
 
 
 def block_saved_per_token(c: int, d: int, h: int, r: float, a: int) -> float:
@@ -280,7 +280,7 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     st["input micro-batch (fp32 crops)"] = B * crops.pixel_bytes
 
     # ------------------------------------------------------------------------------------ activations
-    a = residual_bytes(kind, c)
+    a = residual_bytes(c, getattr(cfg.model, "residual_dtype", "compute"))
     saved_block = B * S * block_saved_per_token(c, d, h, r, a)
     residual = B * S * a * d
     selective_saved = B * S * block_selective_saved_per_token(c, d, h, r, a)
