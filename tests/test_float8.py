@@ -24,6 +24,10 @@ whole within ALL_RTOL = 60% and cosine >= ALL_COS = 0.85. What these tolerances 
 way: the plain gradient of another batch is at cosine -0.02..0.13 (relative error ~140%), so a wrong, missing or
 swapped gradient fails them; plain bf16 against plain fp32 is at 6% (cosine 0.998). And not vacuous: the float8
 loss differs from the plain one (the operands were really rounded to float8).
+
+bf16 here is the CPU's bf16 autocast (the single engine) and the bf16 MixedPrecisionPolicy (FSDP2). Under CPU
+autocast a Float8Linear rounds its input to float8 straight from fp32, where on a GPU it first casts it to the
+autocast dtype (torchao does that for CUDA autocast only); the extra bf16 rounding is 8 bits finer than e4m3's.
 """
 from pathlib import Path
 

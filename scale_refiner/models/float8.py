@@ -15,7 +15,8 @@ Requirements, checked by ``config.validate`` before any work (``float8_problem``
   GPUs are refused naming ``model.float8`` and the device found;
 - ``model.compile=true``: torchao's float8 casts (an absolute-max reduction, a scale and a saturating cast per
   operand, for the input, the weight and the output gradient of every linear) are separate kernels in eager
-  mode, and an eager FP8 step is slower than bf16; compiled, they fuse with the neighbouring ops. Refused naming
+  mode, whose memory traffic is expected to cost more than the FP8 matmuls save (not measured here); compiled,
+  they fuse with the neighbouring ops. Refused naming
   both keys rather than switched on silently: compiling has its own needs (a C++ compiler) and start-up cost;
 - ``engine.kind`` single or fsdp2. FSDP2 shards a ``Float8Linear`` as any linear (its parameters are plain
   parameters; torchao supports ``fully_shard`` of it) and gathers them in bf16. DeepSpeed ZeRO-3 is refused
@@ -23,7 +24,8 @@ Requirements, checked by ``config.validate`` before any work (``float8_problem``
   gathers it again for the backward, which is why it runs its linears through its own autograd function that
   saves the weight parameter, not a view of it; ``Float8Linear``'s matmul saves ``weight.t()``, a view of the
   gathered full weight, so every trained linear's full weight would stay alive from its forward to its backward
-  (ZeRO-3's parameter partitioning lost for the trained blocks).
+  (ZeRO-3's parameter partitioning lost for the trained blocks). ZeRO-2 (the same ``engine.kind``) would not have
+  that problem but is not tested with float8, so the whole engine is refused.
 
 Emulation (``float8_emulation``, for the tests only): torchao's ``Float8LinearConfig(emulate=True)`` quantises and
 dequantises exactly as on the GPU (the same scales, the same e4m3 / e5m2 rounding) and runs the matmul in fp32
@@ -99,11 +101,12 @@ def float8_problem(model_cfg, engine_kind: str, device: Optional[torch.device] =
     if engine_kind not in ENGINES:
         return ("model.float8", f"is not available with engine.kind={engine_kind}: DeepSpeed ZeRO-3 frees each "
                                 f"layer's gathered weight after its forward, but torchao's Float8Linear saves a view "
-                                f"of it for the backward, which would keep every trained linear's full weight alive; "
-                                f"use engine.kind=fsdp2 (or single), or set model.float8=false")
+                                f"of it for the backward, which would keep every trained linear's full weight alive "
+                                f"(ZeRO-2 is refused too: untested with it); use engine.kind=fsdp2 (or single), or "
+                                f"set model.float8=false")
     if not model_cfg.compile:
         return ("model.float8", "needs model.compile=true: torchao's float8 casts are separate kernels in eager mode "
-                                "(slower than bf16) and fuse only when compiled; set model.compile=true or "
+                                "and fuse with their neighbours only when compiled; set model.compile=true or "
                                 "model.float8=false")
     problem = torchao_problem()
     if problem:
