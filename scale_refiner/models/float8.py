@@ -16,10 +16,10 @@ Requirements, checked by ``config.validate`` before any work (``float8_problem``
 - ``model.compile=true``: torchao's float8 casts (an absolute-max reduction, a scale and a saturating cast per
   operand, for the input, the weight and the output gradient of every linear) are separate kernels in eager
   mode, whose memory traffic is expected to cost more than the FP8 matmuls save (not measured here); compiled,
-  they fuse with the neighbouring ops. Refused naming
-  both keys rather than switched on silently: compiling has its own needs (a C++ compiler) and start-up cost;
+  they fuse with the neighbouring ops. Refused naming both keys rather than switched on silently: compiling has
+  its own needs (a C++ compiler) and start-up cost;
 - ``engine.kind`` single or fsdp2. FSDP2 shards a ``Float8Linear`` as any linear (its parameters are plain
-  parameters; torchao supports ``fully_shard`` of it) and gathers them in bf16. DeepSpeed ZeRO-3 is refused
+  parameters; tests/test_float8.py runs it on 2 ranks) and gathers them in bf16. DeepSpeed ZeRO-3 is refused
   naming ``model.float8`` and ``engine.kind``: ZeRO-3 releases a layer's gathered weight after its forward and
   gathers it again for the backward, which is why it runs its linears through its own autograd function that
   saves the weight parameter, not a view of it; ``Float8Linear``'s matmul saves ``weight.t()``, a view of the
