@@ -363,3 +363,12 @@ def test_traced_blocks_give_the_eager_float8_result(checkpointing):
     assert set(grads_c) == set(grads)
     for name, grad in grads.items():
         assert torch.allclose(grads_c[name], grad, rtol=1e-6, atol=1e-7), name
+
+
+def test_gpu_recipe_pads_the_inner_dimension():
+    """The real (non-emulated) recipe pads the FP8 matmuls' inner dimension to a multiple of 16: the weight
+    gradient's runs over (crops x samples x tokens), odd token counts included."""
+    from scale_refiner.models.float8 import float8_linear_config
+    config = float8_linear_config()
+    assert config.pad_inner_dim and not config.emulate
+    assert float8_linear_config(emulate=True).emulate

@@ -130,10 +130,17 @@ def trained_linear_filter(first_trained: int) -> Callable[[nn.Module, str], bool
 
 
 def float8_linear_config(emulate: bool = False):
-    """torchao's default recipe (tensorwise dynamic scaling: the fastest on Hopper), ``emulate`` for the tests.
-    The FP8 matmul's dimensions must be multiples of 16: every registered ViT's width and MLP width are."""
+    """torchao's default recipe (tensorwise dynamic scaling), ``emulate`` for the tests, and ``pad_inner_dim``.
+
+    The GPU's FP8 matmul (``torch._scaled_mm``) needs its inner dimension, and both of the second operand's, to be
+    multiples of 16. The widths are (every registered ViT's width and MLP width), but the weight gradient's matmul
+    runs over the tokens: its inner dimension is (crops of a resolution) x (micro-batch) x (1 + patches), and
+    1 + patches is odd (197 at 224 px and patch 16, 37 at 96 px), so any micro-batch whose crops x samples is not a
+    multiple of 16 (e.g. 2 global crops of 4 samples) would fail in the first backward. ``pad_inner_dim`` pads
+    the FP8 operands with zeros up to the next multiple of 16 (a copy of 1-byte operands, fused into the cast when
+    compiled; zeros add nothing to the sums). The emulated matmul ignores it."""
     from torchao.float8 import Float8LinearConfig
-    return Float8LinearConfig(emulate=emulate)
+    return Float8LinearConfig(emulate=emulate, pad_inner_dim=True)
 
 
 def convert_trained_linears(encoder: nn.Module, first_trained: int, emulate: Optional[bool] = None) -> List[str]:
