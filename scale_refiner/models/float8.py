@@ -24,7 +24,9 @@ Requirements, checked by ``config.validate`` before any work (``float8_problem``
   gathers it again for the backward, which is why it runs its linears through its own autograd function that
   saves the weight parameter, not a view of it; ``Float8Linear``'s matmul saves ``weight.t()``, a view of the
   gathered full weight, so every trained linear's full weight would stay alive from its forward to its backward
-  (ZeRO-3's parameter partitioning lost for the trained blocks). ZeRO-2 (the same ``engine.kind``) would not have
+  (ZeRO-3's parameter partitioning lost for the trained blocks; tests/test_float8.py measures it on 2 ranks:
+  float8 runs, and after the forward its saved tensors hold every trained weight in full, the plain path's
+  none). ZeRO-2 (the same ``engine.kind``) would not have
   that problem but is not tested with float8, so the whole engine is refused.
 
 Emulation (``float8_emulation``, for the tests only): torchao's ``Float8LinearConfig(emulate=True)`` quantises and
