@@ -57,6 +57,8 @@ CHECKS: List[Tuple[str, str, Tuple[str, ...], bool, str]] = [
      "the refine / MAE jobs' tensorboard logs; no part of gpu_check.sh"),
     ("safetensors", "safetensors", ("safetensors",), False,
      "loading and exporting weights; no part of gpu_check.sh (random initialisation)"),
+    ("torchao", "torchao.float8", ("torchao",), False,
+     "model.float8 (FP8 matmuls of the trained blocks, refused at load without it); no part of gpu_check.sh"),
     ("torchvision", "torchvision", ("torchvision",), False,
      "timm itself (timm.layers imports it) and the multi-crop augmentation (data.pipeline=wds, the demo)"),
 ]

@@ -50,6 +50,11 @@ class ModelConfig:
     # fp32 (single engine only: its LayerNorms hold fp32 weights; the sharded engines' bf16 LayerNorm weights take
     # no fp32 input, and FSDP2 casts each block's input to bf16). No effect in fp32.
     residual_dtype: str = "compute"
+    # FP8 matmuls (torchao's float8 training) for the trained blocks' linears (attention qkv / proj, MLP fc1 / fc2
+    # of the blocks from freeze_blocks on); never the frozen prefix, the patch embedding or the heads
+    # (models/float8.py). Needs model.compile=true, a GPU of compute capability >= 8.9 and engine.kind single or
+    # fsdp2; refused otherwise before any work.
+    float8: bool = False
 
 
 @dataclass
@@ -419,6 +424,11 @@ def _validate_shared(cfg, world_size: Optional[int], choices) -> None:
     _validate_checkpointing(cfg.model.checkpointing, dims["depth"], cfg.model.freeze_blocks)
     if cfg.model.compile:
         _validate_compile()
+    if cfg.model.float8:
+        from scale_refiner.models.float8 import float8_problem
+        problem = float8_problem(cfg.model, cfg.engine.kind)
+        if problem:
+            fail(*problem)
     if dims["embed_dim"] % dims["num_heads"]:
         fail("model.num_heads", f"{dims['num_heads']} does not divide embed_dim {dims['embed_dim']}")
     if cfg.model.img_size % patch:

@@ -171,7 +171,7 @@ class MAEPretrainer(nn.Module):
 
 def build_mae(cfg) -> MAEPretrainer:
     """Encoder (``cfg.model``) + MAE decoder (``cfg.mae``) from a ``PretrainConfig``."""
-    encoder = build_vit(cfg.model)
+    encoder = build_vit(cfg.model, train=True)
     encoder.set_grad_checkpointing(cfg.model.checkpointing)
     m = cfg.mae
     return MAEPretrainer(encoder, m.decoder_dim, m.decoder_depth, m.decoder_heads, m.mask_ratio,

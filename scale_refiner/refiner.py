@@ -152,7 +152,7 @@ def build_refiner(cfg, load_weights: bool = True, partitioned: bool = False) -> 
     zero_config = zero3_config(cfg) if partitioned else None
     meta = (partitioned and cfg.engine.kind == "fsdp2" and (bool(cfg.model.weights) or not load_weights))
     if meta:
-        encoder = build_vit(cfg.model, device="meta")
+        encoder = build_vit(cfg.model, device="meta", train=True)
         encoder.draw_init()
         encoder.pending_weights = None  # this stage's weights: the file's here, or set by whoever builds it
         if cfg.model.weights and load_weights:
@@ -160,12 +160,12 @@ def build_refiner(cfg, load_weights: bool = True, partitioned: bool = False) -> 
             encoder.pending_weights = plan_pretrained(build_vit(cfg.model, device="meta"), cfg.model.weights,
                                                       cfg.model.weights_format).tensors
     elif zero_config is None:
-        encoder = build_vit(cfg.model)
+        encoder = build_vit(cfg.model, train=True)
         if cfg.model.weights and load_weights:
             from scale_refiner.models.weights import load_pretrained
             load_pretrained(encoder, cfg.model.weights, cfg.model.weights_format)
     else:
-        encoder = build_vit(cfg.model, zero_init_config=zero_config)
+        encoder = build_vit(cfg.model, zero_init_config=zero_config, train=True)
         if cfg.model.weights and load_weights:
             from scale_refiner.engine.zero import load_state_partitioned
             from scale_refiner.models.weights import plan_pretrained

@@ -26,6 +26,7 @@ DOWNLOAD=(
   omegaconf==2.3.0               # scale_refiner.config
   webdataset==1.0.2              # the reference data pipeline
   braceexpand==0.1.7             # webdataset
+  torchao==0.18.0                # model.float8; one cp310-abi3 wheel (3.4 MB), no dependencies
 )
 # Only an sdist on PyPI: built here into pure-Python wheels.
 BUILD=(

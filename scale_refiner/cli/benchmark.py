@@ -18,7 +18,9 @@ and one JSON line to ``--json`` (default: ``--out`` with suffix .jsonl).
 available), capped by the recipe's per-rank batch).
 
 ``--compare``: comma list of ``engines`` (ZeRO-3, ZeRO-2, FSDP2; needs a process group: torchrun / deepspeed,
-or one local rank), ``checkpointing`` (every trained block / the first half / selective / off), ``norm`` (heads.norm bn / syncbn / async). Each variant is
+or one local rank), ``checkpointing`` (every trained block / the first half / selective / off), ``norm`` (heads.norm bn / syncbn / async),
+``float8`` (the recipe compiled in bf16, then with ``model.float8``: the FP8 img/s ratio; needs a GPU of compute
+capability >= 8.9, see docs/training.md "FP8 matmuls"). Each variant is
 built fresh, in turn, in the same process group; a side-by-side table with ratios to each group's first row
 is printed (``--rounds`` repeats the sequence and keeps each variant's median).
 """
@@ -52,7 +54,7 @@ def parse_args(argv):
     p.add_argument("--gpus", type=int, default=0, help="GPUs for the wall-hour extrapolation (0: world size)")
     p.add_argument("--max-batch", type=int, default=0, help="cap of --batch auto (default GPU 1024, CPU recipe)")
     p.add_argument("--mem-budget-gb", type=float, default=0.0, help="CPU --batch auto memory budget")
-    p.add_argument("--compare", default="", help="engines,checkpointing,norm")
+    p.add_argument("--compare", default="", help="engines,checkpointing,norm,float8")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--no-fine-timers", action="store_true", help="no synchronised lookup / comm timers")
     p.add_argument("--breakdown-steps", type=int, default=None,
@@ -123,11 +125,20 @@ def variants(cfg, groups, ds_ok: bool):
                 c = copy.deepcopy(cfg)
                 c.heads.norm = kind
                 out.append((group, f"heads.norm={kind}", c))
+        elif group == "float8":  # model.float8 against bf16, both compiled (FP8 requires compile)
+            from scale_refiner.models.float8 import float8_problem
+            for flag in (False, True):
+                c = copy.deepcopy(cfg)
+                c.model.compile, c.model.float8 = True, flag
+                problem = float8_problem(c.model, c.engine.kind)
+                if problem:
+                    raise SystemExit(f"error: --compare float8: config key '{problem[0]}': {problem[1]}")
+                out.append((group, "float8" if flag else "bf16 (compiled)", c))
         elif group == "frozen":
             c = copy.deepcopy(cfg)
             out.append((group, f"frozen prefix {cfg.model.freeze_blocks} inside engine (current)", c))
         else:
-            raise SystemExit(f"error: --compare {group!r}: use engines, checkpointing, norm, frozen")
+            raise SystemExit(f"error: --compare {group!r}: use engines, checkpointing, norm, frozen, float8")
     return out
 
 

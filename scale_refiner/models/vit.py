@@ -103,7 +103,8 @@ SELECTIVE_SAVE_OPS = _aten_ops(
     "mm", "addmm", "bmm", "baddbmm",
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_fused_attention_overrideable")
+    "_scaled_dot_product_fused_attention_overrideable",
+    "_scaled_mm")  # model.float8's FP8 matmuls (models/float8.py)
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
@@ -412,8 +413,13 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0).float()
 
 
-def build_vit(model_cfg, device=None, zero_init_config: Optional[dict] = None) -> VisionTransformer:
+def build_vit(model_cfg, device=None, zero_init_config: Optional[dict] = None,
+              train: bool = False) -> VisionTransformer:
     """Build from a ``ModelConfig``.
+
+    ``train``: a build that an engine will train (the refiner's and MAE's encoders): ``model.float8`` applies
+    to it. Every other build (evaluation, exports, the meta twins that check a weights file) is the plain model,
+    whatever the config says.
 
     ``device='meta'`` constructs without allocating weights; ``zero_init_config`` (a DeepSpeed config dict)
     constructs under ``deepspeed.zero.Init`` (``partition.zero_init``: fp32 partitions), so each rank keeps only
@@ -432,6 +438,11 @@ def build_vit(model_cfg, device=None, zero_init_config: Optional[dict] = None) -
     else:
         model = VisionTransformer(**kwargs)
     model.residual_dtype = getattr(model_cfg, "residual_dtype", "compute")
+    # model.float8: the trained blocks' linears become float8 before anything compiles them (models/float8.py);
+    # the frozen prefix is model.freeze_blocks' blocks, as the refine stage freezes them
+    if train and getattr(model_cfg, "float8", False):
+        from scale_refiner.models.float8 import convert_trained_linears
+        convert_trained_linears(model, first_trained=model_cfg.freeze_blocks)
     # model.compile: here rather than in each method's builder, so the refiner and MAE pre-training get it alike
     # (compiling is lazy: a meta-built model is only wrapped, nothing is traced until a block runs)
     if getattr(model_cfg, "compile", False):
