@@ -58,7 +58,7 @@ CHECKS: List[Tuple[str, str, Tuple[str, ...], bool, str]] = [
     ("safetensors", "safetensors", ("safetensors",), False,
      "loading and exporting weights; no part of gpu_check.sh (random initialisation)"),
     ("torchao", "torchao.float8", ("torchao",), False,
-     "model.float8 (FP8 matmuls of the trained blocks, refused at load without it); no part of gpu_check.sh"),
+     "model.float8 (FP8 matmuls of the trained blocks, refused at load without it) and part 'fp8_l16' of gpu_check.sh"),
     ("torchvision", "torchvision", ("torchvision",), False,
      "timm itself (timm.layers imports it) and the multi-crop augmentation (data.pipeline=wds, the demo)"),
 ]
@@ -211,6 +211,25 @@ def check_torch() -> List[Dict]:
     return out
 
 
+def check_fp8(items: List[Dict]) -> Dict:
+    """FP8 matmuls for model.float8: a CUDA device of compute capability >= 8.9 (Ada, Hopper, Blackwell) and
+    torchao's float8 training, both from the items already checked."""
+    item = dict(name="fp8", ok=False, core=False, version=None,
+                disables="part 'fp8_l16' of gpu_check.sh and model.float8 (refused at load)")
+    cuda = next((i for i in items if i["name"] == "cuda"), {})
+    torchao = next((i for i in items if i["name"] == "torchao"), {})
+    capability = cuda.get("capability")
+    if not cuda.get("ok"):
+        item["detail"] = "no CUDA device"
+    elif tuple(int(x) for x in capability.split(".")) < (8, 9):
+        item["detail"] = f"{cuda.get('device_name')} is sm {capability}: FP8 matmuls need sm 8.9 or newer"
+    elif not torchao.get("ok"):
+        item["detail"] = "torchao does not import (carry wheelhouse/: scripts/build_wheelhouse.sh)"
+    else:
+        item.update(ok=True, detail=f"sm {capability} with torchao {torchao.get('version')}")
+    return item
+
+
 def check_nvidia_smi() -> Dict:
     item = dict(name="nvidia-smi", ok=False, core=False, version=None,
                 disables="only the GPU / driver line of the report (torch finds the GPU without it)")
@@ -291,6 +310,7 @@ def main(argv=None) -> int:
     items.append(check_nvidia_smi())
     for check in CHECKS:
         items.append(check_module(*check))
+    items.append(check_fp8(items))
     for item in items:
         text = f"{'OK' if item['ok'] else 'MISSING':8} {item['name']} {item['version'] or ''}".rstrip()
         if item.get("detail"):
