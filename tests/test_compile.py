@@ -64,3 +64,25 @@ def test_a_missing_cpp_compiler_is_refused_naming_the_key(monkeypatch, tmp_path)
     with pytest.raises(ConfigError, match=r"\$CXX=no-such-compiler"):
         load_config(ROOT / "configs/demo.yaml", ["model.compile=true"])
     assert load_config(ROOT / "configs/demo.yaml", ["model.compile=false"]).model.compile is False
+
+
+@pytest.mark.parametrize("arch", ["prenorm", "postnorm"])
+@pytest.mark.parametrize("checkpointing", ["false", "true", "selective"])
+def test_a_trained_block_traces_as_one_graph(arch, checkpointing):
+    """Per-block compile pays only if a block is one graph: a graph break inside it splits the fused kernels and
+    adds a Python round trip per crop per step. Dynamo's explain traces a trained block (grad on, two crop
+    sizes in one call, as the refiner runs it) under each checkpointing mode, composed with selective
+    checkpointing too: no break."""
+    from scale_refiner.models.vit import build_vit
+    cfg = load_config(ROOT / "configs/demo.yaml", TINY + [f"model.checkpointing={checkpointing}",
+                                                          f"model.arch={arch}"])
+    torch._dynamo.reset()
+    encoder = build_vit(cfg.model)
+    encoder.set_grad_checkpointing(cfg.model.checkpointing)  # as build_refiner sets it
+    encoder.freeze(cfg.model.freeze_blocks)
+    block = encoder.blocks[cfg.model.freeze_blocks]
+    assert block.checkpoint_policy == {"false": "none", "true": "full", "selective": "selective"}[checkpointing]
+    crops = [torch.randn(2, 65, 32, requires_grad=True), torch.randn(2, 17, 32, requires_grad=True)]
+    explained = torch._dynamo.explain(block)(crops)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
