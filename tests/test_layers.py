@@ -73,3 +73,19 @@ def test_the_rule_has_no_cycles():
 
     for unit in ALLOWED:
         visit(unit, [])
+
+
+def test_no_caller_probes_an_engine():
+    """Every method a caller uses is on the engine's base class (engine/base.py), with a default where an engine
+    has nothing to do: no getattr / hasattr on an engine outside the engines themselves."""
+    probes = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent.name == "engine" and path.name in ("base.py", "single.py", "fsdp.py", "zero.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("getattr", "hasattr") and node.args):
+                target = ast.unparse(node.args[0])
+                if "engine" in target.split(".")[-1]:
+                    probes.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {ast.unparse(node)}")
+    assert not probes, "\n".join(probes)

@@ -150,14 +150,6 @@ def build(cfg, ctx, stage: str):
     return engine
 
 
-def _zero_grad(engine) -> None:
-    opt = getattr(engine, "optimizer", None)
-    if opt is not None:
-        try:
-            opt.zero_grad(set_to_none=True)
-        except TypeError:
-            opt.zero_grad()
-
 
 def run_steps(engine, cfg, ctx, batch, steps: int, stage: str, timer: StageTimer, step0: int = 0,
               ema=None, losses: Optional[list] = None) -> float:
@@ -222,7 +214,7 @@ def find_batch(cfg, ctx, stage: str, max_batch: int, mem_budget_gb: Optional[flo
                 raise
             ok = False
             del err
-            _zero_grad(engine)
+            engine.discard_gradients()
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -182,7 +182,7 @@ def _run(argv) -> int:
         if stage == stages[-1]:
             break
         # A fresh, unwrapped refiner for the next stage: the engine's sharding is not undone in place.
-        if getattr(engine, "can_hand_off", False):
+        if engine.can_hand_off:
             # ZeRO-3 / FSDP2: built partitioned alike (zero.Init / a meta encoder) and given the engine's fp32
             # partitions or shards, rank by rank: no full copy. Rank 0's gathered end state is in model_state.pt
             # by now: dropped before the next build.
@@ -194,8 +194,7 @@ def _run(argv) -> int:
             refiner.load_state_dict(result.end_state)
         # The old model and its partitions go before the next engine is set up: DeepSpeed holds on to a ZeRO-3
         # model (close), and its engine and optimiser hold it in reference cycles (collected now, not later)
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
         del engine
         gc.collect()
 

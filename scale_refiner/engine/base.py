@@ -73,6 +73,13 @@ class Engine(ABC):
         """Clip (when set), optimiser step, zero gradients; returns the gradient norm before clipping (a float
         or a 0-d tensor, which the stage loop reads only on the steps it logs: no host sync on the others)."""
 
+    def discard_gradients(self) -> None:
+        """Drop the gradients of a step that will not be taken (a batch-size probe that ran out of memory)."""
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+        except TypeError:  # DeepSpeed's ZeRO optimisers take no set_to_none
+            self.optimizer.zero_grad()
+
     def set_lr(self, lr: float) -> None:
         for group in self.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -96,6 +103,26 @@ class Engine(ABC):
     def full_state(self) -> Dict[str, torch.Tensor]:
         """The model's full state dict (parameters gathered, this rank's buffers and queues), fp32 CPU, on
         every rank (collective). What the next stage, an export or an evaluation starts from."""
+
+    def stage_end_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        """What a stage's end checkpoint (``model_state.pt``), the next stage and the exports start from, fp32 CPU
+        (collective). Here the full state on every rank; the sharded engines gather it to rank 0 only (None on
+        the others, which hand their part on with ``hand_off``)."""
+        return self.full_state()
+
+    @property
+    def can_hand_off(self) -> bool:
+        """Whether the next stage takes its weights from this engine by ``hand_off`` (sharded, no full copy)
+        rather than from ``stage_end_state``."""
+        return False
+
+    def hand_off(self, model: nn.Module) -> None:
+        """Give ``model``, the next stage's model built partitioned alike, this engine's weights part by part."""
+        raise RuntimeError(f"engine {self.kind} hands a stage on through its end state, not hand_off")
+
+    def close(self) -> None:
+        """Let go of the model so that it is freed with this engine (before the next stage's engine is built);
+        the engine is unusable afterwards. Nothing to do where nothing outside the engine holds the model."""
 
     def encoder_state(self) -> Dict[str, torch.Tensor]:
         """The encoder's full state dict (fp32, CPU) on every rank (collective)."""

@@ -308,7 +308,7 @@ def _run_stage(engine, cfg, name, stream, ctx, writer, checkpoints, resume_from,
         # it to rank 0 only, one parameter at a time (None on the other ranks): the next stage takes its weights
         # partition by partition (ZeroEngine.hand_off), the exports read the checkpoint
         guard.check()  # before the gather: every rank agrees, none is left waiting in it
-        end_state = getattr(engine, "stage_end_state", engine.full_state)()
+        end_state = engine.stage_end_state()
         if checkpoints is not None:
             save(f"{name}-end", model_state=end_state)
         if stop:
