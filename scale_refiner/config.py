@@ -239,7 +239,7 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-_CHOICES = {
+CHOICES = {
     "model.arch": ("prenorm", "postnorm"),
     "model.weights_format": ("auto", "mae", "timm", "maws", "d2v2", "native"),
     "model.residual_dtype": ("compute", "fp32"),
@@ -256,7 +256,7 @@ _CHOICES = {
     "engine.reduce_dtype": ("fp32", "bf16"),
     "engine.optimizer_impl": ("auto", "fused", "foreach", "loop"),
 }
-_CHOICES_SHARED = tuple(k for k in _CHOICES if not k.startswith(("heads.", "queue.")))
+CHOICES_SHARED = tuple(k for k in CHOICES if not k.startswith(("heads.", "queue.")))
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
@@ -332,7 +332,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
 def _validate_pretrain(cfg: PretrainConfig, world_size: Optional[int]) -> None:
     from scale_refiner.models.vit import resolve_model_dims
     fail = _fail
-    _validate_shared(cfg, world_size, list(_CHOICES_SHARED))
+    _validate_shared(cfg, world_size, list(CHOICES_SHARED))
     dims = resolve_model_dims(cfg.model)
     if cfg.augment.num_local:
         fail("augment.num_local", "MAE pre-training uses the two global crops only; set it to 0")
@@ -360,7 +360,7 @@ def _validate_pretrain(cfg: PretrainConfig, world_size: Optional[int]) -> None:
 def _validate_refine(cfg: RefineConfig, world_size: Optional[int]) -> None:
     from scale_refiner.models.vit import resolve_model_dims  # models depend on config, not the reverse
     fail = _fail
-    _validate_shared(cfg, world_size, list(_CHOICES))
+    _validate_shared(cfg, world_size, list(CHOICES))
     depth = resolve_model_dims(cfg.model)["depth"]
     if not 0 <= cfg.model.freeze_blocks <= depth:
         fail("model.freeze_blocks", f"{cfg.model.freeze_blocks} is outside 0..{depth} (the model has {depth} blocks)")
@@ -413,7 +413,7 @@ def _validate_shared(cfg, world_size: Optional[int], choices) -> None:
     from scale_refiner.models.vit import resolve_model_dims
     fail = _fail
     for key in choices:
-        allowed = _CHOICES[key]
+        allowed = CHOICES[key]
         if _get(cfg, key) not in allowed:
             fail(key, f"{_get(cfg, key)!r} is not one of {', '.join(allowed)}")
     try:

@@ -89,3 +89,43 @@ def test_no_caller_probes_an_engine():
                 if "engine" in target.split(".")[-1]:
                     probes.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {ast.unparse(node)}")
     assert not probes, "\n".join(probes)
+
+
+def _module_imports():
+    """module -> the package modules it imports (lazy imports included), by dotted name."""
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                candidates = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            targets.update(c for c in candidates if c in modules and c != name)
+        graph[name] = targets - {n for n in targets if name.startswith(n + ".") or n.endswith("__init__")}
+    return graph
+
+
+def test_no_import_circle():
+    """No two modules import each other, directly or through others (lazy imports inside functions included: a
+    lazy import that breaks a circle hides a design knot, not a necessity)."""
+    graph = _module_imports()
+    state, stack, circles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                circles.append(" -> ".join(stack[stack.index(target):] + [target]))
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = "done"
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not circles, "\n".join(circles)

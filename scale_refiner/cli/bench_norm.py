@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 
 
+from scale_refiner.config import CHOICES
 from scale_refiner.engine.distributed import spawn_gloo
 
-KINDS = ("bn", "syncbn", "async")
+KINDS = CHOICES["heads.norm"]
 PAPER_WIDTHS = (2048, 2048, 256, 4096, 256)  # the 5 BN layers of one ID head (projector 3, predictor 2)
 
 

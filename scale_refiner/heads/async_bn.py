@@ -73,7 +73,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from scale_refiner.heads.norms import affine_params
+from scale_refiner.heads.affine import affine_params
 from scale_refiner.precision import as_fp32, fp32_island
 
 log = logging.getLogger("scale_refiner")

@@ -21,16 +21,10 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
+from scale_refiner.heads.affine import affine_params
+from scale_refiner.heads.async_bn import AsyncBatchNorm1d
 from scale_refiner.precision import as_fp32, fp32_island
 
-NORM_KINDS = ("bn", "syncbn", "async")
-
-
-def affine_params(bn: nn.BatchNorm1d, dtype: torch.dtype):
-    """The norm's weight and bias in ``dtype`` (a bf16 engine copy is cast up; the gradient flows back)."""
-    if not bn.affine:
-        return None, None
-    return bn.weight.to(dtype), bn.bias.to(dtype)
 
 
 class FP32BatchNorm1d(nn.BatchNorm1d):
@@ -93,6 +87,6 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     if kind == "syncbn":
         return GlobalBatchNorm1d(dim)
     if kind == "async":  # previous-step global statistics, one non-blocking bucketed reduce per step
-        from scale_refiner.heads.async_bn import AsyncBatchNorm1d
         return AsyncBatchNorm1d(dim)
-    raise ValueError(f"head norm {kind!r} is not one of {', '.join(NORM_KINDS)}")
+    # the allowed values are the config's (config.CHOICES["heads.norm"]), checked at load
+    raise ValueError(f"head norm {kind!r} is not one of bn, syncbn, async")
