@@ -11,8 +11,9 @@ Labels (set on the tensor objects while the watch runs):
 - an operation's outputs are *host* when every tensor it reads is *host*, else *device*;
 - ``x.to(d)`` / ``x.to(device=d)`` with a ``torch.device`` makes *device* (the run's device is a
   ``torch.device``); ``x.cpu()``, ``x.to("cpu")`` (a string) make *host*;
-- tensors made before the watch started are *device* (parameters, buffers, optimiser state), unless marked
-  with ``mark_host`` (a host batch).
+- tensors made before the watch started are *device* (parameters, buffers), unless marked with ``mark_host``
+  (a host batch); so the warm-up steps run under a watch that is not yet recording, and what they create
+  (the optimiser's step counts, kept on the host by a non-fused optimiser) is labelled as it is made.
 
 Recorded (each with the stack, attributed to the innermost frame of this repository or of a third-party
 package; frames of torch itself and of the standard library are skipped, so a sync inside a torch function
@@ -270,14 +271,21 @@ class _Function(TorchFunctionMode):
 
 
 class HostSyncWatch:
-    """``with HostSyncWatch() as watch: ...`` then ``watch.report`` (a ``Report``). Not re-entrant."""
+    """``with HostSyncWatch() as watch: ...`` then ``watch.report`` (a ``Report``). Not re-entrant.
 
-    def __init__(self):
+    ``recording=False`` labels tensors without recording (until ``watch.recording = True``): run the warm-up
+    steps so, and the state they create (optimiser step counts, queue contents) carries the label a GPU run
+    would give it instead of the default ``device``."""
+
+    def __init__(self, recording: bool = True):
+        self.recording = recording
         self.report = Report()
         self.state = _State()
         self._patched = []
 
     def record(self, kind: str, what: str) -> None:
+        if not self.recording:
+            return
         owner, where = _attribute()
         self.report.syncs.append(Sync(kind, what, owner, where))
 
