@@ -10,7 +10,8 @@ Labels (set on the tensor objects while the watch runs):
   ``device`` argument is *host* (so on a GPU it would be a CPU tensor); with one, *device*;
 - an operation's outputs are *host* when every tensor it reads is *host*, else *device*;
 - ``x.to(d)`` / ``x.to(device=d)`` with a ``torch.device`` makes *device* (the run's device is a
-  ``torch.device``); ``x.cpu()``, ``x.to("cpu")`` (a string) make *host*;
+  ``torch.device``); ``x.cpu()``, and ``x.to("cpu")`` (a string) in this repository's code, make *host* (a
+  third-party library may name the run's device by a string: DeepSpeed's CPU accelerator is ``"cpu"``);
 - tensors made before the watch started are *device* (parameters, buffers), unless marked with ``mark_host``
   (a host batch); so the warm-up steps run under a watch that is not yet recording, and what they create
   (the optimiser's step counts, kept on the host by a non-fused optimiser) is labelled as it is made.
@@ -34,7 +35,8 @@ counts against the line that called it, and one inside DeepSpeed against DeepSpe
 What it cannot see, and ``set_sync_debug_mode`` would: syncs inside compiled C++/CUDA code that never
 surfaces as an aten operation (a library's own ``cudaDeviceSynchronize``, an allocator's ``cudaFree``),
 pinned-ness (a host tensor is assumed pageable unless it goes through ``to_device_async``),
-``x.to(torch.device("cpu"))`` of a device tensor (indistinguishable from the run's CPU device), and device
+``x.to(torch.device("cpu"))`` of a device tensor (indistinguishable from the run's CPU device; the same for a
+``"cpu"`` string in a third-party library), and device
 kernels that are themselves synchronous on CUDA without being listed above. It also sees only code that runs
 on the CPU path: a branch taken only on CUDA (``if x.is_cuda``) is the GPU test's to check.
 """
@@ -213,7 +215,9 @@ def _device_arg(args, kwargs):
     if target is None:
         return None
     if isinstance(target, str):
-        return "host" if target.split(":")[0] == "cpu" else "device"
+        # "cpu" in our code is the host (we name the run's device by a torch.device); a third-party library
+        # may name the run's device by a string (DeepSpeed's CPU accelerator calls itself "cpu"): the device
+        return "host" if target.split(":")[0] == "cpu" and _attribute()[0] == "ours" else "device"
     return "device"
 
 
