@@ -114,12 +114,14 @@ def test_third_party_frames_are_listed_apart(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- the steady-state step, on the CPU
 def _steady_state_syncs(rank, world, kind, extra, warm=2, steps=2):
     """Build the tiny refiner on ``kind`` (fp32, CPU), run ``warm`` steps under a watch that only labels, then
-    ``steps`` recorded steps as run_stage runs them (inputs to the device, forward with the queue lookup and
-    enqueue, backward, step, EMA). Returns (our syncs, third-party syncs, every queue full)."""
+    ``steps`` recorded steps as run_stage runs an unlogged step (inputs to the device, forward with the queue
+    lookup and enqueue, backward, metrics summed on the device, step, EMA, the non-finite guard's fold). Returns
+    (our syncs, third-party syncs, every queue full)."""
     from pathlib import Path
     from scale_refiner.bench.runner import build, synthetic_batch
     from scale_refiner.config import load_config
     from scale_refiner.engine.distributed import DistContext
+    from scale_refiner.engine.divergence import NonFiniteGuard
     from scale_refiner.engine.ema import EncoderEMA
     from scale_refiner.engine.trainer import micro_batches
     from scale_refiner.refiner import refiner_inputs
@@ -135,16 +137,23 @@ def _steady_state_syncs(rank, world, kind, extra, warm=2, steps=2):
     ema = EncoderEMA(engine, 0.99)
     batch = synthetic_batch(cfg, 16 // world, device, rank)
     mark_host(batch.values())  # a GPU run keeps it in pinned host memory
+    guard = NonFiniteGuard(ctx, "refine")
     with HostSyncWatch(recording=False) as watch:
-        for step in range(warm + steps):
+        for step in range(warm + steps):  # run_stage's step, on a step it does not log
             watch.recording = step >= warm
             engine.set_lr(1e-5)
+            metrics = {}
             for index, micro in enumerate(micro_batches(batch, engine.accumulation)):
                 args, kwargs = refiner_inputs(micro, device, cfg.stages.refine, step, index)
-                loss, _ = engine.forward(*args, **kwargs)
+                loss, micro_metrics = engine.forward(*args, **kwargs)
                 engine.backward(loss)
-            engine.step(None)
+                for key, value in micro_metrics.items():
+                    metrics[key] = metrics[key] + value if key in metrics else value
+            if engine.accumulation > 1:
+                metrics = {key: value / engine.accumulation for key, value in metrics.items()}
+            grad_norm = engine.step(None)
             ema.update()
+            guard.observe(step + 1, dict(metrics, grad_norm=grad_norm))
     queues = engine.model.queues
     full = all(q.num_filled == (q.n_slots if queues.sharded else q.size) for q in queues)
     assert torch.isfinite(loss)
