@@ -14,9 +14,11 @@ Global slot layout (fixed, independent of the step):
 
 Lookup (collective; Q = W * B queries, B per rank, equal on every rank):
     1. all-gather the queries with their dataset indices (one packed fp32 tensor);
-    2. search the shard for all Q queries (``search.py``: faiss flat by default), only over filled rows; the
-       query's own dataset index is dropped by asking for k + e results and growing e for the rows that
-       lost too many (exact: a row is accepted once it keeps k results or the shard is exhausted);
+    2. search the shard for all Q queries (``search.py``). The torch search scores every row and masks empty
+       rows and the query's own dataset index to -inf before one top-k: fixed shapes, no host read. faiss and
+       ivf search only the filled rows and drop the query's own index by asking for k + e results and growing
+       e for the rows that lost too many (exact: a row is accepted once it keeps k results or the shard is
+       exhausted; a row count and a retry loop on the host);
     3. ``all_to_all`` the per-shard top-k (score, global slot) to the rank that owns each query;
     4. merge into the global top-k ordered by score descending, then global slot ascending;
     5. pick one of them with the uniforms the replicated queue draws (the whole global batch from the
@@ -25,6 +27,12 @@ Lookup (collective; Q = W * B queries, B per rank, equal on every rank):
        answers) and return them with the metrics (similarity, age, accuracy, found).
 Warm-up (empty slots masked, fewer than k valid entries: pick among the valid ones, none: the query itself)
 and exclusion behave as in ``NNQueue`` because both work on the same global candidate set.
+
+No host sync in a steady-state step (torch search): where a global batch goes depends only on the pointer and
+the batch sizes, so the pointer has a host mirror (``host_ptr``; read from the buffer only when something else
+wrote it, e.g. a load) from which the host routes rows (local or ``all_to_all``, the split sizes); the rows'
+destinations are computed on the device, the index check is a device-side assert, and the pick, fetch and
+write use device indices only (``tests/test_hostsync.py`` checks it on the CPU, ``tests/test_gpu.py`` on a GPU).
 
 Equivalence with ``NNQueue``: identical top-k sets, order and picks, except (a) exactly tied scores, whose
 order ``torch.topk`` leaves unspecified (this queue uses the slot order), and (b) dot products that differ
