@@ -181,9 +181,11 @@ def _two_rank_cases(rank, world, kind, cases):
 
 def test_fsdp2_sharded_queue_steady_state_has_no_host_sync(gloo):
     """FSDP2 on 2 gloo ranks with the sharded queue (torch search: lookup in four collectives, local enqueue),
-    SyncBN heads and async-statistics BN heads; one spawn for both."""
+    SyncBN heads and async-statistics BN heads; and a queue of 24, which 2 x 8 rows do not tile, so rows change
+    owner and the enqueue goes through its all_to_all (split sizes from the host's pointer). One spawn for all."""
     cases = [["heads.norm=syncbn", "queue.sharded=true", "queue.search=torch"],
-             ["heads.norm=async", "queue.sharded=true", "queue.search=torch"]]
+             ["heads.norm=async", "queue.sharded=true", "queue.search=torch"],
+             ["heads.norm=syncbn", "queue.sharded=true", "queue.search=torch", "queue.size=24"]]
     for extra, (ours, theirs, full) in gloo(_two_rank_cases, 2, "fsdp2", cases):
         _check(ours, theirs, full, f"fsdp2 {extra}")
         assert not theirs, theirs
