@@ -126,10 +126,12 @@ class Report:
         return "\n".join(f"{n} x {line}" for line, n in sorted(self.counts(owner).items()))
 
 
-def _attribute() -> tuple:
-    """(owner, where) of the current stack: the innermost frame that is neither torch, the standard library nor
-    this module, then up to two more frames of the same owner."""
-    frames = traceback.extract_stack()[:-1]
+def attribute(skip: int = 0) -> tuple:
+    """(owner, where) of the caller's stack (less its ``skip`` innermost frames): the innermost frame that is
+    neither torch, the standard library nor this module, then up to two more frames of the same owner. Owner
+    "ours" for this repository, the package's name for a third-party one, "torch" when there is no other frame.
+    Also what ``tests/test_gpu.py``'s recorder uses to list a library's own syncs apart."""
+    frames = traceback.extract_stack()[:-(1 + skip)]
     chosen, owner = [], None
     for f in reversed(frames):
         name = str(Path(f.filename).resolve()) if not f.filename.startswith("<") else f.filename
@@ -217,7 +219,7 @@ def _device_arg(args, kwargs):
     if isinstance(target, str):
         # "cpu" in our code is the host (we name the run's device by a torch.device); a third-party library
         # may name the run's device by a string (DeepSpeed's CPU accelerator calls itself "cpu"): the device
-        return "host" if target.split(":")[0] == "cpu" and _attribute()[0] == "ours" else "device"
+        return "host" if target.split(":")[0] == "cpu" and attribute()[0] == "ours" else "device"
     return "device"
 
 
@@ -290,7 +292,7 @@ class HostSyncWatch:
     def record(self, kind: str, what: str) -> None:
         if not self.recording:
             return
-        owner, where = _attribute()
+        owner, where = attribute()
         self.report.syncs.append(Sync(kind, what, owner, where))
 
     @contextlib.contextmanager
