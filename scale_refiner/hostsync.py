@@ -43,6 +43,7 @@ on the CPU path: a branch taken only on CUDA (``if x.is_cuda``) is the GPU test'
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 import traceback
@@ -126,6 +127,11 @@ class Report:
         return "\n".join(f"{n} x {line}" for line, n in sorted(self.counts(owner).items()))
 
 
+@functools.lru_cache(maxsize=None)
+def _resolved(filename: str) -> str:
+    return filename if filename.startswith("<") else str(Path(filename).resolve())
+
+
 def attribute(skip: int = 0) -> tuple:
     """(owner, where) of the caller's stack (less its ``skip`` innermost frames): the innermost frame that is
     neither torch, the standard library nor this module, then up to two more frames of the same owner. Owner
@@ -134,7 +140,7 @@ def attribute(skip: int = 0) -> tuple:
     frames = traceback.extract_stack()[:-(1 + skip)]
     chosen, owner = [], None
     for f in reversed(frames):
-        name = str(Path(f.filename).resolve()) if not f.filename.startswith("<") else f.filename
+        name = _resolved(f.filename)
         stdlib = name.startswith(_STDLIB) and "site-packages" not in name
         if name == _THIS or name.startswith(_TORCH) or stdlib or name.startswith("<"):
             if not chosen:
@@ -154,6 +160,20 @@ def attribute(skip: int = 0) -> tuple:
         if len(chosen) == 3:
             break
     return (owner or "torch"), " <- ".join(chosen) or "(no frame outside torch)"
+
+
+def _caller_is_ours() -> bool:
+    """``attribute()[0] == "ours"``, without reading source lines (called on every "cpu" string)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith("<"):
+            name = _resolved(name)
+            stdlib = name.startswith(_STDLIB) and "site-packages" not in name
+            if not (name == _THIS or name.startswith(_TORCH) or stdlib):
+                return name.startswith(str(ROOT) + "/") and "site-packages" not in name
+        frame = frame.f_back
+    return False
 
 
 class _State(threading.local):
@@ -219,7 +239,7 @@ def _device_arg(args, kwargs):
     if isinstance(target, str):
         # "cpu" in our code is the host (we name the run's device by a torch.device); a third-party library
         # may name the run's device by a string (DeepSpeed's CPU accelerator calls itself "cpu"): the device
-        return "host" if target.split(":")[0] == "cpu" and attribute()[0] == "ours" else "device"
+        return "host" if target.split(":")[0] == "cpu" and _caller_is_ours() else "device"
     return "device"
 
 
