@@ -200,7 +200,8 @@ class _Dispatch(TorchDispatchMode):
             indices = args[1] if len(args) > 1 else kwargs.get("indices", [])
             masks = [i for i in indices if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)]
             if masks and (device_in or not is_host(args[0])):
-                watch.record("data-dependent shape", f"boolean-mask {'assignment' if 'put' in func.__name__ else 'indexing'}")
+                what = "assignment" if "put" in func.__name__ else "indexing"
+                watch.record("data-dependent shape", f"boolean-mask {what}")
             elif device_in and any(is_host(i) and i.numel() > 1 for i in indices if isinstance(i, torch.Tensor)):
                 watch.record("host tensor in a device op", f"{func.__name__} with host indices")
         elif func in _COPY_OPS:
