@@ -1,12 +1,15 @@
 """GPU checks (``pytest tests/test_gpu.py -m gpu``, what launch/gpu_check.sh runs; they skip without CUDA): a bf16
 refiner step is finite, timm's attention takes the fused SDPA path, and a steady-state training step makes no
-host synchronisation. One CPU twin runs the steady-state loop itself, so the GPU test's code is exercised
-wherever the suite runs.
+host synchronisation, on the single engine (replicated queue; bn and async heads) and on FSDP2 over a 1-rank
+NCCL group (sharded queue; SyncBN and async heads). One CPU twin runs the steady-state loop itself (FSDP2 on a
+1-rank gloo group), so the GPU test's code is exercised wherever the suite runs; tests/test_hostsync.py is the
+CPU twin of the sync check itself (single, FSDP2 and ZeRO-3 on 2 gloo ranks).
 
 Collecting this file needs only torch, pytest, omegaconf and timm (scale_refiner.config, scale_refiner.models.vit);
 the tests' own imports add the engine (tqdm, numpy), never deepspeed, faiss, webdataset or DALI, which a lent GPU
 machine may lack.
 """
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -80,8 +83,34 @@ def test_gpu_sdpa_path_used():
 
 
 # ---------------------------------------------------------------------------- steady-state step, no host sync
+FSDP2_SHARDED = ("engine.kind=fsdp2", "queue.sharded=true", "queue.search=torch")
+
+
+@contextlib.contextmanager
+def _process_group(device: torch.device, extra):
+    """A 1-rank process group (NCCL on a GPU, gloo on the CPU) for the extras that name an engine needing one
+    (FSDP2 shards over a device mesh); nothing otherwise. Destroyed on exit."""
+    import torch.distributed as dist
+    if "engine.kind=fsdp2" not in extra or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _queues_full(engine) -> bool:
+    queues = engine.model.queues
+    return all(q.num_filled == (q.n_slots if queues.sharded else q.size) for q in queues)
+
+
 def _steady_state_setup(device: torch.device, *extra):
-    """The tiny refiner on ``device`` (engine single), its EMA, and one host batch (pinned on a GPU)."""
+    """The tiny refiner on ``device`` (engine single unless ``extra`` names another), its EMA, and one host batch
+    (pinned on a GPU)."""
     from scale_refiner.bench.runner import build, synthetic_batch
     from scale_refiner.engine.distributed import DistContext
     from scale_refiner.engine.ema import EncoderEMA
@@ -117,16 +146,19 @@ def _train_steps(engine, ema, cfg, batch, device, steps: int, step0: int = 0):
 
 def _synchronising_calls(fn):
     """Run ``fn()`` under ``torch.cuda.set_sync_debug_mode("warn")`` and return every synchronising call it made,
-    each as the innermost frames of this repository that led to it (with its count). Warn mode rather than
-    "error": one run names every sync, not only the first, which matters on a GPU lent for minutes."""
-    import traceback
+    each as the innermost frames that led to it (with its count): this repository's lines, or, for a sync
+    inside a third-party package (DeepSpeed), that package's, the key then starting with ``[package]`` so that
+    a test can list those apart. Warn mode rather than "error": one run names every sync, not only the first,
+    which matters on a GPU lent for minutes."""
+    from scale_refiner.hostsync import attribute
     sites = {}
 
     def record(message, category, filename, lineno, file=None, line=None):
         if "called a synchronizing" not in str(message):  # not the mode switch's own "prototype" warning
             return
-        frames = [f for f in traceback.extract_stack()[:-1] if str(ROOT) in f.filename]
-        where = " <- ".join(f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.line}" for f in frames[::-1][:3])
+        owner, where = attribute(skip=1)  # the innermost frame outside torch and the standard library
+        if owner not in ("ours", "torch"):
+            where = f"[{owner}] {where}"
         sites[where] = sites.get(where, 0) + 1
     cuda_ = torch.cuda.is_available()  # without CUDA only the recording runs (its CPU test below)
     previous = torch.cuda.get_sync_debug_mode() if cuda_ else None
@@ -145,27 +177,34 @@ def _synchronising_calls(fn):
 
 @gpu
 @cuda
-@pytest.mark.parametrize("extra", [(), ("data.micro_batch_size=8",), ("heads.norm=async",)],
-                         ids=["one-batch", "two-micro-batches", "async-bn"])
+@pytest.mark.parametrize("extra", [(), ("data.micro_batch_size=8",), ("heads.norm=async",),
+                                   FSDP2_SHARDED + ("heads.norm=syncbn",), FSDP2_SHARDED + ("heads.norm=async",)],
+                         ids=["one-batch", "two-micro-batches", "async-bn", "fsdp2-sharded-syncbn",
+                              "fsdp2-sharded-async-bn"])
 def test_gpu_steady_state_step_has_no_host_sync(extra):
     """After warm-up, a whole training step (inputs to the device, forward with the queue lookup and enqueue,
     backward, optimiser step, EMA) queues its work without the host once waiting for the GPU: under
     ``torch.cuda.set_sync_debug_mode`` no synchronising call (``.item()``, a blocking copy, a ``nonzero``, a
     data-dependent shape, a Python scalar written into an indexed tensor) is made. Also with two micro-batches
-    (non-contiguous slices of the pinned batch) and with the async-statistics BatchNorm heads."""
+    (non-contiguous slices of the pinned batch), with the async-statistics BatchNorm heads, and on FSDP2 (a
+    1-rank NCCL group: DTensor parameters, its gradient norm and optimiser) with the sharded queue (its masked
+    torch search, device-side enqueue) under SyncBN and async heads. One rank takes the 1-rank branches (no
+    queue collective, SyncBN with local statistics); the 2-rank branches are the CPU twins' (test_hostsync.py)."""
     device = torch.device("cuda", 0)
-    cfg, engine, ema, batch = _steady_state_setup(device, *extra)
-    assert engine.dtype == torch.bfloat16
-    _train_steps(engine, ema, cfg, batch, device, 2)  # warm-up: lazy CUDA / cuBLAS / allocator set-up
-    torch.cuda.synchronize()
-    assert all(q.num_filled == q.size for q in engine.model.queues)  # the steady state, not the filling phase
-    loss, sites = _synchronising_calls(lambda: _train_steps(engine, ema, cfg, batch, device, 3, step0=2))
-    assert not sites, "host synchronisations in the steady-state step:\n" + "\n".join(
-        f"{n} x {where}" for where, n in sites.items())
-    torch.cuda.synchronize()
-    assert torch.isfinite(loss)
-    for p in engine.model.parameters():
-        assert torch.isfinite(p).all()
+    with _process_group(device, extra):
+        cfg, engine, ema, batch = _steady_state_setup(device, *extra)
+        assert engine.dtype == torch.bfloat16
+        _train_steps(engine, ema, cfg, batch, device, 2)  # warm-up: lazy CUDA / cuBLAS / allocator set-up
+        torch.cuda.synchronize()
+        assert _queues_full(engine)  # the steady state, not the filling phase
+        loss, sites = _synchronising_calls(lambda: _train_steps(engine, ema, cfg, batch, device, 3, step0=2))
+        ours = {where: n for where, n in sites.items() if not where.startswith("[")}
+        assert not ours, "host synchronisations in the steady-state step:\n" + "\n".join(
+            f"{n} x {where}" for where, n in sites.items())
+        torch.cuda.synchronize()
+        assert torch.isfinite(loss)
+        for p in engine.model.parameters():
+            assert torch.isfinite(p).all()
 
 
 def test_sync_recorder_names_each_synchronising_call():
@@ -183,15 +222,32 @@ def test_sync_recorder_names_each_synchronising_call():
     assert count == 2 and where.startswith("tests/test_gpu.py:") and "synchronizing" in where
 
 
-@pytest.mark.parametrize("norm", ["bn", "async"])
-def test_steady_state_step_loop_runs_on_cpu(norm):
-    """The loop of the test above, on the CPU in fp32: keeps that GPU-only test's calls in step with the code."""
+def test_sync_recorder_lists_a_third_party_sync_apart(tmp_path, monkeypatch):
+    """A sync warning raised inside another package (DeepSpeed's case) is keyed ``[package] ...``: the GPU test
+    lists it without failing on it."""
+    pkg = tmp_path / "site-packages" / "otherlib_gpu"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import warnings\n\ndef sync():\n"
+                                     "    warnings.warn('called a synchronizing CUDA operation')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
+    import otherlib_gpu
+    _, sites = _synchronising_calls(otherlib_gpu.sync)
+    (where, count), = sites.items()
+    assert count == 1 and where.startswith("[otherlib_gpu] "), where
+
+
+@pytest.mark.parametrize("extra", [("heads.norm=bn",), ("heads.norm=async",), FSDP2_SHARDED + ("heads.norm=syncbn",)],
+                         ids=["bn", "async", "fsdp2-sharded-syncbn"])
+def test_steady_state_step_loop_runs_on_cpu(extra):
+    """The loop of the test above, on the CPU in fp32 (FSDP2 on a 1-rank gloo group): keeps that GPU-only test's
+    calls in step with the code."""
     device = torch.device("cpu")
-    cfg, engine, ema, batch = _steady_state_setup(device, "engine.precision=fp32", "data.micro_batch_size=8",
-                                                  f"heads.norm={norm}")
-    assert engine.accumulation == 2
-    before = {n: t.clone() for n, t in ema.shadow.items()}
-    loss = _train_steps(engine, ema, cfg, batch, device, 5)
-    assert torch.isfinite(loss)
-    assert all(q.num_filled == q.size for q in engine.model.queues)  # the steady state the GPU test times
-    assert any(not torch.equal(before[n], ema.shadow[n]) for n in before)  # the EMA moved
+    with _process_group(device, extra):
+        cfg, engine, ema, batch = _steady_state_setup(device, "engine.precision=fp32", "data.micro_batch_size=8",
+                                                      *extra)
+        assert engine.accumulation == 2
+        before = {n: t.clone() for n, t in ema.shadow.items()}
+        loss = _train_steps(engine, ema, cfg, batch, device, 5)
+        assert torch.isfinite(loss)
+        assert _queues_full(engine)  # the steady state the GPU test times
+        assert any(not torch.equal(before[n], ema.shadow[n]) for n in before)  # the EMA moved

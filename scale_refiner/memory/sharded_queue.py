@@ -14,9 +14,11 @@ Global slot layout (fixed, independent of the step):
 
 Lookup (collective; Q = W * B queries, B per rank, equal on every rank):
     1. all-gather the queries with their dataset indices (one packed fp32 tensor);
-    2. search the shard for all Q queries (``search.py``: faiss flat by default), only over filled rows; the
-       query's own dataset index is dropped by asking for k + e results and growing e for the rows that
-       lost too many (exact: a row is accepted once it keeps k results or the shard is exhausted);
+    2. search the shard for all Q queries (``search.py``). The torch search scores every row and masks empty
+       rows and the query's own dataset index to -inf before one top-k: fixed shapes, no host read. faiss and
+       ivf search only the filled rows and drop the query's own index by asking for k + e results and growing
+       e for the rows that lost too many (exact: a row is accepted once it keeps k results or the shard is
+       exhausted; a row count and a retry loop on the host);
     3. ``all_to_all`` the per-shard top-k (score, global slot) to the rank that owns each query;
     4. merge into the global top-k ordered by score descending, then global slot ascending;
     5. pick one of them with the uniforms the replicated queue draws (the whole global batch from the
@@ -25,6 +27,12 @@ Lookup (collective; Q = W * B queries, B per rank, equal on every rank):
        answers) and return them with the metrics (similarity, age, accuracy, found).
 Warm-up (empty slots masked, fewer than k valid entries: pick among the valid ones, none: the query itself)
 and exclusion behave as in ``NNQueue`` because both work on the same global candidate set.
+
+No host sync in a steady-state step (torch search): where a global batch goes depends only on the pointer and
+the batch sizes, so the pointer has a host mirror (``host_ptr``; read from the buffer only when something else
+wrote it, e.g. a load) from which the host routes rows (local or ``all_to_all``, the split sizes); the rows'
+destinations are computed on the device, the index check is a device-side assert, and the pick, fetch and
+write use device indices only (``tests/test_hostsync.py`` checks it on the CPU, ``tests/test_gpu.py`` on a GPU).
 
 Equivalence with ``NNQueue``: identical top-k sets, order and picks, except (a) exactly tied scores, whose
 order ``torch.topk`` leaves unspecified (this queue uses the slot order), and (b) dot products that differ
@@ -46,7 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scale_refiner.memory.queue import EMPTY, RANDOM_FILL, random_rows
-from scale_refiner.memory.search import Search, make_search
+from scale_refiner.memory.search import Search, TorchMatmul, make_search
 from scale_refiner.precision import fp32_island, to_device_async
 
 
@@ -102,6 +110,9 @@ class ShardedNNQueue(nn.Module):
         self.register_buffer("labels", torch.full((self.capacity,), -1, dtype=torch.long))
         self.register_buffer("steps", torch.zeros(self.capacity, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # global, the same on every rank
+        # the pointer's host mirror: where a batch goes depends only on the batch sizes, so the host knows it
+        # without reading the device; re-read (one sync) only when something else wrote the buffer (a load)
+        self._ptr_host, self._ptr_key = 0, None
         self.generator = torch.Generator().manual_seed(seed)
         self.search_name, self.search_kwargs = search, dict(search_kwargs or {})
         self.searcher: Search = make_search(search, dim, **self.search_kwargs)
@@ -116,6 +127,20 @@ class ShardedNNQueue(nn.Module):
     def global_slot(self, row: torch.Tensor, rank: Optional[int] = None) -> torch.Tensor:
         rank = self.rank if rank is None else rank
         return (row // self.block) * self.block * self.world + rank * self.block + row % self.block
+
+    def _ptr_buffer_key(self):
+        return id(self.ptr), self.ptr._version, self.ptr.data_ptr()
+
+    def host_ptr(self) -> int:
+        """The global pointer, from its host mirror (read from the buffer only after another writer)."""
+        if self._ptr_key != self._ptr_buffer_key():
+            self._ptr_host = int(self.ptr)
+            self._ptr_key = self._ptr_buffer_key()
+        return self._ptr_host
+
+    def _set_ptr(self, value: int) -> None:
+        self.ptr.fill_(value)  # a kernel argument: no host-to-device copy
+        self._ptr_host, self._ptr_key = value, self._ptr_buffer_key()
 
     @property
     def num_filled(self) -> int:
@@ -221,6 +246,8 @@ class ShardedNNQueue(nn.Module):
         device = self.vectors.device
         out_s = torch.full((nq, k), float("-inf"), device=device)
         out_g = torch.full((nq, k), -1, dtype=torch.long, device=device)
+        if isinstance(self.searcher, TorchMatmul):
+            return self._search_shard_masked(queries, query_index, k, out_s, out_g)
         valid = self.indices != EMPTY
         nvalid = int(valid.sum())
         if nvalid == 0:
@@ -261,6 +288,30 @@ class ShardedNNQueue(nn.Module):
             extra *= 4
         return out_s, out_g
 
+    def _search_shard_masked(self, queries, query_index, k, out_s, out_g):
+        """``_search_shard`` for the torch search, with fixed shapes and no host read: every row of the shard is
+        scored, empty rows and the query's own dataset index are masked to -inf before one top-k (what
+        ``NNQueue`` does), so no row count, ``nonzero`` or retry loop depends on the data. The same top-k sets
+        and order as the filtered search; rows of the shard are in global-slot order."""
+        n = self.n_slots
+        kk = min(k, n)
+        base, stored = self.vectors[:n], self.indices[:n]
+        rows_per = max(1, self.searcher.chunk_elems // max(1, n))
+        for start in range(0, queries.shape[0], rows_per):
+            stop = min(start + rows_per, queries.shape[0])
+            scores = queries[start:stop] @ base.T
+            invalid = (stored == EMPTY).unsqueeze(0) | (stored.unsqueeze(0) == query_index[start:stop].unsqueeze(1))
+            scores.masked_fill_(invalid, float("-inf"))
+            s, rows = scores.topk(kk, dim=1)
+            g = torch.where(torch.isfinite(s), self.global_slot(rows), torch.full_like(rows, -1))
+            # order: score desc, then global slot asc (stable sorts); invalid last
+            order = torch.sort(torch.where(g < 0, torch.full_like(g, self.size), g), dim=1, stable=True).indices
+            s, g = s.gather(1, order), g.gather(1, order)
+            order = torch.sort(s, dim=1, descending=True, stable=True).indices
+            out_s[start:stop, :kk] = s.gather(1, order)
+            out_g[start:stop, :kk] = g.gather(1, order)
+        return out_s, out_g
+
     @torch.no_grad()
     def lookup(self, query: torch.Tensor, query_index: torch.Tensor, k: int,
                query_label: Optional[torch.Tensor] = None, step: int = 0, global_queries: Optional[int] = None,
@@ -283,8 +334,8 @@ def _check_one_layout(queues: Sequence[ShardedNNQueue], group, what: str):
     """The queues' common (world, rank) and the group they run on; they must share one layout."""
     q0 = queues[0]
     for q in queues[1:]:
-        if (q.size, q.dim, q.world, q.rank, q.block, int(q.ptr)) != (q0.size, q0.dim, q0.world, q0.rank, q0.block,
-                                                                     int(q0.ptr)):
+        if (q.size, q.dim, q.world, q.rank, q.block, q.host_ptr()) != (q0.size, q0.dim, q0.world, q0.rank, q0.block,
+                                                                       q0.host_ptr()):
             raise ValueError(f"{what} needs queues of one layout and pointer")
     if group is None and q0.world > 1:
         group = dist.group.WORLD
@@ -377,11 +428,11 @@ def sharded_enqueue(queues: Sequence[ShardedNNQueue], vectors: torch.Tensor, ind
     one ``all_to_all`` for all of them. vectors: (H, B, d), one row block per queue; indices/labels: (B,)."""
     q0 = queues[0]
     group, world, rank = _check_one_layout(queues, group, "sharded_enqueue")
-    if bool((indices < 0).any()):
-        raise ValueError("dataset indices must be >= 0 (-1 marks an empty slot)")
+    # checked on the device (raises at once on the CPU, a device-side assert on a GPU): no host read
+    torch._assert_async((indices >= 0).all(), "dataset indices must be >= 0 (-1 marks an empty slot)")
     heads, batch, dim = vectors.shape
     device = q0.vectors.device
-    size, ptr = q0.size, int(q0.ptr)
+    size, ptr = q0.size, q0.host_ptr()
     labels = labels if labels is not None else torch.full_like(indices, -1)
     n = world * batch
     kept = min(n, size)
@@ -391,8 +442,10 @@ def sharded_enqueue(queues: Sequence[ShardedNNQueue], vectors: torch.Tensor, ind
     dest = (ptr + g - first) % size
     keep = g >= first
     dest_owner = torch.where(keep, q0.owner(dest), torch.full_like(dest, -1)).view(world, batch)
-    mine = slice(rank * batch, (rank + 1) * batch)
-    my_dest, my_owner = dest[mine].to(device), dest_owner[rank].to(device)
+    # this rank's rows of that table, computed on the device from the same integers (no host-to-device copy)
+    my_g = torch.arange(rank * batch, (rank + 1) * batch, device=device)
+    my_dest = (my_g + (ptr - first)) % size
+    my_owner = torch.where(my_g >= first, q0.owner(my_dest), torch.full_like(my_dest, -1))
     payload = torch.cat([vectors.to(device, torch.float32).permute(1, 0, 2).reshape(batch, heads * dim),
                          _pack_long(torch.stack([indices.to(device), labels.to(device),
                                                  torch.full_like(indices, step, device=device),
@@ -400,8 +453,8 @@ def sharded_enqueue(queues: Sequence[ShardedNNQueue], vectors: torch.Tensor, ind
     local_only = bool((dest_owner[dest_owner >= 0] == torch.arange(world).unsqueeze(1).expand(world, batch)[
         dest_owner >= 0]).all())
     if world == 1 or local_only:
-        sel = my_owner == rank
-        recv = payload[sel]
+        # every kept row stays on its rank: this rank's kept rows, a suffix (rows before ``first`` are dropped)
+        recv = payload[max(0, first - rank * batch):]
     else:
         order = torch.sort(torch.where(my_owner < 0, torch.full_like(my_owner, world), my_owner), stable=True).indices
         send = payload[order]
@@ -416,7 +469,7 @@ def sharded_enqueue(queues: Sequence[ShardedNNQueue], vectors: torch.Tensor, ind
         for h, q in enumerate(queues):
             q._write(rows, recv[:, h * dim:(h + 1) * dim], meta[:, 0], meta[:, 1], meta[:, 2])
     for q in queues:
-        q.ptr.fill_((ptr + kept) % size)
+        q._set_ptr((ptr + kept) % size)
 
 
 # -------------------------------------------------------------------------------------------- re-sharding
