@@ -5,6 +5,11 @@
 
 Both pipelines get the same number of CPU workers (DALI num_threads = DataLoader workers = --workers). On a GPU
 machine DALI decodes with "mixed" and augments on the GPU (--dali-device auto). Prints a markdown table.
+
+Beside each pipeline's images/s: what one GPU's refine step consumes for a recipe (``--need CONFIG``, default
+configs/mae_l16.yaml with ``--preset paper``; ``--need-gpu`` the card), the planner's images/s per GPU of the
+fastest plan that fits one such GPU (plan/search.py; at the measured efficiency, docs/planner.md), the pipeline's
+rate against it, and for a CPU pipeline the CPU cores per GPU that its measured rate per core implies.
 """
 import argparse
 import os
@@ -42,6 +47,20 @@ def measure(make, seconds: float, warmup: int = 2):
     return n / dt, n
 
 
+def gpu_need(config: str, gpu_name: str):
+    """(images/s one GPU's refine step consumes, the plan's label): the planner's fastest plan of ``config`` on
+    one ``gpu_name``."""
+    from scale_refiner.config import load_config
+    from scale_refiner.plan.hardware import resolve_gpu
+    from scale_refiner.plan.search import fastest, plan_all
+    cfg = load_config(config, [])
+    best = fastest(plan_all(cfg, config, resolve_gpu(gpu_name), 1))
+    if best is None:
+        raise SystemExit(f"error: {config} fits no plan on one {gpu_name}: no step to feed")
+    step = best.time["refine"]["step_s"]
+    return cfg.data.batch_size / step, best.setting.label
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default=None, help="shard directory or manifest (default: Fashion-MNIST, "
@@ -60,6 +79,10 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per pipeline")
     p.add_argument("--dali-device", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--skip", choices=["dali", "wds"], action="append", default=[])
+    p.add_argument("--need", default=None,
+                   help="recipe whose GPU step the pipelines must feed (default: configs/mae_l16.yaml with --preset "
+                        "paper, none with demo); 'none' for no such column")
+    p.add_argument("--need-gpu", default="h100-80gb", help="the GPU of --need (plan/hardware.py's names)")
     a = p.parse_args(argv)
     cfg = dict(PRESETS[a.preset])
     for k in ("global_size", "local_size", "num_local", "batch"):
@@ -89,11 +112,27 @@ def main(argv=None):
           f"{cfg['global_size']} px x2 + {cfg['local_size']} px x{cfg['num_local']}, batch {cfg['batch']}, "
           f"{a.workers} workers; CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
           f"GPU {gpu}\n")
-    print("| pipeline | device | images/s | images timed | vs reference |")
-    print("|---|---|---:|---:|---:|")
+    need_config = a.need if a.need is not None else ("configs/mae_l16.yaml" if a.preset == "paper" else "none")
+    need = None
+    if need_config != "none":
+        need, label = gpu_need(need_config, a.need_gpu)
+        print(f"need: one {a.need_gpu}'s refine step of {need_config} consumes {need:.1f} images/s (the planner's "
+              f"fastest plan: {label})\n")
+    head = "| pipeline | device | images/s | images timed | vs reference |"
+    rule = "|---|---|---:|---:|---:|"
+    if need:
+        head += " images/s per core | vs need | CPU cores per GPU for the need |"
+        rule += "---:|---:|---:|"
+    print(head)
+    print(rule)
     for name, dev, ips, n in rows:
         ratio = f"{ips / base:.2f}x" if base else "-"
-        print(f"| {name} | {dev} | {ips:.1f} | {n} | {ratio} |")
+        line = f"| {name} | {dev} | {ips:.1f} | {n} | {ratio} |"
+        if need:
+            per_core = ips / a.workers
+            cores = f"{need / per_core:.1f}" if dev == "cpu" else "- (decodes on the GPU)"
+            line += f" {per_core:.1f} | {ips / need:.2f}x | {cores} |"
+        print(line)
 
 
 if __name__ == "__main__":
