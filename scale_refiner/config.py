@@ -172,6 +172,9 @@ class RunConfig:
     timeout_minutes: float = 30.0
     # Resume despite a changed data.batch_size / schedule / engine.kind (keys listed here); empty = refuse
     resume_allow_changes: List[str] = field(default_factory=list)
+    # One run per out_dir: rank 0 holds an exclusive lock on <out_dir>/.run.lock (engine/run_lock.py) and a second
+    # run into the directory exits 73; false runs without it (a file system that cannot lock)
+    lock: bool = True
 
 
 @dataclass

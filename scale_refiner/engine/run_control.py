@@ -56,6 +56,17 @@ def uninstall_stop_signals() -> None:
     _received.clear()
 
 
+def request_stop(reason: str) -> None:
+    """What a stop signal does, from any thread: the run checkpoints and stops at its next poll. ``reason`` is
+    logged in the signal's place (e.g. "the loss of its launcher")."""
+    _received.append(reason)
+
+
+def describe_stop(reason: str) -> str:
+    """``SIGTERM received``; a ``request_stop`` reason as it is."""
+    return f"{reason} received" if reason.startswith("SIG") else reason
+
+
 def received_signal() -> Optional[str]:
     """The first stop signal this process has received, if any."""
     return _received[0] if _received else None
