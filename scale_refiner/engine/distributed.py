@@ -143,6 +143,12 @@ def _watch_for_uncaught_exceptions() -> None:
     sys.excepthook = hook
 
 
+def mark_failed() -> None:
+    """This rank is ending on a fault its peers may not share: ``end_job`` then leaves the group alone, as
+    after an uncaught exception."""
+    _uncaught.append("fault")
+
+
 def end_job() -> None:
     """Destroy the process group while the interpreter is still whole. Left to interpreter finalisation, the
     backend's worker threads can still hold tensors and abort the process at exit (pytorch/pytorch#179291),
