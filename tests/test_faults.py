@@ -11,9 +11,13 @@
 - A checkpoint file carrying a pickle payload, hashes made consistent (a "foreign" checkpoint), is refused
   before anything is unpickled, and the payload never runs; DCP's ``.metadata`` the same.
 - A changed global batch or engine on resume is refused naming the key; ``run.resume_allow_changes`` allows it.
+- Known faults are one ``error:`` line with a fixed status, no traceback: an unwritable output (74, the file
+  named), a YAML tag with no constructor (2), weights of another model size (2), a bare ``make_shards --source``
+  path (2, told its ``folder:`` prefix); sizes in the unit that fits.
 
 Elsewhere: SIGKILL mid-step / bit-identical resume (test_launchers), mid-save atomicity and changed files
-(test_checkpoint_integrity), truncated tars (test_shards_faults).
+(test_checkpoint_integrity), truncated tars (test_shards_faults), one run per directory and killed launchers
+(test_run_lock).
 """
 import json
 import os
