@@ -25,7 +25,7 @@ import pytest
 from scale_refiner.engine.distributed import free_port
 from scale_refiner.engine.run_lock import EXIT_LOCKED, LOCK_NAME, RunLock, RunLockedError, remove_leftovers
 from scale_refiner.engine.watchdog import is_launcher, launcher_chain
-from test_faults import BIN, ENV, LONG, REFINE, ROOT, TINY, command, run, start, wait_for_step
+from test_faults import ENV, LONG, REFINE, ROOT, TINY, command, run, start, wait_for_step
 
 HOLD = textwrap.dedent("""
     import sys, time
@@ -155,6 +155,9 @@ def test_a_second_job_is_refused_and_a_killed_runner_ends_its_ranks(tmp_path):
             wait_for_step(first, out, 2)
             config = (out / "config.json").read_text()
             holder = json.loads((out / LOCK_NAME).read_text())
+            ranks = rank_processes(first, out)
+            for rank in ranks:  # paused meanwhile (the lock stays held): the second jobs get the CPU to themselves
+                rank.suspend()
             for kind in ("fsdp2", "single"):
                 second = run(kind, out, LONG + ["run.seed=1"], timeout=300)
                 assert second.returncode == (1 if kind == "fsdp2" else EXIT_LOCKED), second.stderr[-3000:]
@@ -167,7 +170,8 @@ def test_a_second_job_is_refused_and_a_killed_runner_ends_its_ranks(tmp_path):
                 if kind == "fsdp2":  # every rank left with the lock's status, not a failure of its own
                     assert second.stderr.count(f"exitcode  : {EXIT_LOCKED}") >= 1, second.stderr[-3000:]
             assert (out / "config.json").read_text() == config  # the second job wrote nothing
-            rank_processes(first, out)
+            for rank in ranks:
+                rank.resume()
             processes = psutil.Process(first.pid).children(recursive=True)  # its launcher and the ranks
         except BaseException:
             os.killpg(first.pid, signal.SIGKILL)
