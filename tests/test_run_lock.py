@@ -6,7 +6,8 @@
 - Through the launchers: a second job into the directory of a running one -- 2 ranks under torchrun, and one
   process -- exits 73 with one line naming the holder, and writes nothing there.
 - SIGKILL of each launcher the docs name (the `deepspeed` runner, ``python -m deepspeed.launcher.launch``,
-  ``torchrun``) mid-run: every rank is gone within seconds, after a checkpoint ``latest`` names.
+  ``torchrun``) mid-run: every rank is gone within seconds, after a checkpoint ``latest`` names; a rank that
+  does not act on the SIGTERM (stuck where no step comes) is killed after the grace by its watcher process.
 """
 import base64
 import json
@@ -91,6 +92,38 @@ def test_launchers_are_recognised_by_their_command_line():
     assert is_launcher(["python", "-m", "torch.distributed.run", "launch/refine.py"])
     assert not is_launcher(["bash", "job.sh"]) and not is_launcher(["python", "launch/refine.py"])
     assert launcher_chain(os.getppid())[0][0] == os.getppid()  # the parent always, launcher or not
+
+
+STUCK_RANK = textwrap.dedent("""
+    import signal, sys, time
+    from scale_refiner.engine.watchdog import _proc_stat, start_watcher
+    launcher = int(sys.argv[1])
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a rank where no step comes: the stop request is never acted on
+    start_watcher(0, [(launcher, _proc_stat(launcher)[1], "a launcher")], grace_s=1.0, poll_s=0.1)
+    print("watched", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_rank_that_does_not_stop_is_killed_after_the_grace():
+    launcher = subprocess.Popen(["sleep", "600"])
+    rank = subprocess.Popen([sys.executable, "-c", STUCK_RANK, str(launcher.pid)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(ENV, PYTHONPATH=str(ROOT)))
+    try:
+        assert rank.stdout.readline().strip() == "watched"
+        watcher = [p for p in psutil.Process(rank.pid).children() if "engine.watchdog" in " ".join(p.cmdline())]
+        assert len(watcher) == 1 and "RANK" not in watcher[0].environ()
+        launcher.kill()
+        launcher.wait()
+        assert rank.wait(timeout=20) == -signal.SIGKILL  # SIGTERM ignored, then SIGKILL 1 s later
+        stderr = rank.stderr.read()
+        assert "is gone: stopping at the next step" in stderr and "did not stop within 1 s: SIGKILL" in stderr
+        psutil.wait_procs(watcher, timeout=10)  # the watcher ends with it
+        assert not watcher[0].is_running()
+    finally:
+        for proc in (launcher, rank):
+            if proc.poll() is None:
+                proc.kill()
 
 
 # ------------------------------------------------------------------------------------------ through launchers
