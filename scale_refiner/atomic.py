@@ -53,3 +53,13 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
             if not block:
                 return h.hexdigest()
             h.update(block)
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in the unit that fits: 512 B, 3.4 KB, 12.0 MB, 1.25 GB, 2.00 TB (powers of 1000)."""
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit, scale in (("KB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if n < scale * 1000:
+            return f"{n / scale:.1f} {unit}" if unit != "GB" else f"{n / scale:.2f} GB"
+    return f"{n / 1e12:.2f} TB"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -186,6 +187,9 @@ class RunConfig:
     timeout_minutes: float = 30.0
     # Resume despite a changed data.batch_size / schedule / engine.kind (keys listed here); empty = refuse
     resume_allow_changes: List[str] = field(default_factory=list)
+    # One run per out_dir: rank 0 holds an exclusive lock on <out_dir>/.run.lock (engine/run_lock.py) and a second
+    # run into the directory exits 73; false runs without it (a file system that cannot lock)
+    lock: bool = True
 
 
 @dataclass
@@ -275,6 +279,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as err:
             raise ConfigError(_describe(err, f"in {path}", schema_class)) from None
+        except yaml.YAMLError as err:  # a syntax error, or a tag with no constructor (e.g. !!python/object)
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} cannot be read: {err}") from None
     for item in overrides or ():
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")

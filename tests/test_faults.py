@@ -11,9 +11,13 @@
 - A checkpoint file carrying a pickle payload, hashes made consistent (a "foreign" checkpoint), is refused
   before anything is unpickled, and the payload never runs; DCP's ``.metadata`` the same.
 - A changed global batch or engine on resume is refused naming the key; ``run.resume_allow_changes`` allows it.
+- Known faults are one ``error:`` line with a fixed status, no traceback: an unwritable output (74, the file
+  named), a YAML tag with no constructor (2), weights of another model size (2), a bare ``make_shards --source``
+  path (2, told its ``folder:`` prefix); sizes in the unit that fits.
 
 Elsewhere: SIGKILL mid-step / bit-identical resume (test_launchers), mid-save atomicity and changed files
-(test_checkpoint_integrity), truncated tars (test_shards_faults).
+(test_checkpoint_integrity), truncated tars (test_shards_faults), one run per directory and killed launchers
+(test_run_lock).
 """
 import json
 import os
@@ -383,7 +387,7 @@ def test_a_full_disk_is_reported_and_the_partial_checkpoint_removed(tmp_path):
     checkpoints = CheckpointDir(tmp_path, ctx)
     checkpoints.save("refine-0000001", Engine(False), {"step": 1}, {})
     with pytest.raises(CheckpointError, match=r"no space left on the device of .*checkpoints.*needs about "
-                                              r"0\.00 GB \(the size of refine-0000001\)"):
+                                              r"[0-9.]+ KB \(the size of refine-0000001\)"):
         checkpoints.save("refine-0000002", Engine(True), {"step": 2}, {})
     assert not (tmp_path / "checkpoints/.tmp-refine-0000002").exists()
     assert (tmp_path / "checkpoints/latest").read_text() == "refine-0000001"
@@ -437,3 +441,55 @@ def _guard_with_a_dtensor_norm(rank, world):
 
 def test_the_guard_reads_fsdp2_s_dtensor_norm(gloo):
     assert gloo(_guard_with_a_dtensor_norm, 2).startswith("stage refine, step 2: non-finite grad_norm on rank 0")
+
+
+# ---------------------------------------------------------------------------------------- one-line errors
+def test_known_faults_are_one_line_with_a_fixed_status(capsys, monkeypatch):
+    import errno
+    from scale_refiner.cli.args import DEBUG_ENV, EXIT_IO, EXIT_USAGE, run_reporting_faults
+    from scale_refiner.models.weights import WeightsError
+
+    def failing(err):
+        def run(argv):
+            raise err
+        return run
+
+    cases = [(PermissionError(errno.EACCES, "Permission denied", "/runs/a/metrics.jsonl"), EXIT_IO,
+              "error: Permission denied: /runs/a/metrics.jsonl"),
+             (OSError(errno.ENOSPC, "No space left on device"), EXIT_IO, "error: no space left on the device"),
+             (WeightsError("cannot load w.pth (format 'mae') into VisionTransformer"), EXIT_USAGE,
+              "error: cannot load w.pth")]
+    for err, status, line in cases:
+        assert run_reporting_faults(failing(err)) == status
+        stderr = capsys.readouterr().err
+        assert stderr.startswith(line) and len(stderr.splitlines()) == 1, stderr
+    monkeypatch.setenv(DEBUG_ENV, "1")  # the traceback, for a bug report
+    with pytest.raises(PermissionError):
+        run_reporting_faults(failing(cases[0][0]))
+
+
+def test_a_yaml_constructor_error_exits_2(tmp_path, capsys):
+    from scale_refiner.cli.refine import main
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: !!python/object:os.system x\n")
+    assert main(["--config", str(bad)]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"error: config file {bad} is not valid YAML: could not determine a constructor")
+    assert len(stderr.splitlines()) == 1
+
+
+def test_make_shards_of_a_bare_path_names_the_prefix(tmp_path, capsys):
+    from scale_refiner.cli.make_shards import main
+    assert main(["--source", str(tmp_path)]) == 2
+    stderr = capsys.readouterr().err
+    assert f"--source folder:{tmp_path}" in stderr and len(stderr.splitlines()) == 1, stderr
+
+
+def test_weights_of_another_model_size_are_one_message_and_status_2(tmp_path):
+    proc = subprocess.run([sys.executable, REFINE, "--config", "configs/demo.yaml", "--eval-samples", "0",
+                           f"run.out_dir={tmp_path}", "model.weights=weights/demo_mae/mae_pretrained.pth",
+                           "engine.kind=single"] + TINY, cwd=ROOT, capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: cannot load weights/demo_mae/mae_pretrained.pth"), proc.stderr[:2000]

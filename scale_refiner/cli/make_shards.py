@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 
+from scale_refiner.data.shard_writer import check_source
 from scale_refiner.data.shards import ShardError, load_manifest, make_shards, shard_root, validate_shards
 
 
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
             return 1 if bad else 0
         if not a.source:
             p.error("--source is required (or --validate SHARDS)")
+        check_source(a.source)  # before --out: a bare path is told its folder: prefix
         if not a.out:
             if a.source not in ("fashion-mnist", "digits"):
                 p.error(f"--out is required for --source {a.source}")

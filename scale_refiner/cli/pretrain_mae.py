@@ -24,11 +24,12 @@ import torch
 from scale_refiner.cli.args import parse_launched, run_reporting_faults
 from scale_refiner.atomic import atomic_path, atomic_write
 from scale_refiner.config import ConfigError, PretrainConfig, load_config, to_dict
-from scale_refiner.engine.checkpoint import (CheckpointDir, CheckpointError, check_out_dir,
+from scale_refiner.engine.checkpoint import (CheckpointDir, CheckpointError,
                                              read_model_state)
 from scale_refiner.engine.distributed import start_job
 from scale_refiner.engine.divergence import check_finite
 from scale_refiner.engine.run_control import EXIT_PREEMPTED
+from scale_refiner.engine.run_lock import claim_out_dir
 from scale_refiner.engine.trainer import build_engine, run_stage
 from scale_refiner.mae import build_mae, mae_state_dict
 from scale_refiner.precision import to_device_async
@@ -65,7 +66,7 @@ def recipe_of(cfg: PretrainConfig) -> dict:
     recipe = to_dict(cfg)
     for key in ("out_dir", "log_every", "save_every", "resume", "keep_checkpoints", "knn_every", "stop_after",
                 "verify_checkpoint", "stop_signals", "control_every", "save_every_minutes", "timeout_minutes",
-                "resume_allow_changes"):
+                "resume_allow_changes", "lock"):
         recipe["run"].pop(key)
     recipe["data"].pop("num_workers")
     recipe["data"].pop("shard_root")  # where the embedded shards are stored, not what they hold
@@ -124,8 +125,11 @@ def _run(argv) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # one run per directory: rank 0 locks it before anything is written there, every rank learns the outcome
+    status = claim_out_dir(out_dir, ctx, lock=cfg.run.lock)
+    if status:
+        return status
     if ctx.is_main:
-        check_out_dir(out_dir)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     ctx.barrier()
 

@@ -21,10 +21,11 @@ import torch
 
 from scale_refiner.cli.args import parse_launched, run_reporting_faults
 from scale_refiner.config import ConfigError, load_config, to_dict
-from scale_refiner.engine.checkpoint import (CheckpointDir, CheckpointError, check_out_dir,
+from scale_refiner.engine.checkpoint import (CheckpointDir, CheckpointError,
                                              encoder_state, read_ema, read_model_state)
 from scale_refiner.engine.distributed import start_job
 from scale_refiner.engine.run_control import EXIT_PREEMPTED
+from scale_refiner.engine.run_lock import claim_out_dir
 from scale_refiner.engine.trainer import build_engine, restore_client, run_stage
 from scale_refiner.eval.knn import knn_of_state
 from scale_refiner.refiner import (build_refiner, is_partitioned_build, load_refiner_state,
@@ -79,8 +80,11 @@ def _run(argv) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out_dir = Path(cfg.run.out_dir)
+    # one run per directory: rank 0 locks it before anything is written there, every rank learns the outcome
+    status = claim_out_dir(out_dir, ctx, lock=cfg.run.lock)
+    if status:
+        return status
     if ctx.is_main:
-        check_out_dir(out_dir)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     ctx.barrier()
 

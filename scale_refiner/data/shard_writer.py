@@ -99,6 +99,18 @@ def write_split(samples: Sequence[Sample], out_dir: PathLike, split: str, sample
     return records
 
 
+def check_source(source: str) -> None:
+    """``ShardError`` unless ``source`` is one ``make_shards`` reads; a bare path is told its prefix."""
+    if source in ("fashion-mnist", "digits") or source.startswith(("folder:", "tar:")):
+        return
+    hint = ""
+    if os.sep in source or os.path.exists(source):
+        hint = f"; a directory of class folders is --source folder:{source}"
+        if source.endswith(".tar") or "*" in source:
+            hint = f"; tar files are --source 'tar:{source}'"
+    raise ShardError(f"unknown source {source!r}: expected fashion-mnist, digits, folder:PATH or tar:GLOB{hint}")
+
+
 def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed: int = 0, fmt: str = "keep",
                 quality: int = 95, limit: int = 0, skip_bad: bool = False, upscale: int = 1,
                 test_fraction: float = 0.0, log: Callable[[str], None] = lambda s: None,
@@ -129,7 +141,7 @@ def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed:
     elif source.startswith("tar:"):
         data, names = source_tar(source[len("tar:"):], fmt, quality, limit, skip_bad, stats)
     else:
-        raise ValueError(f"unknown source {source!r}: expected fashion-mnist, digits, folder:PATH or tar:GLOB")
+        check_source(source)
     if not any(data.values()):
         skipped = f" ({len(stats['skipped'])} skipped as unreadable)" if stats["skipped"] else ""
         raise ShardError(f"source {source!r} holds no images{skipped}: nothing to write")

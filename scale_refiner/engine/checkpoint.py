@@ -85,6 +85,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that must not be resumed from (changed, missing or foreign files); the message names them."""
 
 
+class OutOfSpaceError(CheckpointError):
+    """A checkpoint that could not be written for a full disk or quota; the message gives the space needed."""
+
+
 def refuse_unsafe_pickles(files, allowed=()) -> None:
     """Load each ``torch.save`` file with ``weights_only=True`` (memory-mapped: the pickle is parsed, the tensor
     data is not read), ``allowed`` the classes besides tensors and plain containers it may hold. An engine calls
@@ -228,17 +232,18 @@ class CheckpointDir:
         except (OSError, RuntimeError) as err:
             if not _out_of_space(err, self.root):
                 raise
+            from scale_refiner.atomic import format_bytes
             written = _tree_bytes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)  # the space it held, back (any rank: same directory)
             previous = self.latest() if (self.root / "latest").is_file() else None
             need = _tree_bytes(previous) if previous is not None else written
             free = shutil.disk_usage(self.root).free
-            raise CheckpointError(f"no space left on the device of {self.root} while writing checkpoint {tag} "
+            raise OutOfSpaceError(f"no space left on the device of {self.root} while writing checkpoint {tag} "
                                   f"(rank {self.ctx.rank}: {getattr(err, 'strerror', None) or err}); a checkpoint "
                                   f"of this run needs "
-                                  f"about {need / 1e9:.2f} GB"
+                                  f"about {format_bytes(need)}"
                                   f"{' (the size of ' + previous.name + ')' if previous is not None else ''}, "
-                                  f"{free / 1e9:.2f} GB are free; the partial checkpoint was removed and "
+                                  f"{format_bytes(free)} are free; the partial checkpoint was removed and "
                                   f"checkpoints/latest still names the last complete one") from None
 
     def _save(self, tmp: Path, tag: str, engine, state: Dict, client: Dict, ema, model_state) -> Path:

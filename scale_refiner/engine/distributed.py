@@ -113,6 +113,9 @@ def start_job(cfg) -> DistContext:
     from scale_refiner.engine.run_control import install_stop_signals
     # before the group exists: a stop signal from then on is remembered and acted on at the next step
     install_stop_signals(cfg.run.stop_signals)
+    if "LOCAL_RANK" in os.environ:  # started by a launcher: leave when it is gone (engine/watchdog.py)
+        from scale_refiner.engine.watchdog import watch_launcher
+        watch_launcher(int(os.environ.get("RANK", "0")))
     ctx = init_distributed(use_deepspeed=cfg.engine.kind == "deepspeed", need_group=cfg.engine.kind == "fsdp2",
                            timeout_minutes=cfg.run.timeout_minutes)
     if not ctx.is_main:
@@ -138,6 +141,12 @@ def _watch_for_uncaught_exceptions() -> None:
 
     hook._scale_refiner = True
     sys.excepthook = hook
+
+
+def mark_failed() -> None:
+    """This rank is ending on a fault its peers may not share: ``end_job`` then leaves the group alone, as
+    after an uncaught exception."""
+    _uncaught.append("fault")
 
 
 def end_job() -> None:

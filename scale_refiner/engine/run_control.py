@@ -8,6 +8,9 @@ host-side group (the ranks may not all have been signalled, or not at the same s
 same step, writes the same checkpoint and leaves with ``EXIT_PREEMPTED``. The same poll carries rank 0's clock for
 ``run.save_every_minutes``, so the ranks agree on timed checkpoints too.
 
+The loss of a rank's launcher (engine/watchdog.py, ``watch_launcher``) is acted on the same way, through
+``request_stop``.
+
 A signal that arrives outside the training loop (a stage's set-up, the final evaluation and exports) is acted on
 at the next step, or not at all if none comes: the run then finishes or is killed by the launcher's deadline.
 """
@@ -54,6 +57,17 @@ def uninstall_stop_signals() -> None:
         signal.signal(signal.Signals[name], previous)
     _installed.clear()
     _received.clear()
+
+
+def request_stop(reason: str) -> None:
+    """What a stop signal does, from any thread: the run checkpoints and stops at its next poll. ``reason`` is
+    logged in the signal's place (e.g. "the loss of its launcher")."""
+    _received.append(reason)
+
+
+def describe_stop(reason: str) -> str:
+    """``SIGTERM received``; a ``request_stop`` reason as it is."""
+    return f"{reason} received" if reason.startswith("SIG") else reason
 
 
 def received_signal() -> Optional[str]:

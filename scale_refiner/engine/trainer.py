@@ -24,7 +24,7 @@ from scale_refiner.engine.distributed import DistContext, resolve_precision
 from scale_refiner.engine.divergence import NonFiniteGuard
 from scale_refiner.engine.ema import EncoderEMA
 from scale_refiner.engine.optim import param_groups, scaled_lr, warmup_cosine
-from scale_refiner.engine.run_control import RunControl
+from scale_refiner.engine.run_control import RunControl, describe_stop
 from scale_refiner.engine.watchdog import Watchdog
 
 log = logging.getLogger("scale_refiner")
@@ -297,7 +297,7 @@ def _run_stage(engine, cfg, name, stream, ctx, writer, checkpoints, resume_from,
     last["stopped"] = step < plan.total_steps
     last["preempted"] = control.signal  # None unless a stop signal ended the stage early or at its last step
     if last["stopped"]:
-        why = f"{control.signal} received" if stop else "run.stop_after"
+        why = describe_stop(control.signal) if stop else "run.stop_after"
         log.info("stopped after step %d of stage %s (%s)%s; resume with run.resume=auto", step, name, why,
                  ", checkpoint written" if checkpoints is not None else "")
     else:
@@ -312,8 +312,8 @@ def _run_stage(engine, cfg, name, stream, ctx, writer, checkpoints, resume_from,
         if checkpoints is not None:
             save(f"{name}-end", model_state=end_state)
         if stop:
-            log.info("%s received at the last step of stage %s: its end checkpoint is written; resume with "
-                     "run.resume=auto", control.signal, name)
+            log.info("%s at the last step of stage %s: its end checkpoint is written; resume with "
+                     "run.resume=auto", describe_stop(control.signal), name)
     last["steps"] = step
     last["global_step"] = global_offset + step
     return StageResult(metrics=last, ema=ema, end_state=end_state)
