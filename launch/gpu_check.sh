@@ -6,7 +6,7 @@
 #                     launch/gpu_preflight.py: versions, CUDA, bf16, FP8; what a missing package disables     [60 s]
 #    1. pytest        the GPU tests (-m gpu): tests/test_gpu*.py: a bf16 step is finite, SDPA's fused path, no host
 #                     sync in a steady-state step (sync debug mode), ZeRO-3 on one GPU against the single engine
-#                     behind a frozen prefix with non-reentrant checkpointing, FP8 where the card has it       [150 s]
+#                     behind a frozen prefix with non-reentrant checkpointing, FP8 where the card has it       [180 s]
 #    2. zero3_2b14    ViT-2B/14 (configs/mae_2b14.yaml: 6 frozen blocks, every trained block checkpointed) on
 #                     DeepSpeed ZeRO-3, 1 rank, batch 128: DeepSpeed's first steps on a GPU (needs deepspeed)   [100 s]
 #    3. fsdp2_2b14    the same on FSDP2, beside it (the H200 baseline: 39.7 % MFU with the foreach AdamW)       [80 s]
@@ -217,7 +217,7 @@ fi
 
 # 1. GPU tests (they skip without CUDA; run anyway: collecting them is a check of its own)
 if wanted pytest; then
-    run_part pytest 150 "$OUT/pytest_gpu.log" "$PY" -m pytest $(ls tests/test_gpu.py tests/test_gpu_*.py) -m gpu -q \
+    run_part pytest 180 "$OUT/pytest_gpu.log" "$PY" -m pytest $(ls tests/test_gpu.py tests/test_gpu_*.py) -m gpu -q \
         -p no:cacheprovider -rfEs --junitxml "$OUT/pytest_gpu.xml"
     if [ -n "$SKIP" ] && [ "${PART_RC:-x}" = 0 ]; then
         result pytest skipped 0 "$PART_S" "$PART_T" "$SKIP (pytest: $(last_line "$OUT/pytest_gpu.log"))" \
