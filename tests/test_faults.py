@@ -493,3 +493,38 @@ def test_weights_of_another_model_size_are_one_message_and_status_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: cannot load weights/demo_mae/mae_pretrained.pth"), proc.stderr[:2000]
+
+
+def test_a_stop_during_the_final_evaluation_keeps_the_exports_and_resume_evaluates(tmp_path, monkeypatch):
+    """SIGTERM while the final k-NN runs (after training): the exports are already written, the evaluation stops at
+    the next encoder, results.json says so with what was measured, status 75; the same command with
+    run.resume=auto trains nothing and evaluates both encoders."""
+    from scale_refiner.cli import refine
+    from scale_refiner.engine.run_control import uninstall_stop_signals
+    original, calls = refine.knn_of_state, []
+
+    def signalled_knn(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the online encoder's final k-NN (the first call is the starting encoder's)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+    argv = ["--config", str(ROOT / "configs/demo.yaml"), "--eval-samples", "64", f"run.out_dir={tmp_path}",
+            "engine.kind=single", "stages.refine.epochs=2"] + TINY
+    monkeypatch.setattr(refine, "knn_of_state", signalled_knn)
+    try:
+        assert refine.main(argv) == EXIT_PREEMPTED
+    finally:
+        uninstall_stop_signals()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "online" in results and "ema" not in results and "SIGTERM" in results["stopped"]
+    assert (tmp_path / "export").is_dir() and len(list((tmp_path / "export").iterdir())) >= 2  # online and EMA
+    exported = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "export").iterdir()}
+    monkeypatch.setattr(refine, "knn_of_state", original)
+    try:
+        assert refine.main(argv + ["run.resume=auto"]) == 0
+    finally:
+        uninstall_stop_signals()
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert "online" in again and "ema" in again and "stopped" not in again
+    assert again["online"] == results["online"]  # the same weights, evaluated again
+    assert set(exported) <= {p.name for p in (tmp_path / "export").iterdir()}

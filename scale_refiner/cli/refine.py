@@ -24,7 +24,7 @@ from scale_refiner.config import ConfigError, load_config, to_dict
 from scale_refiner.engine.checkpoint import (CheckpointDir, CheckpointError,
                                              encoder_state, read_ema, read_model_state)
 from scale_refiner.engine.distributed import start_job
-from scale_refiner.engine.run_control import EXIT_PREEMPTED
+from scale_refiner.engine.run_control import EXIT_PREEMPTED, RunControl
 from scale_refiner.engine.run_lock import claim_out_dir
 from scale_refiner.engine.trainer import build_engine, restore_client, run_stage
 from scale_refiner.eval.knn import knn_of_state
@@ -203,17 +203,29 @@ def _run(argv) -> int:
         gc.collect()
 
     # What the run ends with, from the last stage's end checkpoint, memory-mapped: every rank reads the same
-    # page-cache copy for its share of the k-NN, and rank 0 writes the exports from it
+    # page-cache copy for its share of the k-NN, and rank 0 writes the exports from it. The exports come first:
+    # they take seconds, the k-NN can take longer than a launcher's 30 s between SIGTERM and SIGKILL.
     online, ema_state = end_encoder_states(final_point)
-    if eval_data is not None:
-        results["online"] = knn_of_state(online, cfg, ctx.device, eval_data)
-        if ema_state is not None:
-            results["ema"] = knn_of_state(ema_state, cfg, ctx.device, eval_data)
     if ctx.is_main:
         export(online, cfg, out_dir, "online")
         if ema_state is not None:
             export(ema_state, cfg, out_dir, "ema")
+    # A stop signal after training (agreed by the ranks before each k-NN) ends the run with status 75 and the
+    # evaluations done so far in results.json; the same command with run.resume=auto evaluates again.
+    control, stopped = RunControl(ctx), None
+    for name, state in (("online", online), ("ema", ema_state)):
+        if eval_data is None or state is None:
+            continue
+        if control.poll(0)[1]:
+            stopped = control.signal
+            break
+        results[name] = knn_of_state(state, cfg, ctx.device, eval_data)
+    if ctx.is_main:
         results["minutes"] = (time.time() - started) / 60
+        if stopped:
+            results["stopped"] = (f"{stopped} during the final evaluation: training and exports are complete; "
+                                  f"run the same command with run.resume=auto to evaluate again")
+            log.info("%s", results["stopped"])
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
         writer.close()
         print("\n| encoder | k-NN@10 | k-NN@20 |\n|---|---|---|")
@@ -222,7 +234,7 @@ def _run(argv) -> int:
                 print(f"| {name} | {100 * results[name]['10']:.1f} | {100 * results[name]['20']:.1f} |")
         print(f"\nTensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}   exports: {out_dir / 'export'}")
     ctx.barrier()
-    return 0
+    return EXIT_PREEMPTED if stopped else 0
 
 
 if __name__ == "__main__":
