@@ -143,6 +143,10 @@ class DataConfig:
     shuffle_buffer: int = 1024  # DALI initial_fill / webdataset shuffle buffer (about 16384 for ImageNet)
     verify_shards: str = "size"  # sha256 | size | none: what is checked against the manifest at start
     on_error: str = "raise"  # raise | skip (wds only: a bad sample is skipped and counted; DALI always raises)
+    # under skip: the run stops with an error naming the damaged shards once more than this share of the samples
+    # it tried to read was lost (checked at the logged steps): skipping is for a few bad files, not for a set
+    # that erodes every epoch
+    max_skipped_fraction: float = 0.01
 
 
 @dataclass
@@ -481,6 +485,8 @@ def _validate_shared(cfg, world_size: Optional[int], choices) -> None:
     _validate_hybrid(cfg, world_size)
     if cfg.data.shuffle_buffer < 1:
         fail("data.shuffle_buffer", "must be >= 1")
+    if not 0 <= cfg.data.max_skipped_fraction <= 1:
+        fail("data.max_skipped_fraction", f"{cfg.data.max_skipped_fraction} must be in [0, 1]")
     if cfg.data.samples_per_epoch < 0:
         fail("data.samples_per_epoch", "must be >= 0")
 

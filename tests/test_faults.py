@@ -357,15 +357,41 @@ def test_skipped_bad_samples_are_counted_in_the_log_metrics_and_results(tmp_path
             handle.write(b"\0" * member.size)
     extra = ["stages.refine.epochs=1", "data.pipeline=wds", f"data.train_shards={tmp_path / 'shards'}",
              "data.dataset=digits",
-             "data.on_error=skip", "data.samples_per_epoch=0", "data.num_workers=1"]  # the whole split
+             "data.on_error=skip", "data.samples_per_epoch=0", "data.num_workers=1",  # the whole split
+             "data.max_skipped_fraction=0.1"]
     proc = run("single", tmp_path / "run", extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = [json.loads(line)["data/skipped_samples"]
               for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert counts[-1] >= 2 and counts == sorted(counts)  # (a later epoch may meet them again)
-    assert "bad samples skipped so far" in proc.stderr
+    assert "samples lost so far to unreadable data" in proc.stderr
+    assert f"shard {tar}: 1 sample(s) lost" in proc.stderr  # named once, by the rank that reads it
     results = json.loads((tmp_path / "run/results.json").read_text())
     assert results["refine_last"]["data/skipped_samples"] == counts[-1]
+    assert results["data_lost"] == {tar: counts[-1]}
+
+
+def test_an_unreadable_shard_counts_all_its_samples_and_past_the_limit_stops_the_run(tmp_path):
+    """One shard of six replaced by random bytes: under skip every one of its samples counts (not one error), the
+    shard is named in the log and results.json, the short epoch says so; past data.max_skipped_fraction (default
+    1 %) the run stops with one line naming the shard."""
+    from scale_refiner.data import shards as S
+    S.make_shards("digits", tmp_path / "shards", samples_per_shard=40, seed=0, limit=240)
+    split = S.load_manifest(tmp_path / "shards").split("train")
+    bad, count = split.tars[0], split.counts[0]
+    Path(bad).write_bytes(os.urandom(Path(bad).stat().st_size))
+    extra = ["stages.refine.epochs=1", "data.pipeline=wds", f"data.train_shards={tmp_path / 'shards'}",
+             "data.dataset=digits", "data.on_error=skip", "data.samples_per_epoch=0", "data.num_workers=1",
+             "data.verify_shards=none", "data.batch_size=32"]
+    proc = run("single", tmp_path / "tolerated", extra + ["data.max_skipped_fraction=0.5"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"shard {bad}: {count} sample(s) lost" in proc.stderr
+    results = json.loads((tmp_path / "tolerated/results.json").read_text())
+    assert results["data_lost"] == {bad: count} and results["refine_last"]["data/skipped_samples"] == count
+    proc = run("single", tmp_path / "stopped", extra)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and f"{bad} ({count})" in error[0] and "data.max_skipped_fraction=0.01" in error[0]
 
 
 # ------------------------------------------------------------------------------------------------ full disk

@@ -60,7 +60,7 @@ def run_reporting_faults(run, argv=None) -> int:
     from scale_refiner.config import ConfigError
     from scale_refiner.engine.checkpoint import CheckpointError, OutOfSpaceError
     from scale_refiner.engine.divergence import DivergenceError
-    from scale_refiner.engine.trainer import ResumeError
+    from scale_refiner.engine.trainer import DataLossError, ResumeError
     from scale_refiner.models.weights import WeightsError
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
@@ -70,7 +70,7 @@ def run_reporting_faults(run, argv=None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_IO
-    except (DivergenceError, CheckpointError) as err:
+    except (DivergenceError, CheckpointError, DataLossError) as err:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)

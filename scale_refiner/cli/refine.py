@@ -26,7 +26,7 @@ from scale_refiner.engine.checkpoint import (CheckpointDir, CheckpointError,
 from scale_refiner.engine.distributed import start_job
 from scale_refiner.engine.run_control import EXIT_PREEMPTED, RunControl
 from scale_refiner.engine.run_lock import claim_out_dir
-from scale_refiner.engine.trainer import build_engine, restore_client, run_stage
+from scale_refiner.engine.trainer import build_engine, lost_shards, restore_client, run_stage
 from scale_refiner.eval.knn import knn_of_state
 from scale_refiner.refiner import (build_refiner, is_partitioned_build, load_refiner_state,
                                    refiner_inputs, refiner_signature, starting_encoder_state)
@@ -202,6 +202,11 @@ def _run(argv) -> int:
         del engine
         gc.collect()
 
+    if cfg.data.on_error == "skip":  # the data the run could not read, by shard (collective)
+        results["data_lost"] = lost_shards(stream, ctx)
+        if ctx.is_main and results["data_lost"]:
+            writer.add_text("data/lost_samples_by_shard", "\n".join(
+                f"{shard}: {count}" for shard, count in sorted(results["data_lost"].items())), global_step)
     # What the run ends with, from the last stage's end checkpoint, memory-mapped: every rank reads the same
     # page-cache copy for its share of the k-NN, and rank 0 writes the exports from it. The exports come first:
     # they take seconds, the k-NN can take longer than a launcher's 30 s between SIGTERM and SIGKILL.

@@ -242,6 +242,11 @@ class ShardStream(TrainStream):
         skipped = getattr(self.loader, "skipped", None)  # webdataset's counter; DALI raises on a bad sample
         return int(skipped.value) if skipped is not None else 0
 
+    @property
+    def lost_by_shard(self) -> Dict[str, int]:
+        """Shard -> samples this rank could not read so far (data.on_error=skip; webdataset only)."""
+        return dict(getattr(self.loader, "lost_by_shard", {}))
+
 
 def train_stream(cfg: RefineConfig, rank: int = 0, world: int = 1) -> TrainStream:
     run_data(cfg)  # data.dataset and the shards agree, or a ConfigError before anything is read

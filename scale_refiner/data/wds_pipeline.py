@@ -15,15 +15,20 @@ Views of a sample are drawn from a seed of (run seed, epoch, dataset index), as 
 do not depend on the number of workers or ranks.
 
 Bad input: ``on_error="raise"`` raises :class:`ShardError` naming the shard and the key (corrupt or truncated
-image, missing ``.cls``/``.idx``, a truncated tar); ``on_error="skip"`` drops the sample and counts it in
-:attr:`WdsMultiCropLoader.skipped` (shared across DataLoader workers).
+image, missing ``.cls``/``.idx``, a truncated tar); ``on_error="skip"`` drops what cannot be read and counts it
+by shard in the main process (:attr:`WdsMultiCropLoader.lost_by_shard`, :attr:`WdsMultiCropLoader.skipped`): a
+bad sample counts 1; a tar that cannot be read on counts every sample of it the manifest lists and it did not
+give (all of them for a tar that does not open). Workers send these counts through the stream itself, as
+``LostSamples`` records, so nothing is shared between processes. An epoch that ends short of its batches says so.
 """
 from __future__ import annotations
 
 import io
+import logging
 import multiprocessing
 import random
-from typing import Dict, Iterator, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +37,17 @@ from PIL import Image
 
 from scale_refiner.data.augment import EvalTransform, MultiCropAugment, sample_seed
 from scale_refiner.data.shard_format import IMAGE_EXTS, ShardError
+
+log = logging.getLogger("scale_refiner")
+
+
+@dataclass
+class LostSamples:
+    """What a worker could not read, sent to the main process in place of a sample: ``count`` samples of ``shard``
+    (``why``: the error)."""
+    shard: str
+    count: int
+    why: str
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Image bytes -> uint8 [C, H, W], C in (1, 3): 8-bit L/RGB as they are, 16-bit greyscale scaled to 8 bits,
@@ -78,15 +94,16 @@ def decode_sample(sample: Dict):
 class _Handler:
     """webdataset exception handler: re-raise as ShardError naming the shard, or count and continue."""
 
-    def __init__(self, on_error: str, counter):
+    def __init__(self, on_error: str, counter=None):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be raise or skip, got {on_error!r}")
-        self.on_error, self.counter = on_error, counter
+        self.on_error, self.counter = on_error, counter  # counter: None where the stream counts (LostSamples)
 
     def __call__(self, exn: Exception) -> bool:
         if self.on_error == "skip":
-            with self.counter.get_lock():
-                self.counter.value += 1
+            if self.counter is not None:
+                with self.counter.get_lock():
+                    self.counter.value += 1
             return True
         if isinstance(exn, ShardError):
             raise exn
@@ -99,11 +116,15 @@ class _EpochStream(torch.utils.data.IterableDataset):
     """One epoch of one rank: tars -> samples -> shuffled -> (views, label, index)."""
 
     def __init__(self, urls: List[str], transform, seed: int, epoch: int, rank: int, shuffle_buffer: int,
-                 handler: _Handler, decode_only: bool = False):
+                 handler: _Handler, decode_only: bool = False, counts: Optional[Dict[str, int]] = None):
         self.urls, self.transform, self.seed, self.epoch, self.rank = urls, transform, seed, epoch, rank
         self.shuffle_buffer, self.handler, self.decode_only = shuffle_buffer, handler, decode_only
+        # url -> the manifest's sample count: given, a skipped error travels as a LostSamples record
+        self.counts = counts
 
     def _map(self, sample):
+        if isinstance(sample, LostSamples):
+            return sample
         try:
             img, label, index = decode_sample(sample)
             if self.decode_only:
@@ -113,8 +134,23 @@ class _EpochStream(torch.utils.data.IterableDataset):
                 return self.transform(img), label, index
         except Exception as e:
             if self.handler(e):
+                if self.counts is not None:
+                    return LostSamples(str(sample.get("__url__")), 1, f"{type(e).__name__}: {e}")
                 return None
             raise
+
+    def _read_tars(self, shards):
+        """webdataset's tar reader, one shard at a time, so that a shard that cannot be read on is known with the
+        samples it gave: the rest of its manifest count becomes one LostSamples record (skip mode)."""
+        for shard in shards:
+            url, given = shard["url"], 0
+            try:
+                for sample in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([shard])):
+                    given += 1
+                    yield sample
+            except Exception as e:  # noqa: BLE001  (skip mode: every reader error of the shard)
+                self.handler(e)  # raises unless skipping
+                yield LostSamples(url, max(self.counts.get(url, 0) - given, 1), f"{type(e).__name__}: {e}")
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -122,7 +158,9 @@ class _EpochStream(torch.utils.data.IterableDataset):
         urls, sample_split = self.urls, nw > 1 and len(self.urls) < nw
         if nw > 1 and not sample_split:
             urls = urls[wid::nw]
-        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=self.handler)]
+        read = (wds.filters.pipelinefilter(self._read_tars)() if self.counts is not None
+                else wds.tarfile_to_samples(handler=self.handler))
+        stages = [wds.SimpleShardList(urls), read]
         if sample_split:
             stages.append(wds.filters.pipelinefilter(_every_nth)(wid, nw))
         if self.shuffle_buffer > 1:
@@ -176,8 +214,10 @@ class WdsMultiCropLoader:
         self.num_workers, self.drop_last = num_workers, drop_last
         self.augment = MultiCropAugment(global_size, global_scale, local_size, local_scale, num_local,
                                         color=color, normalize=normalize)
-        self.skipped = multiprocessing.get_context("fork").Value("l", 0)
-        self._handler = _Handler(on_error, self.skipped)
+        self.on_error = on_error
+        self.skipped = multiprocessing.get_context("fork").Value("l", 0)  # samples lost, every epoch so far
+        self.lost_by_shard: Dict[str, int] = {}  # shard -> samples lost, every epoch so far (skip mode)
+        self._handler = _Handler(on_error)
         self.epoch, self.step = 0, 0
         if drop_last:
             # Every rank reads at least len(tars) // world tars in any epoch's shard permutation, so the sum of
@@ -204,35 +244,56 @@ class WdsMultiCropLoader:
         return -(-self._rank_samples(self.rank, self.epoch) // self.batch_size)
 
     def state_dict(self) -> Dict:
-        return {"epoch": self.epoch, "step": self.step, "skipped": int(self.skipped.value)}
+        return {"epoch": self.epoch, "step": self.step, "skipped": int(self.skipped.value),
+                "lost_by_shard": dict(self.lost_by_shard)}
 
     def load_state_dict(self, state: Dict) -> None:
         """Resume: the next iteration re-creates the epoch and skips the batches already produced (their views
         are recomputed and dropped: correct, not free). The count of skipped bad samples carries on."""
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.skipped.value = int(state.get("skipped", 0))
+        self.lost_by_shard = {k: int(v) for k, v in state.get("lost_by_shard", {}).items()}
 
     def _loader(self, epoch: int):
         """Workers yield single samples (batch_size=None) and the batches are formed here: per-worker batching
         would drop (or emit short) batches at the end of every worker's share, so a rank's batch count would
         depend on the number of workers."""
         urls = rank_shards(self.tars, self.counts, self.rank, self.world, epoch, self.seed, self.shuffle)
-        stream = _EpochStream(urls, self.augment, self.seed, epoch, self.rank, self.shuffle_buffer, self._handler)
+        counts = dict(zip(self.tars, self.counts)) if self.on_error == "skip" else None
+        stream = _EpochStream(urls, self.augment, self.seed, epoch, self.rank, self.shuffle_buffer, self._handler,
+                              counts=counts)
         workers = self.num_workers
         return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                            prefetch_factor=4 * self.batch_size if workers else None,
                                            persistent_workers=False,
                                            multiprocessing_context="fork" if workers else None)
 
+    def _lost(self, lost: LostSamples) -> None:
+        new = lost.shard not in self.lost_by_shard
+        self.lost_by_shard[lost.shard] = self.lost_by_shard.get(lost.shard, 0) + lost.count
+        self.skipped.value += lost.count
+        if new:  # named once per shard, by the rank that reads it
+            log.warning("rank %d: shard %s: %d sample(s) lost (data.on_error=skip): %s", self.rank, lost.shard,
+                        lost.count, lost.why[:300])
+
     def _batches(self, epoch: int):
-        pending = []
+        pending, produced = [], 0
         for sample in self._loader(epoch):
+            if isinstance(sample, LostSamples):
+                self._lost(sample)
+                continue
             pending.append(sample)
             if len(pending) == self.batch_size:
+                produced += 1
                 yield self.augment.collate(pending)
                 pending = []
         if pending and not self.drop_last:
             yield self.augment.collate(pending)
+        elif self.steps_per_epoch is not None and produced < self.steps_per_epoch:
+            lost = sum(self.lost_by_shard.values())
+            log.warning("rank %d, epoch %d: %d of %d batches, the rank's readable samples ran out (%d lost so far in "
+                        "%s); the next epoch starts early", self.rank, epoch, produced, self.steps_per_epoch, lost,
+                        ", ".join(sorted(self.lost_by_shard)) or "no shard named")
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         skip = self.step

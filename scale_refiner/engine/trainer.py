@@ -95,6 +95,41 @@ class StageResult:
     end_state: Optional[Dict[str, torch.Tensor]] = None
 
 
+class DataLossError(RuntimeError):
+    """More of the data was lost to unreadable shards than ``data.max_skipped_fraction`` allows (the message names
+    them)."""
+
+
+def lost_shards(stream, ctx: DistContext) -> Dict[str, int]:
+    """Shard -> samples lost on any rank so far (collective: each rank knows only the shards it reads)."""
+    mine = dict(getattr(stream, "lost_by_shard", {}))
+    if ctx.world == 1:
+        return mine
+    every: list = [None] * ctx.world
+    dist.all_gather_object(every, mine, group=ctx.control_group)
+    merged: Dict[str, int] = {}
+    for part in every:
+        for shard, count in (part or {}).items():
+            merged[shard] = merged.get(shard, 0) + count
+    return merged
+
+
+def check_data_loss(skipped: int, consumed: int, limit: float, stream, ctx: DistContext) -> None:
+    """``skipped`` samples lost (summed over ranks) against ``consumed`` trained on: past ``limit``
+    (``data.max_skipped_fraction``) of what the run tried to read, every rank raises ``DataLossError`` naming the
+    shards (collective only then: every rank sees the same reduced counts)."""
+    tried = skipped + consumed
+    if not tried or skipped / tried <= limit:
+        return
+    lost = lost_shards(stream, ctx)
+    named = ", ".join(f"{shard} ({count})" for shard, count in sorted(lost.items(), key=lambda kv: -kv[1])[:8])
+    more = " ..." if len(lost) > 8 else ""
+    raise DataLossError(f"{skipped} of {tried} samples read so far were lost to unreadable data "
+                        f"({skipped / tried:.1%}, more than data.max_skipped_fraction={limit}): "
+                        f"{named or 'single bad samples'}{more}; rewrite those shards (make_shards) or raise "
+                        f"data.max_skipped_fraction")
+
+
 class ResumeError(ValueError):
     """A checkpoint that this configuration must not continue (the message names the key)."""
 
@@ -253,9 +288,11 @@ def _run_stage(engine, cfg, name, stream, ctx, writer, checkpoints, resume_from,
                 if "data/skipped_samples" in last:
                     last["data/skipped_samples"] = round(last["data/skipped_samples"] * ctx.world)
                     if last["data/skipped_samples"] > skipped_logged and ctx.is_main:
-                        log.warning("%d bad samples skipped so far (data.on_error=skip; the shards named in the "
-                                    "reader's errors are damaged)", last["data/skipped_samples"])
+                        log.warning("%d samples lost so far to unreadable data (data.on_error=skip; each rank "
+                                    "names the shards it reads)", last["data/skipped_samples"])
                     skipped_logged = last["data/skipped_samples"]
+                    check_data_loss(skipped_logged, step * cfg.data.batch_size, cfg.data.max_skipped_fraction,
+                                    stream, ctx)
                 elapsed = time.perf_counter() - tick
                 last.update(lr=lr, grad_norm=float(grad_norm), step_time_s=elapsed / (step - logged_at),
                             images_per_s=(step - logged_at) * cfg.data.batch_size / max(elapsed, 1e-9))
