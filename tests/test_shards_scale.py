@@ -134,6 +134,7 @@ def test_a_killed_conversion_resumes_without_rewriting_finished_shards(tmp_path)
     assert not (out / S.MANIFEST).exists()
     finished = {name: v for name, v in _files(out).items() if (out / name).with_suffix(".done").exists()}
     assert len(finished) >= 18 and len(list(out.glob("*.tar"))) < 100, sorted(finished)
+    (out / ".train-00099.tar.abc123.tmp").write_bytes(b"partial")  # as a kill inside a write leaves one
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -141,6 +142,7 @@ def test_a_killed_conversion_resumes_without_rewriting_finished_shards(tmp_path)
     assert "files/s" in again.stdout
     now = _files(out)
     assert {name: now[name] for name in finished} == finished  # the same files: not rewritten, not touched
+    assert not list(out.glob(".*.tmp"))  # the killed run's partial files are gone
     shard_set = S.load_manifest(out, verify="sha256")
     assert shard_set.split("train").num_samples == 3600 and shard_set.split("test").num_samples == 400
 

@@ -169,6 +169,10 @@ def _make_shards(source: str, out: Path, samples_per_shard: int, seed: int, fmt:
     manifest_path = out / MANIFEST
     with contextlib.suppress(FileNotFoundError):
         manifest_path.unlink()  # the set is incomplete until the new manifest lands
+    for split in data:  # what a killed run was writing (atomic_path's temporaries: ".<file name>.<random>.tmp")
+        for partial in out.glob(f".{split}-*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
     jobs = {split: split_jobs(samples, out, split, samples_per_shard, seed, fmt, quality)
             for split, samples in data.items() if samples}
     results = iter(_write_jobs([job for split_jobs_ in jobs.values() for job in split_jobs_], pool, progress, log))
