@@ -131,7 +131,7 @@ class ShardWorkers:
 
     def __enter__(self) -> "ShardWorkers":
         if self.workers > 1:
-            self._pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_one_thread)
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -162,11 +162,6 @@ class ShardWorkers:
 
 def _write_numbered(item: Tuple[int, ShardJob]) -> Tuple[int, Tuple[Dict, List[str]]]:
     return item[0], write_shard(item[1])
-
-
-def _one_thread() -> None:
-    # the workers are the parallelism: image decoding libraries must not start a thread per core in each
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def default_workers() -> int:
