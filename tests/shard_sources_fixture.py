@@ -16,7 +16,8 @@ import numpy as np
 def png_bytes(seed: int, size: int = 6, grey: bool = False) -> bytes:
     px = np.random.default_rng(seed).integers(0, 256, (size, size * (1 if grey else 3)), dtype=np.uint8)
     raw = b"".join(b"\x00" + row.tobytes() for row in px)  # filter type 0 per row
-    stored = b"\x78\x01\x01" + struct.pack("<HH", len(raw), len(raw) ^ 0xFFFF) + raw + struct.pack(">I", zlib.adler32(raw))
+    stored = (b"\x78\x01\x01" + struct.pack("<HH", len(raw), len(raw) ^ 0xFFFF) + raw  # one final stored block
+              + struct.pack(">I", zlib.adler32(raw)))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -122,9 +122,10 @@ def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed:
 
     ``workers`` processes read, encode and write whole shards in parallel (1: this process); the manifest is
     the same for any number. They are spawned, so a script calling this with ``workers > 1`` needs Python's
-    ``if __name__ == "__main__":`` guard (a spawned worker imports the script's main module again). ``progress``: a progress bar (files, shards, files/s) on stderr. A rerun into the
-    same ``out`` keeps every shard an earlier (interrupted) run finished from the same inputs and writes the
-    others (``shard_jobs``); a shard whose source, seed, format or size changed is written again.
+    ``if __name__ == "__main__":`` guard (a spawned worker imports the script's main module again).
+    ``progress``: a progress bar (files, shards, files/s) on stderr. A rerun into the same ``out`` keeps every
+    shard an earlier (interrupted) run finished from the same inputs and writes the others (``shard_jobs``); a
+    shard whose source, seed, format or size changed is written again.
     """
     fmt = "jpg" if fmt == "jpeg" else fmt
     _pil_format(fmt)
