@@ -22,6 +22,12 @@ Images: PNG and JPEG files are stored with their own bytes (--format keep); othe
 16-bit, palette, alpha) are stored as 8-bit PNG. The manifest names the data set (--name), which a run's
 data.dataset must equal.
 
+Speed and resuming: --workers N processes (default: the usable cores, at most 8) each read, encode and write
+whole shards; a progress bar shows files and shards done and files/s, and a closing line the rate. Killed or
+interrupted, the same command run again keeps every shard already finished from the same source, seed,
+--samples-per-shard, --format and --quality (each has a .done record) and writes the rest; shards whose inputs
+changed are written again, so a changed command starts over by itself (docs/data.md, "Converting a large folder").
+
 Where: --out DIR; without it, fashion-mnist and digits go to <shard root>/<source>, the shard root being
 --shard-root, else $SCALE_REFINER_SHARD_ROOT, else shards/ of the source checkout the package runs from, else
 ~/.cache/scale-refiner/shards (an installed package writes nothing into site-packages).
@@ -32,6 +38,7 @@ import time
 from pathlib import Path
 
 
+from scale_refiner.data.shard_jobs import default_workers
 from scale_refiner.data.shard_writer import check_source
 from scale_refiner.data.shards import ShardError, load_manifest, make_shards, shard_root, validate_shards
 
@@ -59,6 +66,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip undecodable images, and keep what a truncated tar holds before its cut, listing "
                         "each in the manifest's 'skipped', instead of failing")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes that read, encode and write shards in parallel (default: the usable cores, "
+                        "at most 8: %(default)s here)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (files, shards, files/s)")
     p.add_argument("--validate", metavar="SHARDS", help="validate an existing shard set and exit")
     a = p.parse_args(argv)
     try:
@@ -80,7 +91,8 @@ def main(argv=None) -> int:
             a.out = str(shard_root(a.shard_root) / a.source)
         t0 = time.time()
         manifest = make_shards(a.source, a.out, a.samples_per_shard, a.seed, a.format, a.quality, a.limit,
-                               a.skip_bad, a.upscale, a.test_fraction, log=print, name=a.name)
+                               a.skip_bad, a.upscale, a.test_fraction, log=print, name=a.name,
+                               workers=a.workers, progress=not a.no_progress)
         print(f"wrote {manifest} in {time.time() - t0:.1f} s")
         return 0
     except ShardError as e:

@@ -14,7 +14,7 @@ import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -135,13 +135,66 @@ def check_image_bytes(data: bytes) -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class FileImage:
+    """An image file of a folder source, read (and re-encoded where ``--format`` asks) only when the worker
+    that writes its shard does: a source lists 1.28 M ImageNet files, it does not hold their 140 GB."""
+    path: str
+
+    @property
+    def what(self) -> str:
+        return self.path
+
+
+@dataclass(frozen=True)
+class TarImage:
+    """An image member of a source tar: where its data lies, read when its shard is written."""
+    tar: str
+    offset: int
+    size: int
+    key: str
+
+    @property
+    def what(self) -> str:
+        return f"{self.tar}: sample {self.key!r}"
+
+
+ImageData = Union[bytes, FileImage, TarImage]
+
+
 @dataclass
 class Sample:
-    """One sample to write: encoded image bytes (PNG or JPEG: the member's extension follows them), class id,
-    dataset index."""
-    image: bytes
+    """One sample to write: the image (encoded bytes, PNG or JPEG, the member's extension following them; or a
+    file or tar member to read when its shard is written), class id, dataset index."""
+    image: ImageData
     label: int
     index: int
+
+
+def read_image(image: ImageData, fmt: str = "keep", quality: int = 95) -> bytes:
+    """The bytes a shard stores for ``image``: encoded bytes as they are (the embedded sources encode their
+    arrays themselves), a file or tar member read and passed through :func:`normalize_image_bytes`."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, FileImage):
+        data = Path(image.path).read_bytes()
+    else:
+        with open(image.tar, "rb") as f:
+            f.seek(image.offset)
+            data = f.read(image.size)
+    return normalize_image_bytes(data, fmt, quality, what=image.what)
+
+
+def unreadable(images: Sequence[ImageData], fmt: str = "keep", quality: int = 95) -> List[bool]:
+    """For each image: True where :func:`read_image` fails to decode it (what ``--skip-bad`` leaves out)."""
+    out = []
+    for image in images:
+        try:
+            read_image(image, fmt, quality)
+            out.append(False)
+        except ShardError:
+            out.append(True)
+    return out
 
 
 def index_entries(tar_path: PathLike) -> List[List[Tuple[str, int, int, str]]]:
@@ -202,14 +255,18 @@ class TruncatedTarError(ShardError):
         self.last_key = last_key
 
 
-def iter_tar_samples(tar_path: PathLike) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+def iter_tar_samples(tar_path: PathLike, lazy: Callable[[str], bool] = lambda ext: False
+                     ) -> Iterator[Tuple[str, Dict[str, Union[bytes, TarImage]]]]:
     """(key, {ext: bytes}) for each sample of a webdataset tar, grouping consecutive members by key.
 
     Python's ``tarfile`` ends its iteration quietly at a header cut short past the first member, so a
     truncated tar would look like a shorter one: every member's data is checked to be whole, and the archive
     to end with its end-of-archive marker (two zero blocks, which every tar writer appends); otherwise
     ``TruncatedTarError`` names the file and the last sample read (it is yielded first when its members were
-    read whole; one cut off after them shows as a missing component)."""
+    read whole; one cut off after them shows as a missing component).
+
+    ``lazy(ext)`` true: that member is not read but given as a :class:`TarImage` (a source lists its images
+    and their shards' workers read them); it is whole when the file holds all of its data."""
     key, parts, whole = None, {}, None  # whole: the last sample yielded
     try:
         size = os.path.getsize(tar_path)
@@ -225,6 +282,11 @@ def iter_tar_samples(tar_path: PathLike) -> Iterator[Tuple[str, Dict[str, bytes]
                         yield key, parts
                         whole = key
                     key, parts = k, {}
+                if lazy(ext.lower()):
+                    if m.offset_data + m.size > size:
+                        raise tarfile.ReadError("unexpected end of data")  # what reading it would raise
+                    parts[ext.lower()] = TarImage(str(tar_path), m.offset_data, m.size, k)
+                    continue
                 data = tar.extractfile(m).read()
                 if len(data) != m.size:
                     raise TruncatedTarError(f"{tar_path}: truncated inside member {m.name!r} ({len(data)} of "

@@ -1,5 +1,11 @@
 """Where shard sets come from: Fashion-MNIST (Debian's package), scikit-learn's digits, class folders, and other
-webdataset tars (``make_shards --source``). Each returns the samples of each split and the class names."""
+webdataset tars (``make_shards --source``). Each returns the samples of each split and the class names.
+
+The embedded sources are small and hold their encoded images in memory; a folder or tar source lists its
+images (:class:`FileImage`, :class:`TarImage`) and the writer's workers read each shard's images. With
+``skip_bad`` a source must know which images do not decode before it numbers the samples (the numbering and the
+seeded order count only the readable ones), so it asks ``check`` (:func:`unreadable`, or the writer's workers
+running it in parallel): ``--skip-bad`` decodes every image twice."""
 from __future__ import annotations
 
 import contextlib
@@ -8,17 +14,20 @@ import os
 import random
 import glob as globlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-from scale_refiner.data.shard_format import (IMAGE_EXTS, LABEL_EXTS, MANIFEST, PathLike, SPLITS, Sample, ShardError,
-                                             TruncatedTarError, encode_array, iter_tar_samples,
-                                             normalize_image_bytes)
+from scale_refiner.data.shard_format import (IMAGE_EXTS, LABEL_EXTS, MANIFEST, FileImage, ImageData, PathLike,
+                                             SPLITS, Sample, ShardError, TruncatedTarError, encode_array,
+                                             iter_tar_samples, unreadable)
 
 
 SourceData = Tuple[Dict[str, List[Sample]], List[str]]
+
+
+Checker = Callable[[Sequence[ImageData], str, int], List[bool]]  # images, format, quality -> unreadable?
 
 
 def _from_arrays(images: np.ndarray, labels: np.ndarray, fmt: str, quality: int) -> List[Sample]:
@@ -74,7 +83,8 @@ def _listing(what: str, paths: List[Path]) -> str:
 
 
 def source_folder(path: PathLike, fmt: str = "keep", quality: int = 95, limit: int = 0, skip_bad: bool = False,
-                  test_fraction: float = 0.0, seed: int = 0, stats: Optional[Dict] = None) -> SourceData:
+                  test_fraction: float = 0.0, seed: int = 0, stats: Optional[Dict] = None,
+                  check: Checker = unreadable) -> SourceData:
     """ImageNet-style ``PATH/<class>/<image>``; with ``PATH/train`` and ``PATH/val`` (or ``test``) subfolders
     they become the splits, else every image goes to train, and ``test_fraction`` of each class (a seeded,
     per-class draw) to test; with neither, a note in ``stats["notes"]`` says the set has no test split. Class
@@ -164,34 +174,39 @@ def source_folder(path: PathLike, fmt: str = "keep", quality: int = 95, limit: i
     for split, items in listing.items():
         if limit:
             items = items[:limit]
+        images = [FileImage(str(f)) for f, _ in items]
+        bad = check(images, fmt, quality) if skip_bad else [False] * len(images)
         samples = []
-        for f, y in items:
-            try:
-                data = normalize_image_bytes(f.read_bytes(), fmt, quality, what=str(f))
-            except ShardError:
-                if not skip_bad:
-                    raise
+        for image, (f, y), skip in zip(images, items, bad):
+            if skip:
                 stats["skipped"].append(str(f))
                 continue
-            samples.append(Sample(data, y, len(samples)))
+            samples.append(Sample(image, y, len(samples)))
         out[split] = samples
     stats["dataset"] = root.resolve().name
     return out, classes
 
 
-def _whole_samples(tar_path: str, skip_bad: bool, stats: Dict) -> Iterator[Tuple[str, Dict[str, bytes]]]:
-    """``iter_tar_samples``; with ``skip_bad`` a truncated tar keeps the samples read whole and records the
-    truncation in ``stats["skipped"]`` (the manifest's list), instead of failing."""
+_TAR_IMAGE_EXTS = IMAGE_EXTS + ("webp", "bmp", "tif", "tiff", "ppm", "pgm")
+
+
+def _is_image(ext: str) -> bool:
+    return ext.split(".")[-1] in _TAR_IMAGE_EXTS
+
+
+def _whole_samples(tar_path: str, skip_bad: bool, skipped: List) -> Iterator[Tuple[str, Dict]]:
+    """``iter_tar_samples``, images left in the tar (:class:`TarImage`); with ``skip_bad`` a truncated tar keeps
+    the samples read whole and appends the truncation to ``skipped`` (the manifest's list), instead of failing."""
     try:
-        yield from iter_tar_samples(tar_path)
+        yield from iter_tar_samples(tar_path, lazy=_is_image)
     except TruncatedTarError as e:
         if not skip_bad:
             raise ShardError(f"{e} (--skip-bad keeps the samples before it and records the loss)") from None
-        stats["skipped"].append(f"{tar_path}: truncated after sample {e.last_key!r}; the rest of the file is lost")
+        skipped.append(f"{tar_path}: truncated after sample {e.last_key!r}; the rest of the file is lost")
 
 
 def source_tar(pattern: str, fmt: str = "keep", quality: int = 95, limit: int = 0, skip_bad: bool = False,
-               stats: Optional[Dict] = None) -> SourceData:
+               stats: Optional[Dict] = None, check: Checker = unreadable) -> SourceData:
     """Existing webdataset shards matching ``pattern`` (e.g. ``/data/in-*.tar``); a file name containing
     ``train``/``test``/``val`` assigns its split (default train). Images: png/jpg/jpeg/webp/...; labels: the
     first of cls/class/label/target. Class names are taken from a sibling manifest.json if there is one."""
@@ -201,17 +216,22 @@ def source_tar(pattern: str, fmt: str = "keep", quality: int = 95, limit: int = 
         raise ShardError(f"tar source {pattern!r}: no .tar files match")
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", [])
-    out: Dict[str, List[Sample]] = {s: [] for s in SPLITS}
-    max_label = -1
+    # First the listing, in file order: per tar its samples (split, label, image) and what is skipped for its
+    # structure (no image or label, a truncation); then, with skip_bad, which images do not decode; then the
+    # samples numbered in that order as if each had been read in turn (``limit`` counts readable samples).
+    listed: List[List] = []  # per tar: ("sample", split, label, image) | ("bad", what) | ("truncated", what)
+    counts = {s: 0 for s in SPLITS}  # without skip_bad every listed sample is kept: ``limit`` can stop the listing
     for p in paths:
         name = Path(p).name.lower()
         split = "test" if ("test" in name or "val" in name) else "train"
-        for key, parts in _whole_samples(p, skip_bad, stats):
-            if limit and len(out[split]) >= limit:
+        entries: List = []
+        listed.append(entries)
+        truncation: List[str] = []
+        for key, parts in _whole_samples(p, skip_bad, truncation):
+            if not skip_bad and limit and counts[split] >= limit:
                 break
             what = f"{p}: sample {key!r}"
-            img_ext = next((e for e in parts if e.split(".")[-1] in IMAGE_EXTS + ("webp", "bmp", "tif", "tiff",
-                                                                                    "ppm", "pgm")), None)
+            img_ext = next((e for e in parts if _is_image(e)), None)
             lab_ext = next((e for e in LABEL_EXTS if e in parts), None)
             try:
                 if img_ext is None or lab_ext is None:
@@ -221,14 +241,36 @@ def source_tar(pattern: str, fmt: str = "keep", quality: int = 95, limit: int = 
                     label = int(parts[lab_ext].decode().strip())
                 except ValueError as e:
                     raise ShardError(f"{what}: label {parts[lab_ext][:20]!r} is not an integer") from e
-                data = normalize_image_bytes(parts[img_ext], fmt, quality, what=what)
             except ShardError:
                 if not skip_bad:
                     raise
-                stats["skipped"].append(what)
+                entries.append(("bad", what))
+                continue
+            entries.append(("sample", split, label, parts[img_ext]))
+            counts[split] += 1
+        entries += [("truncated", t) for t in truncation]
+    images = [e[3] for entries in listed for e in entries if e[0] == "sample"]
+    bad = iter(check(images, fmt, quality) if skip_bad else [False] * len(images))
+    listed = [[e + (next(bad),) if e[0] == "sample" else e for e in entries] for entries in listed]
+    out: Dict[str, List[Sample]] = {s: [] for s in SPLITS}
+    max_label = -1
+    for p, entries in zip(paths, listed):
+        split = "test" if any(w in Path(p).name.lower() for w in ("test", "val")) else "train"
+        for entry in entries:
+            if entry[0] == "truncated":  # reached only when the samples before it did not stop at the limit
+                stats["skipped"].append(entry[1])
+                continue
+            if limit and len(out[split]) >= limit:
+                break
+            if entry[0] == "bad":
+                stats["skipped"].append(entry[1])
+                continue
+            _, _, label, image, unreadable_image = entry
+            if unreadable_image:
+                stats["skipped"].append(image.what)
                 continue
             max_label = max(max_label, label)
-            out[split].append(Sample(data, label, len(out[split])))
+            out[split].append(Sample(image, label, len(out[split])))
     if not out["test"]:
         del out["test"]
         stats.setdefault("notes", []).append(

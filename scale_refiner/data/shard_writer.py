@@ -13,19 +13,19 @@ last, so an interrupted run leaves no manifest and ``manifest.load_manifest`` re
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import random
-import tarfile
+import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from scale_refiner.atomic import atomic_write, sha256_file
+from scale_refiner.atomic import atomic_write
 from scale_refiner.data.shard_format import (FORMAT_NAME, FORMAT_VERSION, INDEX_VERSION, MANIFEST, PathLike, Sample,
-                                             ShardError, _pil_format, image_ext, write_dali_index)
+                                             ShardError, _pil_format)
+from scale_refiner.data.shard_jobs import DONE_SUFFIX, ShardJob, ShardWorkers, finished_shard, write_shard
 from scale_refiner.data.shard_sources import source_digits, source_fashion_mnist, source_folder, source_tar
 from scale_refiner.data.manifest import load_manifest
 
@@ -59,44 +59,51 @@ def shard_root(configured: Optional[PathLike] = None) -> Path:
     return Path(cache).expanduser() / "scale-refiner" / "shards"
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_split(samples: Sequence[Sample], out_dir: PathLike, split: str, samples_per_shard: int,
-                seed: int) -> List[Dict]:
-    """Shuffle ``samples`` (seeded) and write them as ``{split}-{i:05d}.tar`` + ``.idx``; returns shard records.
-    Each image member's extension (``png``, ``jpg``) follows its bytes."""
+def split_jobs(samples: Sequence[Sample], out_dir: PathLike, split: str, samples_per_shard: int, seed: int,
+               fmt: str = "keep", quality: int = 95) -> List[ShardJob]:
+    """The shards of a split: ``samples`` in a seeded order, cut into ``{split}-{i:05d}`` of ``samples_per_shard``."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if not samples:
         raise ShardError(f"split {split!r} has no samples to write")
-    out_dir = Path(out_dir)
     order = list(range(len(samples)))
     random.Random(f"{seed}-{split}").shuffle(order)
-    records = []
-    for shard_no, start in enumerate(range(0, len(order), samples_per_shard)):
-        stem = f"{split}-{shard_no:05d}"
-        tar_path = out_dir / f"{stem}.tar"
-        with atomic_write(tar_path) as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for i in order[start:start + samples_per_shard]:
-                    s = samples[i]
-                    key = f"{split}{s.index:08d}"
-                    _add_member(tar, f"{key}.{image_ext(s.image)}", s.image)
-                    _add_member(tar, f"{key}.cls", str(int(s.label)).encode())
-                    _add_member(tar, f"{key}.idx", str(int(s.index)).encode())
-        write_dali_index(tar_path, out_dir / f"{stem}.idx")
-        records.append(dict(tar=tar_path.name, index=f"{stem}.idx",
-                            num_samples=len(order[start:start + samples_per_shard]),
-                            bytes=tar_path.stat().st_size, sha256=sha256_file(tar_path),
-                            index_sha256=sha256_file(out_dir / f"{stem}.idx")))
-    return records
+    return [ShardJob(str(out_dir), split, shard_no, [samples[i] for i in order[start:start + samples_per_shard]],
+                     fmt, quality)
+            for shard_no, start in enumerate(range(0, len(order), samples_per_shard))]
+
+
+def write_split(samples: Sequence[Sample], out_dir: PathLike, split: str, samples_per_shard: int,
+                seed: int, fmt: str = "keep", quality: int = 95) -> List[Dict]:
+    """Shuffle ``samples`` (seeded) and write them as ``{split}-{i:05d}.tar`` + ``.idx`` in this process; returns
+    shard records. Each image member's extension (``png``, ``jpg``) follows its bytes."""
+    return [write_shard(job)[0] for job in split_jobs(samples, out_dir, split, samples_per_shard, seed, fmt, quality)]
+
+
+def _write_jobs(jobs: List[ShardJob], workers: ShardWorkers, progress: bool, log: Callable[[str], None]
+                ) -> List[Tuple[Dict, List[str]]]:
+    """Each job's (record, image extensions), in the jobs' order: reused where an earlier run finished the
+    shard from the same inputs, else written by the workers. Shows files and shards done and files/s."""
+    results: List[Optional[Tuple[Dict, List[str]]]] = [finished_shard(job) for job in jobs]
+    todo = [job for job, done in zip(jobs, results) if done is None]
+    files = sum(len(job.samples) for job in todo)
+    reused = len(jobs) - len(todo)
+    if reused:
+        log(f"resuming: {reused} of {len(jobs)} shards are finished from the same inputs and kept; writing "
+            f"{len(todo)}")
+    position = {id(job): i for i, job in enumerate(jobs)}
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+    with tqdm(total=files, unit="file", disable=not progress, mininterval=1.0, smoothing=0.1,
+              desc=f"shards 0/{len(todo)}") as bar:
+        for n, (job, record, exts) in enumerate(workers.write(todo), 1):
+            results[position[id(job)]] = (record, exts)
+            bar.set_description(f"shards {n}/{len(todo)}", refresh=False)
+            bar.update(len(job.samples))
+    seconds = time.perf_counter() - t0
+    log(f"wrote {files} files in {len(todo)} shards in {seconds:.1f} s: {files / max(seconds, 1e-9):.0f} files/s "
+        f"with {workers.workers} worker{'s' if workers.workers > 1 else ''}")
+    return results  # type: ignore[return-value]
 
 
 def check_source(source: str) -> None:
@@ -114,7 +121,7 @@ def check_source(source: str) -> None:
 def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed: int = 0, fmt: str = "keep",
                 quality: int = 95, limit: int = 0, skip_bad: bool = False, upscale: int = 1,
                 test_fraction: float = 0.0, log: Callable[[str], None] = lambda s: None,
-                name: Optional[str] = None) -> Path:
+                name: Optional[str] = None, workers: int = 1, progress: bool = False) -> Path:
     """Write a shard set for ``source`` into ``out``; returns the manifest path (written last).
 
     source: ``fashion-mnist`` | ``digits`` | ``folder:PATH`` | ``tar:GLOB``. ``fmt``: ``keep`` stores PNG and
@@ -124,24 +131,43 @@ def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed:
     ``upscale`` enlarges the digits (benchmarks at larger resolution); ``test_fraction`` holds out that part of
     each class of a folder source without a test split. ``name``: the data set's name in the manifest, which
     a run's ``data.dataset`` must equal (default: the source's name, the folder's, or the tars' directory's).
+
+    ``workers`` processes read, encode and write whole shards in parallel (1: this process); the manifest is
+    the same for any number. They are spawned, so a script calling this with ``workers > 1`` needs Python's
+    ``if __name__ == "__main__":`` guard (a spawned worker imports the script's main module again).
+    ``progress``: a progress bar (files, shards, files/s) on stderr. A rerun into the same ``out`` keeps every
+    shard an earlier (interrupted) run finished from the same inputs and writes the others (``shard_jobs``); a
+    shard whose source, seed, format or size changed is written again.
     """
     fmt = "jpg" if fmt == "jpeg" else fmt
     _pil_format(fmt)
     if test_fraction and not source.startswith("folder:"):
         raise ShardError(f"--test-fraction {test_fraction}: only a folder: source is split by fraction; "
                          f"{source!r} brings its own splits")
+    with ShardWorkers(workers) as pool:
+        return _make_shards(source, Path(out), samples_per_shard, seed, fmt, quality, limit, skip_bad, upscale,
+                            test_fraction, log, name, pool, progress)
+
+
+def _make_shards(source: str, out: Path, samples_per_shard: int, seed: int, fmt: str, quality: int, limit: int,
+                 skip_bad: bool, upscale: int, test_fraction: float, log: Callable[[str], None],
+                 name: Optional[str], pool: ShardWorkers, progress: bool) -> Path:
     stats: Dict = {"skipped": []}
+    t0 = time.perf_counter()
     if source == "fashion-mnist":
         data, names = source_fashion_mnist(fmt, quality, limit)
     elif source == "digits":
         data, names = source_digits(fmt, quality, limit, upscale)
     elif source.startswith("folder:"):
         data, names = source_folder(source[len("folder:"):], fmt, quality, limit, skip_bad, test_fraction, seed,
-                                    stats)
+                                    stats, check=pool.unreadable)
     elif source.startswith("tar:"):
-        data, names = source_tar(source[len("tar:"):], fmt, quality, limit, skip_bad, stats)
+        data, names = source_tar(source[len("tar:"):], fmt, quality, limit, skip_bad, stats, check=pool.unreadable)
     else:
         check_source(source)
+    listed = sum(len(v) for v in data.values())
+    log(f"listed {listed} images of {source} in {time.perf_counter() - t0:.1f} s"
+        + (" (each decoded once to find the unreadable ones: --skip-bad)" if skip_bad and listed else ""))
     if not any(data.values()):
         skipped = f" ({len(stats['skipped'])} skipped as unreadable)" if stats["skipped"] else ""
         raise ShardError(f"source {source!r} holds no images{skipped}: nothing to write")
@@ -153,28 +179,40 @@ def make_shards(source: str, out: PathLike, samples_per_shard: int = 2000, seed:
     name = name or stats.get("dataset") or source
     if not name.strip() or name != name.strip():
         raise ShardError(f"data set name {name!r}: give a non-empty name without surrounding spaces (--name)")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     with contextlib.suppress(FileNotFoundError):
         manifest_path.unlink()  # the set is incomplete until the new manifest lands
+    for split in data:  # what a killed run was writing (atomic_path's temporaries: ".<file name>.<random>.tmp")
+        for partial in out.glob(f".{split}-*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+    jobs = {split: split_jobs(samples, out, split, samples_per_shard, seed, fmt, quality)
+            for split, samples in data.items() if samples}
+    results = iter(_write_jobs([job for split_jobs_ in jobs.values() for job in split_jobs_], pool, progress, log))
     splits = {}
-    for split, samples in data.items():
-        if not samples:
-            continue
-        records = write_split(samples, out, split, samples_per_shard, seed)
+    image_exts = set()
+    for split, split_jobs_ in jobs.items():
+        samples = data[split]
+        records = []
+        for _ in split_jobs_:
+            record, exts = next(results)
+            records.append(record)
+            image_exts.update(exts)
         counts = np.bincount([s.label for s in samples], minlength=len(names)).tolist()
         splits[split] = dict(num_samples=len(samples), class_counts=counts, shards=records)
         origin = stats.get("splits_from", {}).get(split)
         log(f"{split}: {len(samples)} samples in {len(records)} shards" + (f" (from {origin})" if origin else ""))
     # Remove stale shards of an earlier, larger run into the same directory.
-    listed = {r[k] for s in splits.values() for r in s["shards"] for k in ("tar", "index")}
+    listed_files = {f"{job.stem}{suffix}" for split_jobs_ in jobs.values() for job in split_jobs_
+                    for suffix in (".tar", ".idx", DONE_SUFFIX)}
     for split in splits:
-        for stale in list(out.glob(f"{split}-*.tar")) + list(out.glob(f"{split}-*.idx")):
-            if stale.name not in listed:
-                stale.unlink()
+        for suffix in (".tar", ".idx", DONE_SUFFIX):
+            for stale in out.glob(f"{split}-*{suffix}"):
+                if stale.name not in listed_files:
+                    stale.unlink()
     # one extension, or DALI's list of alternatives ("jpg;png") when a kept source mixes PNG and JPEG
-    exts = ";".join(sorted({image_ext(s.image) for samples in data.values() for s in samples}))
+    exts = ";".join(sorted(image_exts))
     manifest = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dataset=name, source=source, seed=seed,
                     image_format=fmt, image_ext=exts, num_classes=len(names), class_names=list(names),
                     keys=[exts, "cls", "idx"], index_format=f"DALI webdataset index {INDEX_VERSION}", splits=splits,
