@@ -42,11 +42,12 @@ def parse_args(argv):
     return parse_launched(parser, argv)
 
 
-def export(state, cfg, out_dir: Path, name: str):
+def export(state, cfg, out_dir: Path, name: str, results: dict):
+    """``export/<name>/`` in timm's hub layout, with a model card of the recipe, the data and the run's k-NN."""
     from scale_refiner.models.vit import vit_from_state
-    from scale_refiner.models.weights import export_timm
+    from scale_refiner.models.weights import export_timm, run_card
     export_timm(vit_from_state(cfg.model, state), out_dir / "export", name,
-                extra_config={"recipe": to_dict(cfg)})
+                extra_config={"encoder": name, "recipe": to_dict(cfg)}, card=run_card(cfg, name, results))
 
 
 def end_encoder_states(point: Path):
@@ -206,9 +207,9 @@ def _run(argv) -> int:
         if ema_state is not None:
             results["ema"] = knn_of_state(ema_state, cfg, ctx.device, eval_data)
     if ctx.is_main:
-        export(online, cfg, out_dir, "online")
+        export(online, cfg, out_dir, "online", results)
         if ema_state is not None:
-            export(ema_state, cfg, out_dir, "ema")
+            export(ema_state, cfg, out_dir, "ema", results)
         results["minutes"] = (time.time() - started) / 60
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
         writer.close()
