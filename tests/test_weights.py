@@ -594,3 +594,16 @@ def test_legacy_export_config_may_only_name_known_packages(tmp_path):
     _, config_path = legacy_export(tiny("postnorm"), tmp_path, "tiny", block_fn="os:system")
     with pytest.raises(WeightsError, match="refusing to import 'os'"):
         load_timm_export(config_path)
+
+
+def test_default_preprocessing_is_the_pipelines():
+    """An export that names no preprocessing gets what every pipeline applies (models may not import data, so
+    weights.py takes timm's ImageNet constants: they must stay data.augment's)."""
+    from scale_refiner.config import RefineConfig
+    from scale_refiner.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from scale_refiner.eval.card import run_data_config
+    default = weights.default_data_config(tiny())
+    assert default["mean"] == list(IMAGENET_MEAN) and default["std"] == list(IMAGENET_STD)
+    cfg = RefineConfig()
+    cfg.model.img_size = cfg.augment.global_size = IMG
+    assert run_data_config(cfg) == default

@@ -45,9 +45,11 @@ def parse_args(argv):
 def export(state, cfg, out_dir: Path, name: str, results: dict):
     """``export/<name>/`` in timm's hub layout, with a model card of the recipe, the data and the run's k-NN."""
     from scale_refiner.models.vit import vit_from_state
-    from scale_refiner.models.weights import export_timm, run_card
+    from scale_refiner.eval.card import run_card, run_data_config
+    from scale_refiner.models.weights import export_timm
     export_timm(vit_from_state(cfg.model, state), out_dir / "export", name,
-                extra_config={"encoder": name, "recipe": to_dict(cfg)}, card=run_card(cfg, name, results))
+                extra_config={"encoder": name, "recipe": to_dict(cfg)}, data_config=run_data_config(cfg),
+                card=run_card(cfg, name, results))
 
 
 def end_encoder_states(point: Path):

@@ -593,20 +593,23 @@ def timm_architecture(model: nn.Module) -> str:
     return name if is_model(name) else _TIMM_FALLBACK
 
 
-def trained_data_config(model: nn.Module, img_size: Optional[int] = None) -> dict:
-    """The preprocessing every training and evaluation pipeline of this repository applies
-    (``scale_refiner.data.augment``): RGB at ``img_size`` (the model's resolution; ``augment.global_size`` must
-    equal it), shorter side resized bicubically to it and centre-cropped (crop_pct 1), ImageNet mean / std."""
-    from scale_refiner.data.augment import IMAGENET_MEAN, IMAGENET_STD
-    size = int(img_size or model.img_size)
+def default_data_config(model: nn.Module) -> dict:
+    """The preprocessing of an export whose caller names none: RGB at the model's resolution, shorter side resized
+    bicubically to it and centre-cropped (crop_pct 1), ImageNet mean / std -- what every training and evaluation
+    pipeline of this repository applies (``scale_refiner.data.augment``; models may not import data, so the values
+    are timm's ImageNet constants here, and a test holds the two equal). A refine run passes its own
+    (``scale_refiner.eval.card.run_data_config``)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    size = int(model.img_size)
     return {"input_size": [model.patch_embed.proj.in_channels, size, size], "interpolation": "bicubic",
-            "crop_pct": 1.0, "crop_mode": "center", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+            "crop_pct": 1.0, "crop_mode": "center", "mean": list(IMAGENET_DEFAULT_MEAN),
+            "std": list(IMAGENET_DEFAULT_STD)}
 
 
 def hub_config(model: nn.Module, data_config: Optional[dict] = None, extra_config: Optional[dict] = None) -> dict:
     """The ``config.json`` of ``model`` in timm's hub layout (see the section comment). ``data_config``: keys of
     timm's ``PretrainedCfg`` (input_size, mean, std, interpolation, crop_pct, crop_mode) over
-    ``trained_data_config(model)``; ``extra_config`` goes under ``"scale_refiner"``."""
+    ``default_data_config(model)``; ``extra_config`` goes under ``"scale_refiner"``."""
     from timm.models import PretrainedCfg
 
     kwargs = model.timm_kwargs()
@@ -617,7 +620,7 @@ def hub_config(model: nn.Module, data_config: Optional[dict] = None, extra_confi
     left = sorted(set(kwargs) - set(model_args) - {"pre_norm", "final_norm", "block_fn", "embed_layer"})
     if left:
         raise ValueError(f"timm keyword arguments that config.json cannot carry: {left}")
-    data = trained_data_config(model)
+    data = default_data_config(model)
     data.update(data_config or {})
     unknown = sorted(set(data) - set(PretrainedCfg.__dataclass_fields__))
     if unknown:
@@ -703,45 +706,6 @@ def model_card(config: dict, card: Optional[dict] = None) -> str:
     for note in card.get("notes", ()):
         lines.append(note)
     return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def _dataset_size(dataset: dict) -> dict:
-    """The train / test split sizes of ``results["dataset"]``: the embedded Fashion-MNIST's, or its shard sets'
-    manifests (read without re-checking the shards: the run checked them at its start)."""
-    from scale_refiner.data.manifest import load_manifest
-    sizes = {}
-    for split in ("train", "test"):
-        where = dataset.get(split)
-        if where == "embedded":
-            sizes[f"{split} images"] = {"train": 60000, "test": 10000}[split]  # Fashion-MNIST, 28x28 greyscale
-        elif where:
-            try:
-                sizes[f"{split} images"] = load_manifest(where, verify="none").split(split).num_samples
-            except Exception:  # noqa: BLE001 -- the card leaves out what it cannot read; the export still happens
-                pass
-    return sizes
-
-
-def run_card(cfg, name: str, results: dict) -> dict:
-    """``model_card``'s ``card`` for export ``name`` (``online`` or ``ema``) of a refine run: its recipe (``cfg``, a
-    ``RefineConfig``), its data and its k-NN results (``results``: what the run writes to results.json)."""
-    stages = ", ".join(f"{stage} {getattr(cfg.stages, stage).epochs:g} epochs" for stage in cfg.stages.run)
-    recipe = {"model": f"{cfg.model.name} ({cfg.model.arch}), {cfg.model.img_size} px",
-              "starting weights": Path(cfg.model.weights).name if cfg.model.weights else "none (random init)",
-              "stages": stages, "batch size": cfg.data.batch_size,
-              "samples per epoch": cfg.data.samples_per_epoch or "the data set",
-              "engine / precision": f"{cfg.engine.kind} / {cfg.engine.precision}", "seed": cfg.run.seed}
-    if "refine" in cfg.stages.run:
-        recipe["refine EMA"] = cfg.stages.refine.ema
-    dataset = results.get("dataset") or {}
-    data = {"data set": dataset.get("name", cfg.data.dataset), **_dataset_size(dataset)}
-    if "n_train" in dataset:
-        data["k-NN evaluation"] = f"{dataset['n_train']} train images (the bank), {dataset['n_test']} test images"
-    knn = {label: results[key] for key, label in (("before", "before refinement"), ("online", "online"),
-                                                   ("ema", "EMA")) if isinstance(results.get(key), dict)}
-    return {"title": f"MIM-Refiner {cfg.model.name}, {'EMA' if name == 'ema' else name} encoder",
-            "encoder": "EMA encoder" if name == "ema" else f"{name} encoder",
-            "recipe": recipe, "data": data, "knn": knn}
 
 
 def export_timm(model: nn.Module, out_dir: PathLike, name: str, extra_config: Optional[dict] = None, *,
