@@ -538,8 +538,8 @@ def load_pretrained(model: nn.Module, path: PathLike, fmt: str = "auto") -> dict
 
 # -------------------------------------------------------------------------------------------- export
 # An export is a directory in timm's hub layout, loadable with timm.create_model("local-dir:" + path,
-# pretrained=True) (timm/models/_hub.py: load_model_config_from_path reads config.json, its "architecture",
-# "model_args" and "pretrained_cfg"; load_state_dict_from_path reads model.safetensors):
+# pretrained=True): timm builds config.json's "architecture" with its "model_args", keeps its "pretrained_cfg"
+# (what timm.data.resolve_data_config returns) and loads model.safetensors strictly:
 #   config.json        architecture (a timm registry name), num_classes 0, num_features, global_pool, model_args
 #                      (every keyword that builds our layout), pretrained_cfg (the trained input size, mean, std,
 #                      interpolation, crop_pct) and, outside timm's keys, "scale_refiner" (what the caller adds)
