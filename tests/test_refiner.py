@@ -169,7 +169,8 @@ def test_main_job_runs_end_to_end_and_exports_load_in_timm(tmp_path):
                        "| batch size | 16 |", "| model | vit_test_patch4 (prenorm), 32 px |",
                        f"| {label} | {100 * results[name]['10']:.1f} % | {100 * results[name]['20']:.1f} % |",
                        f"| before refinement | {100 * results['before']['10']:.1f} % |",
-                       f'timm.create_model("local-dir:PATH/TO/THIS/DIRECTORY", pretrained=True)'):
+                       "200 train images are the bank, 200 test images are scored",
+                       'timm.create_model("local-dir:PATH/TO/THIS/DIRECTORY", pretrained=True)'):
             assert needle in card, (name, needle)
     # a run directory whose checkpoints are gone still loads from its exports
     import shutil

@@ -607,3 +607,37 @@ def test_default_preprocessing_is_the_pipelines():
     cfg = RefineConfig()
     cfg.model.img_size = cfg.augment.global_size = IMG
     assert run_data_config(cfg) == default
+
+
+def test_plain_timm_loads_a_prenorm_export_and_refuses_a_postnorm_one(tmp_path):
+    """In a process that never imports scale_refiner: timm alone builds and loads the pre-norm export; the
+    post-norm one names an architecture only scale_refiner registers, so timm refuses it instead of building a
+    pre-norm model with the wrong forward."""
+    import subprocess
+    import sys
+    model = randomize_(tiny(), seed=31).float().eval()
+    export_timm(model, tmp_path, "pre")
+    export_timm(tiny("postnorm").float(), tmp_path, "post")
+    x = images(32).float()
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model([x])[0]["final"].detach(), tmp_path / "ours.pt")
+    script = f"""
+import sys, torch, timm
+m = timm.create_model("local-dir:{tmp_path / 'pre'}", pretrained=True).eval()
+with torch.no_grad():
+    assert torch.equal(m(torch.load("{tmp_path / 'x.pt'}")), torch.load("{tmp_path / 'ours.pt'}"))
+assert timm.data.resolve_data_config({{}}, model=m)["input_size"] == (3, {IMG}, {IMG})
+try:
+    timm.create_model("local-dir:{tmp_path / 'post'}", pretrained=True)
+except RuntimeError as exc:
+    assert "Unknown model (vit_data2vec2_postnorm)" in str(exc), exc
+else:
+    raise AssertionError("timm built the post-norm export without scale_refiner")
+assert not any(name.startswith("scale_refiner") for name in sys.modules)
+print("ok")
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

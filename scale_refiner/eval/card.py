@@ -47,10 +47,12 @@ def run_card(cfg: RefineConfig, name: str, results: dict) -> dict:
         recipe["refine EMA"] = cfg.stages.refine.ema
     dataset = results.get("dataset") or {}
     data = {"data set": dataset.get("name", cfg.data.dataset), **_dataset_size(dataset)}
-    if "n_train" in dataset:
-        data["k-NN evaluation"] = f"{dataset['n_train']} train images (the bank), {dataset['n_test']} test images"
     knn = {label: results[key] for key, label in (("before", "before refinement"), ("online", "online"),
                                                    ("ema", "EMA")) if isinstance(results.get(key), dict)}
+    note = ("Top-1 accuracy of the run's weighted k-NN (votes exp(cosine similarity / 0.07)) on the final CLS token, "
+            "standardised with the bank's mean and std")
+    if "n_train" in dataset:
+        note += f"; {dataset['n_train']} train images are the bank, {dataset['n_test']} test images are scored"
     return {"title": f"MIM-Refiner {cfg.model.name}, {'EMA' if name == 'ema' else name} encoder",
             "encoder": "EMA encoder" if name == "ema" else f"{name} encoder",
-            "recipe": recipe, "data": data, "knn": knn}
+            "recipe": recipe, "data": data, "knn": knn, "knn_note": note + "."}

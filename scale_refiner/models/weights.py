@@ -647,7 +647,8 @@ def _fmt_accuracy(value) -> str:
 def model_card(config: dict, card: Optional[dict] = None) -> str:
     """The ``README.md`` of an export, generated from its ``config.json`` and ``card``: ``title``, ``encoder``
     (which encoder of the run, e.g. ``EMA encoder``), ``recipe`` ({label: value}), ``data`` ({label: value}, the
-    data set's name and size), ``knn`` ({encoder: {k: accuracy}}, accuracies in [0, 1]), ``notes`` (lines)."""
+    data set's name and size), ``knn`` ({encoder: {k: accuracy}}, accuracies in [0, 1]) and ``knn_note`` (how it
+    was measured), ``notes`` (lines)."""
     card = dict(card or {})
     args, data = config["model_args"], config["pretrained_cfg"]
     post = config["architecture"] == POSTNORM_ARCHITECTURE
@@ -683,8 +684,7 @@ def model_card(config: dict, card: Optional[dict] = None) -> str:
         lines += ["| encoder | " + " | ".join(f"k-NN@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(_fmt_accuracy(acc.get(k, "")) for k in ks) + " |"
                   for name, acc in knn.items()]
-        lines += ["", "Top-1 of a cosine k-NN classifier on the CLS token (train split as the bank, test split "
-                  "scored)."]
+        lines += ["", card.get("knn_note", "Top-1 accuracy of a k-NN classifier on the CLS token.")]
     else:
         lines.append("Not measured for this export.")
     lines += ["", "## Loading", "", "```python", "import timm"]
