@@ -61,7 +61,7 @@ def test_bf16_run_tracks_the_fp32_run(fp32_run, tmp_path, kind, extra):
     ema = torch.load(tmp_path / "bf16/checkpoints/refine-end/ema.pt", weights_only=True)
     assert ema and all(v.dtype == torch.float32 for v in ema.values())
     from safetensors.torch import load_file
-    exported = load_file(str(tmp_path / "bf16/export/online.safetensors"))
+    exported = load_file(str(tmp_path / "bf16/export/online/model.safetensors"))
     assert all(torch.equal(exported[k], state[f"encoder.{k}"]) for k in exported)  # the export is that state
 
 

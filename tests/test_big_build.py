@@ -399,10 +399,10 @@ def test_zero3_exports_are_the_end_checkpoint(zero3_run):
     from safetensors.torch import load_file
     end = model_state(zero3_run, "refine")
     ema = torch.load(zero3_run / "checkpoints/refine-end/ema.pt", weights_only=True)
-    online = load_file(str(zero3_run / "export/online.safetensors"))
+    online = load_file(str(zero3_run / "export/online/model.safetensors"))
     assert online.keys() == {k[len("encoder."):] for k in end if k.startswith("encoder.")}
     assert all(torch.equal(v, end[f"encoder.{k}"]) for k, v in online.items())
-    exported_ema = load_file(str(zero3_run / "export/ema.safetensors"))
+    exported_ema = load_file(str(zero3_run / "export/ema/model.safetensors"))
     assert ema and all(torch.equal(exported_ema[k], v) for k, v in ema.items())
     assert all(torch.equal(exported_ema[k], online[k]) for k in online if k not in ema)  # frozen: as loaded
 

@@ -34,7 +34,7 @@ def test_console_script_runs_the_main_job(tmp_path):
     proc = run([str(BIN / "scale-refiner"), "refine", "--config", "configs/demo.yaml", "--eval-samples", "0",
                 f"run.out_dir={tmp_path}", "engine.kind=single"] + TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "export/ema.safetensors").is_file()
+    assert (tmp_path / "export/ema/model.safetensors").is_file()
 
 
 def test_the_module_runs_under_torchrun_and_deepspeed(tmp_path):

@@ -78,12 +78,14 @@ def test_refinement_starts_from_the_pretrained_mae(demo_run):
 def test_export_loads_in_timm(demo_run):
     import timm
     out, _ = demo_run
-    export = out / "refined" / "export" / "ema.safetensors"
-    kwargs = json.loads(export.with_suffix(".json").read_text())["timm_kwargs"]
-    model = timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay={"file": str(export)},
-                              **kwargs).eval()
+    export = out / "refined" / "export" / "ema"
+    model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()  # timm's hub layout
+    from timm.data import resolve_data_config
+    assert resolve_data_config({}, model=model)["input_size"] == (3, 32, 32)
     with torch.no_grad():
         assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 64, 32)
+    card = (export / "README.md").read_text()  # the demo refines with --eval-samples 0: no k-NN in the card
+    assert "the EMA encoder of the run" in card and "| data set | fashion-mnist |" in card
 
 
 def test_another_refinement_recipe_in_the_same_directory_is_refused(demo_run):
@@ -97,12 +99,12 @@ def test_another_refinement_recipe_in_the_same_directory_is_refused(demo_run):
 def test_rerun_reuses_finished_steps(demo_run):
     out, _ = demo_run
     weights = out / "mae" / "mae_pretrained.pth"
-    before = weights.stat().st_mtime_ns, (out / "refined" / "export" / "ema.safetensors").read_bytes()
+    before = weights.stat().st_mtime_ns, (out / "refined" / "export" / "ema" / "model.safetensors").read_bytes()
     proc = demo(out)
     assert "already exist" in proc.stdout and "reused" in proc.stdout
     assert "resuming from" in proc.stderr and "stage refine on" not in proc.stderr  # nothing trained again
     assert weights.stat().st_mtime_ns == before[0]
-    assert (out / "refined" / "export" / "ema.safetensors").read_bytes() == before[1]
+    assert (out / "refined" / "export" / "ema" / "model.safetensors").read_bytes() == before[1]
     # every evaluation reused: the re-exported weights are the same bytes (keyed by content, not file time)
     evaluations = [line for line in proc.stdout.splitlines() if line.startswith("== evaluate ")]
     assert evaluations and all(": reused " in line for line in evaluations), evaluations

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,43 @@ def test_cli_bf16_features_track_fp32(tmp_path):
     assert results["bf16"]["precision"] == "bfloat16" and results["fp32"]["precision"] == "float32"
     for k in ("10", "20"):
         assert abs(results["bf16"]["knn"][k] - results["fp32"]["knn"][k]) <= 0.02, (k, results)
+
+
+def test_exports_load_in_the_hub_layout_and_the_legacy_one(tmp_path):
+    """A run whose checkpoints are gone loads from export/<which>/ (timm's hub layout) or, for a run exported
+    before it, from export/<which>.safetensors; --weights takes an export directory, a file in it, or a legacy
+    pair's file, with or without --model."""
+    from safetensors.torch import save_file
+    from scale_refiner.models.weights import export_timm
+    run, online, ema = fake_run(tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(EvalInputError, match="no export"):
+        load_from_run(run, "ema")
+    ema_state = {**online.state_dict(), **ema}
+    cfg = RefineConfig()
+    cfg.model.name, cfg.model.img_size = "vit_test_patch4", 32
+    twin = build_vit(cfg.model)
+    twin.load_state_dict(ema_state)
+    export_timm(twin, run / "export", "ema")
+    model, _, source = load_from_run(run, "ema")
+    assert source == {"kind": "export", "path": str(run / "export/ema/model.safetensors"), "encoder": "ema",
+                      "config": str(run / "config.json")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema_state.items())
+    # legacy: the old pair (weights + a json beside them) in place of the directory
+    save_file({k: v.contiguous() for k, v in online.state_dict().items()}, str(run / "export/online.safetensors"))
+    model, _, source = load_from_run(run, "online")
+    assert source["path"] == str(run / "export/online.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in online.state_dict().items())
+
+    x = torch.randn(2, 3, 32, 32)
+    for path in (run / "export/ema", run / "export/ema/model.safetensors", run / "export/ema/config.json"):
+        model, cfg, source = load_from_weights(None, path)
+        assert source["kind"] == "timm_export" and source["layout"] == "hub" and cfg.augment.global_size == 32
+        with torch.no_grad():
+            assert torch.equal(model.forward_tokens(x), twin.eval().forward_tokens(x))
+        model, _, source = load_from_weights("vit_test_patch4", path)  # --model with an export: its weights
+        assert source["path"] == str(run / "export/ema/model.safetensors") and source["format"] == "native"
+    with pytest.raises(EvalInputError, match="must be an export"):
+        load_from_weights(None, run / "export/online.safetensors")  # no .json beside it
+    with pytest.raises(EvalInputError, match="directory but not an export"):
+        load_from_weights("vit_test_patch4", run)

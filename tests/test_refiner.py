@@ -140,17 +140,43 @@ def test_main_job_runs_end_to_end_and_exports_load_in_timm(tmp_path):
     assert (out / "checkpoints/heads-end/state.json").is_file()
     assert (out / "checkpoints/latest").read_text() == "refine-end"
     assert any((out / "tensorboard").iterdir())
-    model = load_timm_export(out / "export/ema.safetensors")
-    # and through timm's own factory, loading the file strictly as pretrained weights
+    # Both exports are timm hub-layout directories that timm's own factory loads: the end checkpoint's encoders
+    # bit for bit, the trained preprocessing (32 px RGB, ImageNet mean/std, bicubic), a card with this run's k-NN
     import timm
-    kwargs = json.loads((out / "export/ema.json").read_text())["timm_kwargs"]
-    created = timm.create_model("vit_base_patch16_224", pretrained=True,
-                                pretrained_cfg_overlay={"file": str(out / "export/ema.safetensors")}, **kwargs)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(created.eval().forward_features(x), model.eval().forward_features(x))
+    from timm.data import resolve_data_config
+    from scale_refiner.eval.loading import load_from_run, load_from_weights
+    end = {k[len("encoder."):]: v for k, v in
+           torch.load(out / "checkpoints/refine-end/model_state.pt", weights_only=True).items()
+           if k.startswith("encoder.")}
     ema = torch.load(out / "checkpoints/refine-end/ema.pt", weights_only=True)
-    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
+    x = torch.randn(2, 3, 32, 32)
+    for name, expected in (("online", end), ("ema", {**end, **ema})):
+        export = out / "export" / name
+        assert sorted(p.name for p in export.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+        created = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+        state = created.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+        data = resolve_data_config({}, model=created)
+        assert (data["input_size"], data["interpolation"], data["crop_pct"]) == ((3, 32, 32), "bicubic", 1.0)
+        assert tuple(data["mean"]) == (0.485, 0.456, 0.406) and tuple(data["std"]) == (0.229, 0.224, 0.225)
+        ours, _, _ = load_from_weights(None, export)  # evaluate --weights <export dir>
+        with torch.no_grad():
+            assert torch.equal(created(x), ours.forward_tokens(x)[:, 0])
+            assert torch.equal(created.forward_features(x), load_timm_export(export).eval().forward_features(x))
+        card = (export / "README.md").read_text()
+        label = "EMA" if name == "ema" else "online"
+        for needle in (f"the {label} encoder of the run", "| data set | fashion-mnist |", "| train images | 60000 |",
+                       "| batch size | 16 |", "| model | vit_test_patch4 (prenorm), 32 px |",
+                       f"| {label} | {100 * results[name]['10']:.1f} % | {100 * results[name]['20']:.1f} % |",
+                       f"| before refinement | {100 * results['before']['10']:.1f} % |",
+                       "200 train images are the bank, 200 test images are scored",
+                       'timm.create_model("local-dir:PATH/TO/THIS/DIRECTORY", pretrained=True)'):
+            assert needle in card, (name, needle)
+    # a run directory whose checkpoints are gone still loads from its exports
+    import shutil
+    shutil.rmtree(out / "checkpoints")
+    model, _, source = load_from_run(out, "ema")
+    assert source["kind"] == "export" and all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["stage"] == "refine"
 

@@ -457,27 +457,124 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- export
-@pytest.mark.parametrize("arch", ["prenorm", "postnorm"])
-def test_export_timm_round_trip(tmp_path, arch):
-    model = randomize_(tiny(arch), seed=17)
-    out = tmp_path / "export"
-    weights_path, config_path = export_timm(model, out, f"tiny_{arch}", extra_config={"source": "unit test"})
-    assert sorted(os.listdir(out)) == sorted([f"tiny_{arch}.json", f"tiny_{arch}.safetensors"])  # no temp files
-    config = json.loads(config_path.read_text())
-    assert config["extra_config"] == {"source": "unit test"}
-    if arch == "postnorm":
-        assert config["timm_kwargs"]["block_fn"] == "scale_refiner.models.vit:PostNormBlock"
-        assert config["timm_kwargs"]["embed_layer"] == "scale_refiner.models.vit:BiasedPatchEmbed"
-        assert sorted(config["callable_kwargs"]) == ["block_fn", "embed_layer"]
+def legacy_export(model, out, name, block_fn=None):
+    """The layout exports had before timm's hub layout: <name>.safetensors + <name>.json with timm_kwargs."""
+    kwargs, callables = {}, []
+    for key, value in model.timm_kwargs().items():
+        if isinstance(value, type):
+            kwargs[key], callables = f"{value.__module__}:{value.__qualname__}", callables + [key]
+        else:
+            kwargs[key] = value
+    if block_fn is not None:
+        kwargs["block_fn"] = block_fn
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{name}.safetensors"))
+    (out / f"{name}.json").write_text(json.dumps({
+        "architecture": weights.TIMM_ARCHITECTURE, "timm_kwargs": kwargs, "callable_kwargs": callables,
+        "extra_config": {}}))
+    return out / f"{name}.safetensors", out / f"{name}.json"
 
-    rebuilt = load_timm_export(config_path).eval()
-    assert isinstance(rebuilt, TimmViT) and rebuilt.cls_token.dtype == torch.float64
-    x = images(18)
-    torch.testing.assert_close(timm_cls(rebuilt, x), our_cls(model, x), rtol=0, atol=1e-12)
-    # and the exported file loads back into our model as 'native'
+
+@pytest.mark.parametrize("arch", ["prenorm", "postnorm"])
+def test_export_timm_writes_timm_hub_layout_that_create_model_loads(tmp_path, arch):
+    """The export directory is timm's hub layout: timm.create_model("local-dir:...") builds the model, loads the
+    weights bit for bit, computes our encoder's CLS token, and resolve_data_config gives the trained preprocessing
+    (not timm's 224 px / mean 0.5 defaults of a ViT name)."""
+    import timm
+    from timm.data import resolve_data_config
+    from timm.models.vision_transformer import Block
+
+    model = randomize_(tiny(arch), seed=21).float()
+    weights_path, config_path = export_timm(model, tmp_path / "export", arch, extra_config={"source": "unit test"})
+    export_dir = tmp_path / "export" / arch
+    assert (weights_path, config_path) == (export_dir / "model.safetensors", export_dir / "config.json")
+    assert sorted(os.listdir(export_dir)) == ["README.md", "config.json", "model.safetensors"]  # no temp files
+    config = json.loads(config_path.read_text())
+    assert config["num_classes"] == 0 and config["num_features"] == DIM and config["global_pool"] == "token"
+    assert config["model_args"] == dict(img_size=IMG, patch_size=PATCH, in_chans=3, embed_dim=DIM, depth=DEPTH,
+                                        num_heads=HEADS, mlp_ratio=4.0, qkv_bias=True, num_classes=0,
+                                        global_pool="token")
+    assert config["scale_refiner"] == {"source": "unit test"}
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, IMG, IMG] and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 1.0
+    assert cfg["mean"] == [0.485, 0.456, 0.406] and cfg["std"] == [0.229, 0.224, 0.225]
+    # pre-norm is plain timm (a registry ViT name + model_args); post-norm needs our registered entry point
+    assert config["architecture"] == ("vit_base_patch16_224" if arch == "prenorm" else weights.POSTNORM_ARCHITECTURE)
+
+    created = timm.create_model(f"local-dir:{export_dir}", pretrained=True).eval()
+    assert isinstance(created, TimmViT)
+    assert (type(created.blocks[0]) is Block) == (arch == "prenorm")
+    state = created.state_dict()
+    assert set(state) == set(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in resolve_data_config({}, model=created).items()}
+    assert data == {"input_size": (3, IMG, IMG), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+                    "std": (0.229, 0.224, 0.225), "crop_pct": 1.0, "crop_mode": "center"}
+    x = images(22).float()
+    with torch.no_grad():
+        assert torch.equal(created(x), model.eval()([x])[0]["final"])
+        assert torch.equal(created.forward_features(x), model.forward_tokens(x))
+
+    # our loader keeps the exported dtype: a float64 export comes back float64
+    model64 = randomize_(tiny(arch), seed=17)
+    export_timm(model64, tmp_path / "export64", "m")
+    for path in (tmp_path / "export64" / "m", tmp_path / "export64" / "m" / "config.json"):
+        rebuilt = load_timm_export(path).eval()
+        assert isinstance(rebuilt, TimmViT) and rebuilt.cls_token.dtype == torch.float64
+        torch.testing.assert_close(timm_cls(rebuilt, images(18)), our_cls(model64, images(18)), rtol=0, atol=1e-12)
+    # and the exported weights load back into our model as 'native'
     again = tiny(arch)
-    assert load_pretrained(again, weights_path)["format"] == "native"
-    assert torch.equal(our_cls(again, x), our_cls(model, x))
+    assert load_pretrained(again, tmp_path / "export64" / "m" / "model.safetensors")["format"] == "native"
+    assert torch.equal(our_cls(again, images(18)), our_cls(model64, images(18)))
+
+
+def test_export_data_config_and_model_card(tmp_path):
+    """A caller's preprocessing replaces the defaults; the card names the encoder, recipe, data, k-NN, the
+    create_model line and the preprocessing; a key timm's pretrained_cfg does not know is refused unwritten."""
+    import timm
+    from timm.data import resolve_data_config
+
+    card = {"title": "MIM-Refiner test ViT", "encoder": "EMA encoder",
+            "recipe": {"model": "vit_test_patch4 (prenorm), 32 px", "stages": "heads 0.5 epochs, refine 9 epochs",
+                       "batch size": 128},
+            "data": {"data set": "fashion-mnist", "train images": 60000},
+            "knn": {"online": {"10": 0.712, "20": 0.705}, "EMA": {"10": 0.7234, "20": 0.7}}}
+    mean, std = [0.2860] * 3, [0.3530] * 3
+    _, config_path = export_timm(tiny().float(), tmp_path, "ema", card=card,
+                                 data_config={"mean": mean, "std": std, "interpolation": "bilinear"})
+    created = timm.create_model(f"local-dir:{config_path.parent}", pretrained=True)
+    data = resolve_data_config({}, model=created)
+    assert list(data["mean"]) == mean and list(data["std"]) == std and data["interpolation"] == "bilinear"
+    text = (config_path.parent / "README.md").read_text()
+    assert text.startswith("---\nlibrary_name: timm\n")
+    for needle in ("# MIM-Refiner test ViT", "the EMA encoder of the run", "| batch size | 128 |",
+                   "| data set | fashion-mnist |", "| train images | 60000 |", "| encoder | k-NN@10 | k-NN@20 |",
+                   "| EMA | 72.3 % | 70.0 % |", "| online | 71.2 % | 70.5 % |",
+                   'timm.create_model("local-dir:PATH/TO/THIS/DIRECTORY", pretrained=True)',
+                   "resolve_data_config", "RGB, 32x32 px", "(bilinear)", "mean (0.286, 0.286, 0.286)",
+                   "| patch size / width / depth / heads | 4 / 32 / 3 / 2 |"):
+        assert needle in text, needle
+    assert "http" not in text and "scale_refiner.models.weights" not in text  # pre-norm: plain timm loads it
+    post = export_timm(tiny("postnorm").float(), tmp_path, "post")[1].parent / "README.md"
+    assert "import scale_refiner.models.weights" in post.read_text() and "Not measured" in post.read_text()
+
+    with pytest.raises(ValueError, match="pretrained_cfg does not know.*'crop'"):
+        export_timm(tiny(), tmp_path, "bad", data_config={"crop": 0.9})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_legacy_export_pair_still_loads(tmp_path):
+    """An export in the layout before the hub one (<name>.safetensors + <name>.json) still loads, both files."""
+    model = randomize_(tiny("postnorm"), seed=5)
+    weights_path, config_path = legacy_export(model, tmp_path, "ema")
+    for path in (weights_path, config_path):
+        rebuilt = load_timm_export(path).eval()
+        assert rebuilt.cls_token.dtype == torch.float64
+        torch.testing.assert_close(timm_cls(rebuilt, images(3)), our_cls(model, images(3)), rtol=0, atol=1e-12)
+    with pytest.raises(FileNotFoundError, match="export file not found"):
+        load_timm_export(tmp_path / "other.safetensors")
+    with pytest.raises(FileNotFoundError, match="not an export directory"):
+        load_timm_export(tmp_path)
 
 
 def test_failed_export_leaves_no_files(tmp_path, monkeypatch):
@@ -490,13 +587,57 @@ def test_failed_export_leaves_no_files(tmp_path, monkeypatch):
     out = tmp_path / "export"
     with pytest.raises(OSError, match="disk full"):
         export_timm(tiny(), out, "tiny")
-    assert os.listdir(out) == []
+    assert os.listdir(out / "tiny") == []
 
 
-def test_export_config_may_only_name_known_packages(tmp_path):
-    _, config_path = export_timm(tiny("postnorm"), tmp_path, "tiny")
-    config = json.loads(config_path.read_text())
-    config["timm_kwargs"]["block_fn"] = "os:system"
-    config_path.write_text(json.dumps(config))
+def test_legacy_export_config_may_only_name_known_packages(tmp_path):
+    _, config_path = legacy_export(tiny("postnorm"), tmp_path, "tiny", block_fn="os:system")
     with pytest.raises(WeightsError, match="refusing to import 'os'"):
         load_timm_export(config_path)
+
+
+def test_default_preprocessing_is_the_pipelines():
+    """An export that names no preprocessing gets what every pipeline applies (models may not import data, so
+    weights.py takes timm's ImageNet constants: they must stay data.augment's)."""
+    from scale_refiner.config import RefineConfig
+    from scale_refiner.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from scale_refiner.eval.card import run_data_config
+    default = weights.default_data_config(tiny())
+    assert default["mean"] == list(IMAGENET_MEAN) and default["std"] == list(IMAGENET_STD)
+    cfg = RefineConfig()
+    cfg.model.img_size = cfg.augment.global_size = IMG
+    assert run_data_config(cfg) == default
+
+
+def test_plain_timm_loads_a_prenorm_export_and_refuses_a_postnorm_one(tmp_path):
+    """In a process that never imports scale_refiner: timm alone builds and loads the pre-norm export; the
+    post-norm one names an architecture only scale_refiner registers, so timm refuses it instead of building a
+    pre-norm model with the wrong forward."""
+    import subprocess
+    import sys
+    model = randomize_(tiny(), seed=31).float().eval()
+    export_timm(model, tmp_path, "pre")
+    export_timm(tiny("postnorm").float(), tmp_path, "post")
+    x = images(32).float()
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model([x])[0]["final"].detach(), tmp_path / "ours.pt")
+    script = f"""
+import sys, torch, timm
+m = timm.create_model("local-dir:{tmp_path / 'pre'}", pretrained=True).eval()
+with torch.no_grad():
+    assert torch.equal(m(torch.load("{tmp_path / 'x.pt'}")), torch.load("{tmp_path / 'ours.pt'}"))
+assert timm.data.resolve_data_config({{}}, model=m)["input_size"] == (3, {IMG}, {IMG})
+try:
+    timm.create_model("local-dir:{tmp_path / 'post'}", pretrained=True)
+except RuntimeError as exc:
+    assert "Unknown model (vit_data2vec2_postnorm)" in str(exc), exc
+else:
+    raise AssertionError("timm built the post-norm export without scale_refiner")
+assert not any(name.startswith("scale_refiner") for name in sys.modules)
+print("ok")
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -602,10 +602,12 @@ def main(argv=None) -> int:
             first = n == 0 and seed == args.seeds[0]  # every protocol and the online encoder: the first run only
             if n == 0:  # the online encoder is what training optimises; the EMA is what the paper reports
                 encoders.append((f"{label} (online)", f"{sub}_online",
-                                 ["--weights", str(exports / "online.safetensors")],
+                                 ["--weights", str(exports / "online" / "model.safetensors")],
                                  args.protocols if first else args.seed_protocols))
-            if (exports / "ema.safetensors").is_file():
-                encoders.append((f"{label} (EMA)", f"{sub}_ema", ["--weights", str(exports / "ema.safetensors")],
+            # the exports are timm hub-layout directories; --weights names the weights file in one (hashed below)
+            if (exports / "ema" / "config.json").is_file():
+                encoders.append((f"{label} (EMA)", f"{sub}_ema",
+                                 ["--weights", str(exports / "ema" / "model.safetensors")],
                                  args.protocols if first else args.seed_protocols))
 
     results = {}

@@ -3,7 +3,7 @@
     python launch/evaluate.py --checkpoint runs/demo --out runs/demo/eval                      # EMA encoder
     python launch/evaluate.py --checkpoint runs/demo/checkpoints/refine-end --encoder online --out DIR
     python launch/evaluate.py --model vit_large_patch16 --weights mae_large.pth --out DIR
-    python launch/evaluate.py --weights runs/demo/export/ema.safetensors --out DIR            # an export
+    python launch/evaluate.py --weights runs/demo/export/ema --out DIR                        # an export directory
     torchrun --nproc_per_node 2 launch/evaluate.py --checkpoint runs/demo --out DIR            # extraction on 2 ranks
 
 Writes DIR/metrics.json, DIR/metrics.md, DIR/knn_per_block.png (and DIR/tsne.png with --tsne N).
@@ -30,7 +30,7 @@ def parse_args(argv):
     src = p.add_argument_group("what to evaluate (one of)")
     src.add_argument("--checkpoint", help="a refine run directory or one of its checkpoints/<tag> directories")
     src.add_argument("--model", help="registered ViT name (with --weights)")
-    src.add_argument("--weights", help="weights file (load_pretrained formats) or an export_timm .safetensors/.json")
+    src.add_argument("--weights", help="weights file (load_pretrained formats) or an export (its directory)")
     p.add_argument("--weights-format", default="auto", help="auto, mae, timm, maws, d2v2, native")
     p.add_argument("--encoder", default="ema", choices=("ema", "online"), help="with --checkpoint (default ema)")
     p.add_argument("--img-size", type=int, default=0,

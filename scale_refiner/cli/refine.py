@@ -43,11 +43,25 @@ def parse_args(argv):
     return parse_launched(parser, argv)
 
 
-def export(state, cfg, out_dir: Path, name: str):
+def export(state, cfg, out_dir: Path, name: str, results: dict):
+    """``export/<name>/`` in timm's hub layout, with a model card of the recipe, the data and the run's k-NN."""
     from scale_refiner.models.vit import vit_from_state
+    from scale_refiner.eval.card import run_card, run_data_config
     from scale_refiner.models.weights import export_timm
     export_timm(vit_from_state(cfg.model, state), out_dir / "export", name,
-                extra_config={"recipe": to_dict(cfg)})
+                extra_config={"encoder": name, "recipe": to_dict(cfg)}, data_config=run_data_config(cfg),
+                card=run_card(cfg, name, results))
+
+
+def refresh_card(cfg, out_dir: Path, name: str, results: dict) -> None:
+    """Rewrite ``export/<name>/README.md`` with ``results`` (the final k-NN, measured after the export)."""
+    from scale_refiner.atomic import atomic_write
+    from scale_refiner.eval.card import run_card
+    from scale_refiner.models.weights import HUB_CARD, HUB_CONFIG, model_card
+    export_dir = out_dir / "export" / name
+    config = json.loads((export_dir / HUB_CONFIG).read_text())
+    with atomic_write(export_dir / HUB_CARD, "w") as f:
+        f.write(model_card(config, run_card(cfg, name, results)))
 
 
 def end_encoder_states(point: Path):
@@ -212,9 +226,9 @@ def _run(argv) -> int:
     # they take seconds, the k-NN can take longer than a launcher's 30 s between SIGTERM and SIGKILL.
     online, ema_state = end_encoder_states(final_point)
     if ctx.is_main:
-        export(online, cfg, out_dir, "online")
+        export(online, cfg, out_dir, "online", results)
         if ema_state is not None:
-            export(ema_state, cfg, out_dir, "ema")
+            export(ema_state, cfg, out_dir, "ema", results)
     # A stop signal after training (agreed by the ranks before each k-NN) ends the run with status 75 and the
     # evaluations done so far in results.json; the same command with run.resume=auto evaluates again.
     control, stopped = RunControl(ctx), None
@@ -226,6 +240,9 @@ def _run(argv) -> int:
             break
         results[name] = knn_of_state(state, cfg, ctx.device, eval_data)
     if ctx.is_main:
+        for name in ("online", "ema") if eval_data is not None else ():
+            if (out_dir / "export" / name).is_dir():
+                refresh_card(cfg, out_dir, name, results)  # the cards written before the k-NN, now with it
         results["minutes"] = (time.time() - started) / 60
         if stopped:
             results["stopped"] = (f"{stopped} during the final evaluation: training and exports are complete; "

@@ -6,12 +6,16 @@ Run directories (``launch/refine.py``'s ``run.out_dir``)::
     config.json                         the run's full config (rebuilds the encoder)
     checkpoints/<tag>/model_state.pt    full refiner state (``encoder.*``), written at stage ends
     checkpoints/<tag>/ema.pt            EMA of the trainable encoder parameters (refine stage)
-    export/{ema,online}.safetensors     the final encoders, timm-loadable (+ .json)
+    export/{ema,online}/                the final encoders in timm's hub layout (config.json, model.safetensors,
+                                        README.md): timm.create_model("local-dir:<dir>", pretrained=True)
 
 ``--encoder ema`` is ``ema.pt`` laid over ``model_state.pt``'s encoder (frozen parameters and buffers come
 from the online state: they do not change); ``online`` is the encoder of ``model_state.pt``. For a run
 directory the checkpoint is ``checkpoints/latest`` if it holds ``model_state.pt``, else the newest stage end
 (``refine-end``, then ``heads-end``), else the run's exports.
+
+Exports written before the hub layout (``export/<name>.safetensors`` + ``export/<name>.json``) are still read,
+from a run directory and as ``--weights`` (``models.weights.find_export``).
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ import torch
 from scale_refiner.config import RefineConfig
 from scale_refiner.engine.checkpoint import CheckpointError, encoder_state
 from scale_refiner.models.vit import VisionTransformer, build_vit
-from scale_refiner.models.weights import WeightsError, check_state_dict, load_checkpoint_file, load_pretrained
+from scale_refiner.models.weights import (HUB_WEIGHTS, WeightsError, check_state_dict, find_export,
+                                          load_checkpoint_file, load_pretrained)
 
 class EvalInputError(ValueError):
     """Bad evaluation input (paths, checkpoint layout); the message names the file."""
@@ -100,13 +105,22 @@ def load_from_run(path, which: str = "ema") -> Tuple[VisionTransformer, RefineCo
         strict_load(model, encoder_state_from_checkpoint(ckpt, which), f"{ckpt} ({which})")
         source = {"kind": "checkpoint", "path": str(ckpt), "encoder": which}
     else:
-        export = run_dir / "export" / f"{which}.safetensors"
-        if not export.is_file():
-            raise EvalInputError(f"{run_dir} has no checkpoint with model_state.pt and no export {export}")
+        export = _run_export(run_dir, which)
+        if export is None:
+            raise EvalInputError(f"{run_dir} has no checkpoint with model_state.pt and no export "
+                                 f"{run_dir / 'export' / which}")
         load_pretrained(model, export, "native")
         source = {"kind": "export", "path": str(export), "encoder": which}
     source["config"] = str(config_path)
     return model.eval(), cfg, source
+
+
+def _run_export(run_dir: Path, which: str) -> Optional[Path]:
+    """The weights file of a run's ``which`` export: the hub layout's, else a legacy pair's, else None."""
+    for weights in (run_dir / "export" / which / HUB_WEIGHTS, run_dir / "export" / f"{which}.safetensors"):
+        if weights.is_file():
+            return weights
+    return None
 
 
 def vit_from_timm(timm_model) -> VisionTransformer:
@@ -140,25 +154,32 @@ def _stored_img_size(path: Path, patch_size: int) -> Optional[int]:
 
 def load_from_weights(name: Optional[str], weights, fmt: str = "auto",
                       img_size: Optional[int] = None) -> Tuple[VisionTransformer, RefineConfig, dict]:
-    """``name`` (registered ViT) + ``weights`` (a checkpoint ``load_pretrained`` reads), or ``name=None`` and
-    an ``export_timm`` pair (its .json or .safetensors). The image size is ``img_size`` or the resolution the
-    file's position embedding is stored at. Returns (encoder in eval mode, a config for the data, source)."""
+    """``name`` (registered ViT) + ``weights`` (a checkpoint ``load_pretrained`` reads, or an export's weights),
+    or ``name=None`` and an export (its directory or a file in it; a legacy pair's .json or .safetensors). The
+    image size is ``img_size`` or the resolution the file's position embedding is stored at. Returns (encoder in
+    eval mode, a config for the data, source)."""
     from scale_refiner.models.vit import resolve_model_dims
     from scale_refiner.models.weights import load_timm_export
 
     weights = Path(weights)
     cfg = RefineConfig()
-    export_json = weights.with_suffix(".json")
+    try:
+        export = find_export(weights)
+    except FileNotFoundError:
+        export = None
     if name is None:
-        if not export_json.is_file():
-            raise EvalInputError(f"--weights {weights} without --model must be an export_timm file (with "
-                                 f"{export_json.name} beside it); otherwise name the model with --model")
+        if export is None:
+            raise EvalInputError(f"--weights {weights} without --model must be an export (a directory with "
+                                 f"config.json and model.safetensors, or a legacy .safetensors with its .json "
+                                 f"beside it); otherwise name the model with --model")
         model = vit_from_timm(load_timm_export(weights))
-        source = {"kind": "timm_export", "path": str(weights)}
+        source = {"kind": "timm_export", "path": str(weights), "layout": export.layout}
         cfg.model.name = "export"
     else:
-        if weights.suffix == ".json":
-            weights = weights.with_suffix(".safetensors")
+        if export is not None:
+            weights = export.weights
+        elif weights.is_dir():
+            raise EvalInputError(f"weights {weights} is a directory but not an export (no config.json)")
         if not weights.is_file():
             raise EvalInputError(f"weights file {weights} does not exist")
         cfg.model.name = name

@@ -74,8 +74,8 @@ SAFETENSORS_SUFFIX = ".safetensors"
 # ('state_dict'), DeepSpeed ('module').
 WRAPPER_KEYS = ("model", "state_dict", "module")
 TIMM_ARCHITECTURE = "timm.models.vision_transformer:VisionTransformer"
-# load_timm_export imports the callables an export names; only these packages may be named, so a config file
-# cannot make it import arbitrary modules.
+# load_timm_export imports the callables a legacy export (<name>.json) names; only these packages may be named, so a
+# config file cannot make it import arbitrary modules.
 EXPORT_IMPORT_ROOTS = ("scale_refiner", "timm", "torch")
 
 
@@ -537,18 +537,209 @@ def load_pretrained(model: nn.Module, path: PathLike, fmt: str = "auto") -> dict
 
 
 # -------------------------------------------------------------------------------------------- export
-def _callable_path(value) -> str:
-    path = f"{value.__module__}:{value.__qualname__}"
-    if _resolve_callable(path, check_root=False) is not value:
-        raise ValueError(f"{value!r} cannot be written as an import path ({path} does not resolve to it)")
-    return path
+# An export is a directory in timm's hub layout, loadable with timm.create_model("local-dir:" + path,
+# pretrained=True): timm builds config.json's "architecture" with its "model_args", keeps its "pretrained_cfg"
+# (what timm.data.resolve_data_config returns) and loads model.safetensors strictly:
+#   config.json        architecture (a timm registry name), num_classes 0, num_features, global_pool, model_args
+#                      (every keyword that builds our layout), pretrained_cfg (the trained input size, mean, std,
+#                      interpolation, crop_pct) and, outside timm's keys, "scale_refiner" (what the caller adds)
+#   model.safetensors  the state dict, timm's key names (ours)
+#   README.md          the model card
+# The layout before it -- <name>.safetensors + <name>.json ({architecture, timm_kwargs, callable_kwargs,
+# extra_config}) side by side -- is still read by load_timm_export and eval/loading.py.
+HUB_CONFIG, HUB_WEIGHTS, HUB_CARD = "config.json", "model.safetensors", "README.md"
+# timm's registry has no data2vec 2.0 ViT: its post-norm block (x = norm1(x + attn(x))) is not timm's Block nor
+# ResPostBlock, and timm's VisionTransformer drops the patch-embedding bias under pre_norm=True. A block class
+# cannot be written into model_args (JSON), so the post-norm layout is registered with timm under this name when
+# this module is imported: plain timm refuses such an export ("Unknown model"), it never builds a wrong one.
+POSTNORM_ARCHITECTURE = "vit_data2vec2_postnorm"
+# timm names for the registered widths; model_args carries every dimension, so the name only picks timm's
+# VisionTransformer entry point and is chosen to read right where it can.
+_TIMM_WIDTH_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+_TIMM_FALLBACK = "vit_base_patch16_224"
 
 
-def _resolve_callable(path: str, check_root: bool = True):
+def _postnorm_vit(pretrained: bool = False, **kwargs):
+    """timm entry point of our post-norm (data2vec 2.0) ViT: timm's ``VisionTransformer`` with an embedding
+    LayerNorm, no final norm, ``PostNormBlock`` blocks and a patch embedding that keeps its bias."""
+    from timm.models import build_model_with_cfg
+    from timm.models.vision_transformer import VisionTransformer as TimmViT, checkpoint_filter_fn
+
+    from scale_refiner.models.vit import BiasedPatchEmbed, PostNormBlock
+    kwargs.update(pre_norm=True, final_norm=False, block_fn=PostNormBlock, embed_layer=BiasedPatchEmbed)
+    return build_model_with_cfg(TimmViT, POSTNORM_ARCHITECTURE, pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _register_postnorm() -> None:
+    from timm.models import is_model, register_model
+    if not is_model(POSTNORM_ARCHITECTURE):
+        _postnorm_vit.__name__ = POSTNORM_ARCHITECTURE  # register_model keys the registry by the function name
+        register_model(_postnorm_vit)
+
+
+_register_postnorm()
+
+
+def timm_architecture(model: nn.Module) -> str:
+    """The timm registry name a ``config.json`` gives for ``model``: ``POSTNORM_ARCHITECTURE`` for the post-norm
+    layout, else timm's ``vit_<width>_patch<p>_224`` where timm has one for this width and patch size (its
+    ``model_args`` are overridden by ours in full), else ``vit_base_patch16_224``."""
+    from timm.models import is_model
+    if getattr(model, "arch", "prenorm") == "postnorm":
+        return POSTNORM_ARCHITECTURE
+    width = _TIMM_WIDTH_NAMES.get(model.embed_dim)
+    name = f"vit_{width}_patch{model.patch_size}_224" if width else _TIMM_FALLBACK
+    return name if is_model(name) else _TIMM_FALLBACK
+
+
+def default_data_config(model: nn.Module) -> dict:
+    """The preprocessing of an export whose caller names none: RGB at the model's resolution, shorter side resized
+    bicubically to it and centre-cropped (crop_pct 1), ImageNet mean / std -- what every training and evaluation
+    pipeline of this repository applies (``scale_refiner.data.augment``; models may not import data, so the values
+    are timm's ImageNet constants here, and a test holds the two equal). A refine run passes its own
+    (``scale_refiner.eval.card.run_data_config``)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    size = int(model.img_size)
+    return {"input_size": [model.patch_embed.proj.in_channels, size, size], "interpolation": "bicubic",
+            "crop_pct": 1.0, "crop_mode": "center", "mean": list(IMAGENET_DEFAULT_MEAN),
+            "std": list(IMAGENET_DEFAULT_STD)}
+
+
+def hub_config(model: nn.Module, data_config: Optional[dict] = None, extra_config: Optional[dict] = None) -> dict:
+    """The ``config.json`` of ``model`` in timm's hub layout (see the section comment). ``data_config``: keys of
+    timm's ``PretrainedCfg`` (input_size, mean, std, interpolation, crop_pct, crop_mode) over
+    ``default_data_config(model)``; ``extra_config`` goes under ``"scale_refiner"``."""
+    from timm.models import PretrainedCfg
+
+    kwargs = model.timm_kwargs()
+    model_args = {k: v for k, v in kwargs.items() if not (inspect.isclass(v) or inspect.isfunction(v))}
+    if model.arch == "postnorm":  # the registered entry point sets these itself
+        for key in ("pre_norm", "final_norm"):
+            model_args.pop(key, None)
+    left = sorted(set(kwargs) - set(model_args) - {"pre_norm", "final_norm", "block_fn", "embed_layer"})
+    if left:
+        raise ValueError(f"timm keyword arguments that config.json cannot carry: {left}")
+    data = default_data_config(model)
+    data.update(data_config or {})
+    unknown = sorted(set(data) - set(PretrainedCfg.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"data_config keys that timm's pretrained_cfg does not know: {unknown}")
+    architecture = timm_architecture(model)
+    pretrained_cfg = dict(architecture=architecture, fixed_input_size=True, num_classes=0,
+                          first_conv="patch_embed.proj", classifier="head", **data)
+    pretrained_cfg["input_size"] = list(pretrained_cfg["input_size"])
+    if pretrained_cfg["input_size"][1:] != [model.img_size, model.img_size]:
+        raise ValueError(f"input_size {pretrained_cfg['input_size']} is not the model's resolution "
+                         f"{model.img_size}: timm's ViT takes its stored resolution only")
+    config = {"architecture": architecture, "num_classes": 0, "num_features": model.embed_dim,
+              "global_pool": kwargs.get("global_pool", "token"), "model_args": model_args,
+              "pretrained_cfg": pretrained_cfg}
+    if extra_config:
+        config["scale_refiner"] = dict(extra_config)
+    return config
+
+
+def _fmt_accuracy(value) -> str:
+    return f"{100 * value:.1f} %" if isinstance(value, (int, float)) else str(value)
+
+
+def model_card(config: dict, card: Optional[dict] = None) -> str:
+    """The ``README.md`` of an export, generated from its ``config.json`` and ``card``: ``title``, ``encoder``
+    (which encoder of the run, e.g. ``EMA encoder``), ``recipe`` ({label: value}), ``data`` ({label: value}, the
+    data set's name and size), ``knn`` ({encoder: {k: accuracy}}, accuracies in [0, 1]) and ``knn_note`` (how it
+    was measured), ``notes`` (lines)."""
+    card = dict(card or {})
+    args, data = config["model_args"], config["pretrained_cfg"]
+    post = config["architecture"] == POSTNORM_ARCHITECTURE
+    title = card.get("title", "MIM-Refiner ViT encoder")
+    lines = ["---", "library_name: timm", "tags:", "- image-feature-extraction", "- timm", "- mim-refiner", "---",
+             "", f"# {title}", ""]
+    what = (f"A Vision Transformer ({'post-norm, data2vec 2.0' if post else 'pre-norm, MAE'} layout) refined with "
+            f"MIM-Refiner by scale_refiner")
+    encoder = card.get("encoder")
+    lines.append(what + (f": the {encoder} of the run." if encoder else "."))
+    lines += ["It is a feature extractor (no classifier, `num_classes=0`); the output is the CLS token after the "
+              + ("last block." if post else "final norm."), ""]
+    lines += ["| | |", "|---|---|",
+              f"| timm architecture | `{config['architecture']}` |",
+              f"| patch size / width / depth / heads | {args['patch_size']} / {args['embed_dim']} / "
+              f"{args['depth']} / {args['num_heads']} |",
+              f"| MLP ratio | {args['mlp_ratio']:g} |",
+              f"| resolution | {args['img_size']} px, {args['in_chans']} channels |", ""]
+    recipe = card.get("recipe")
+    if recipe:
+        lines += ["## Recipe", "", "| | |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in recipe.items()]
+        lines.append("")
+    dataset = card.get("data")
+    if dataset:
+        lines += ["## Data", "", "| | |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in dataset.items()]
+        lines.append("")
+    knn = card.get("knn")
+    lines += ["## k-NN accuracy", ""]
+    if knn:
+        ks = sorted({k for acc in knn.values() for k in acc}, key=lambda k: int(k) if str(k).isdigit() else k)
+        lines += ["| encoder | " + " | ".join(f"k-NN@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(_fmt_accuracy(acc.get(k, "")) for k in ks) + " |"
+                  for name, acc in knn.items()]
+        lines += ["", card.get("knn_note", "Top-1 accuracy of a k-NN classifier on the CLS token.")]
+    else:
+        lines.append("Not measured for this export.")
+    lines += ["", "## Loading", "", "```python", "import timm"]
+    if post:
+        lines.append("import scale_refiner.models.weights  # registers the post-norm architecture with timm")
+    lines += ['model = timm.create_model("local-dir:PATH/TO/THIS/DIRECTORY", pretrained=True).eval()',
+              "data_config = timm.data.resolve_data_config({}, model=model)",
+              "transform = timm.data.create_transform(**data_config)",
+              "features = model(transform(image).unsqueeze(0))  # (1, width): the CLS token", "```", ""]
+    if post:
+        lines += ["timm alone has no data2vec 2.0 post-norm block; without the import above it refuses the "
+                  "architecture name.", ""]
+    lines += ["## Preprocessing", "",
+              f"RGB, {data['input_size'][1]}x{data['input_size'][2]} px: shorter side resized to "
+              f"{round(data['input_size'][1] / data['crop_pct'])} px ({data['interpolation']}), centre crop "
+              f"(crop_pct {data['crop_pct']:g}), scaled to [0, 1], normalised with mean "
+              f"{tuple(round(m, 4) for m in data['mean'])} and std {tuple(round(s, 4) for s in data['std'])}. "
+              "`resolve_data_config` returns exactly this.", ""]
+    for note in card.get("notes", ()):
+        lines.append(note)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def export_timm(model: nn.Module, out_dir: PathLike, name: str, extra_config: Optional[dict] = None, *,
+                data_config: Optional[dict] = None, card: Optional[dict] = None) -> Tuple[Path, Path]:
+    """Write the export ``<out_dir>/<name>/`` in timm's hub layout: ``model.safetensors`` (the state dict,
+    contiguous CPU tensors), ``README.md`` (``model_card(config, card)``) and ``config.json``
+    (``hub_config(model, data_config, extra_config)``). Each file is written atomically; config.json goes last,
+    so its presence means the export is complete. Returns (weights path, config path)."""
+    export_dir = Path(out_dir) / name
+    # a diverged run's weights are not a result: refuse them before anything is written
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        raise ValueError(f"export {name}: non-finite values in {bad}; nothing written")
+    config = hub_config(model, data_config, extra_config)
+    text = json.dumps(config, indent=2)  # fails here, before any file is written
+    readme = model_card(config, card)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights_path, config_path = export_dir / HUB_WEIGHTS, export_dir / HUB_CONFIG
+    with atomic_path(weights_path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_write(export_dir / HUB_CARD, "w") as f:
+        f.write(readme)
+    with atomic_write(config_path, "w") as f:
+        f.write(text + "\n")
+    return weights_path, config_path
+
+
+def _resolve_callable(path: str):
+    """A legacy export's ``"module:qualname"`` kwarg, imported only from ``EXPORT_IMPORT_ROOTS``."""
     module_name, _, qualname = path.partition(":")
     if not module_name or not qualname:
         raise WeightsError(f"{path!r} is not a 'module:qualname' import path")
-    if check_root and module_name.split(".")[0] not in EXPORT_IMPORT_ROOTS:
+    if module_name.split(".")[0] not in EXPORT_IMPORT_ROOTS:
         raise WeightsError(f"refusing to import {module_name!r} for {path!r}: exports may only name callables "
                            f"from {', '.join(EXPORT_IMPORT_ROOTS)}")
     try:
@@ -560,56 +751,34 @@ def _resolve_callable(path: str, check_root: bool = True):
     return obj
 
 
-def export_timm(model: nn.Module, out_dir: PathLike, name: str,
-                extra_config: Optional[dict] = None) -> Tuple[Path, Path]:
-    """Write ``<out_dir>/<name>.safetensors`` (the state dict, contiguous CPU tensors) and
-    ``<out_dir>/<name>.json`` (``model.timm_kwargs()`` with callables as ``"module:qualname"`` strings, named
-    in ``callable_kwargs``, plus ``extra_config``). Each file is written atomically; the json goes last, so its
-    presence means the weights are complete. Returns both paths."""
-    out_dir = Path(out_dir)
-    # a diverged run's weights are not a result: refuse them before anything is written
-    bad = nonfinite_tensors(model.state_dict())
-    if bad:
-        raise ValueError(f"export {name}: non-finite values in {bad}; nothing written")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    kwargs, callables = {}, []
-    for key, value in model.timm_kwargs().items():
-        if inspect.isclass(value) or inspect.isfunction(value):
-            kwargs[key] = _callable_path(value)
-            callables.append(key)
-        else:
-            kwargs[key] = value
-    config = {"architecture": TIMM_ARCHITECTURE, "timm_kwargs": kwargs, "callable_kwargs": callables,
-              "extra_config": dict(extra_config or {})}
-    text = json.dumps(config, indent=2, sort_keys=True)  # fails here, before any file is written
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    weights_path, config_path = out_dir / f"{name}.safetensors", out_dir / f"{name}.json"
-    with atomic_path(weights_path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    with atomic_write(config_path, "w") as f:
-        f.write(text + "\n")
-    return weights_path, config_path
+class ExportFiles(NamedTuple):
+    """Where an export's files are: ``layout`` ``'hub'`` (a directory) or ``'legacy'`` (a file pair)."""
+
+    layout: str
+    config: Path
+    weights: Path
 
 
-def load_timm_export(path: PathLike) -> nn.Module:
-    """Rebuild the timm ``VisionTransformer`` of an ``export_timm`` pair (``path``: its .json or .safetensors)
-    and load the weights with ``strict=True``; the model takes the weights' dtype when they share one."""
+def find_export(path: PathLike) -> ExportFiles:
+    """The export ``path`` names: a hub-layout directory or any file in it, or one file of a legacy
+    ``<name>.safetensors`` + ``<name>.json`` pair. Raises ``FileNotFoundError`` when it is neither."""
     path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    if (path.is_dir() or path.name in (HUB_CONFIG, HUB_WEIGHTS, HUB_CARD)) and (directory / HUB_CONFIG).is_file():
+        weights = directory / HUB_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"export file not found: {weights}")
+        return ExportFiles("hub", directory / HUB_CONFIG, weights)
+    if path.is_dir():
+        raise FileNotFoundError(f"export file not found: {path / HUB_CONFIG} ({path} is not an export directory)")
     config_path, weights_path = path.with_suffix(".json"), path.with_suffix(SAFETENSORS_SUFFIX)
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"export file not found: {p}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        architecture, kwargs = config["architecture"], dict(config["timm_kwargs"])
-        callables = config.get("callable_kwargs", [])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise WeightsError(f"{config_path} is not an export_timm config: {exc!r}") from exc
-    if architecture != TIMM_ARCHITECTURE:
-        raise WeightsError(f"{config_path}: architecture {architecture!r}, expected {TIMM_ARCHITECTURE!r}")
-    for key in callables:
-        kwargs[key] = _resolve_callable(kwargs[key])
-    model = _resolve_callable(architecture)(**kwargs)
+    return ExportFiles("legacy", config_path, weights_path)
+
+
+def _load_exported_state(model: nn.Module, weights_path: Path, config_path: Path) -> nn.Module:
     state = load_checkpoint_file(weights_path)
     float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(float_dtypes) == 1:
@@ -620,3 +789,34 @@ def load_timm_export(path: PathLike) -> nn.Module:
     except RuntimeError as exc:
         raise WeightsError(f"{weights_path} does not fit the model of {config_path}: {exc}") from exc
     return model
+
+
+def load_timm_export(path: PathLike) -> nn.Module:
+    """Rebuild the timm ``VisionTransformer`` of an export (``path``: its directory or a file in it, or either
+    file of a legacy pair) and load the weights with ``strict=True``; the model takes the weights' dtype when they
+    share one. A hub-layout export is built by ``timm.create_model("local-dir:...")`` (so it carries timm's
+    ``pretrained_cfg``: the trained preprocessing) and given the weights here."""
+    files = find_export(path)
+    if files.layout == "hub":
+        import timm
+        try:
+            config = json.loads(files.config.read_text(encoding="utf-8"))
+            architecture = config["architecture"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WeightsError(f"{files.config} is not a timm hub config: {exc!r}") from exc
+        if not timm.is_model(architecture):
+            raise WeightsError(f"{files.config}: timm has no architecture {architecture!r}")
+        model = timm.create_model(f"local-dir:{files.config.parent}", pretrained=False)
+        return _load_exported_state(model, files.weights, files.config)
+    try:
+        config = json.loads(files.config.read_text(encoding="utf-8"))
+        architecture, kwargs = config["architecture"], dict(config["timm_kwargs"])
+        callables = config.get("callable_kwargs", [])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"{files.config} is not an export_timm config: {exc!r}") from exc
+    if architecture != TIMM_ARCHITECTURE:
+        raise WeightsError(f"{files.config}: architecture {architecture!r}, expected {TIMM_ARCHITECTURE!r}")
+    for key in callables:
+        kwargs[key] = _resolve_callable(kwargs[key])
+    model = _resolve_callable(architecture)(**kwargs)
+    return _load_exported_state(model, files.weights, files.config)
