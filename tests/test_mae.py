@@ -271,3 +271,16 @@ def test_periodic_knn_is_logged_and_leaves_the_weights_unchanged(tmp_path):
     events = EventAccumulator(str(next((tmp_path / "knn" / "tensorboard").iterdir()).parent))
     events.Reload()
     assert "mae/knn_top1_k20" in events.Tags()["scalars"]
+
+
+def test_keys_added_later_leave_a_recipe_unchanged_at_their_old_behaviour():
+    """A weights file recorded before a key existed keeps matching while the key holds the value that does what
+    runs did then; another value is another recipe."""
+    from scale_refiner.cli.pretrain_mae import RECIPE_KEYS_ADDED, recipe_of
+    from scale_refiner.config import PretrainConfig, load_config
+    cfg = load_config(ROOT / "configs/demo_mae.yaml", [], schema_class=PretrainConfig)
+    recipe = recipe_of(cfg)
+    for (group, key), _ in RECIPE_KEYS_ADDED.items():
+        assert key not in recipe[group]
+    other = load_config(ROOT / "configs/demo_mae.yaml", ["engine.optimizer_impl=fused"], schema_class=PretrainConfig)
+    assert recipe_of(other)["engine"]["optimizer_impl"] == "fused" and recipe_of(other) != recipe

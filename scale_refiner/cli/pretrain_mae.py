@@ -61,9 +61,19 @@ def mae_inputs(batch, device, stage, step, micro=0):
     return (to_device_async(batch["global"], device),), {"step": step, "micro": micro}
 
 
+# Keys added after weights files were recorded (the shipped MAE's included), with the value that does what every
+# run before them did: at that value a key is left out of the recipe, so those files keep matching; any other
+# value is part of the recipe. A key added later joins this list with its behaviour-preserving default.
+RECIPE_KEYS_ADDED = {("model", "residual_dtype"): "compute", ("model", "float8"): False,
+                     ("engine", "optimizer_impl"): "auto", ("data", "max_skipped_fraction"): 0.01}
+
+
 def recipe_of(cfg: PretrainConfig) -> dict:
     """The recipe a weights file is reused for: everything but where and how often the run logs."""
     recipe = to_dict(cfg)
+    for (group, key), unchanged in RECIPE_KEYS_ADDED.items():
+        if recipe.get(group, {}).get(key, unchanged) == unchanged:
+            recipe.get(group, {}).pop(key, None)
     for key in ("out_dir", "log_every", "save_every", "resume", "keep_checkpoints", "knn_every", "stop_after",
                 "verify_checkpoint", "stop_signals", "control_every", "save_every_minutes", "timeout_minutes",
                 "resume_allow_changes", "lock"):
