@@ -11,4 +11,4 @@ validate: env
 	.venv/bin/python launch/demo.py --validate
 
 test: env
-	.venv/bin/python -m pytest tests -q
+	.venv/bin/python -m pytest tests -q --durations=30
