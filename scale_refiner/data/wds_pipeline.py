@@ -49,6 +49,7 @@ class LostSamples:
     count: int
     why: str
 
+
 def decode_image(data: bytes) -> torch.Tensor:
     """Image bytes -> uint8 [C, H, W], C in (1, 3): 8-bit L/RGB as they are, 16-bit greyscale scaled to 8 bits,
     CMYK / palette / alpha converted to RGB."""

@@ -79,18 +79,24 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-def adamw_kernel(impl: str, device: torch.device) -> Dict[str, bool]:
-    """torch.optim.AdamW's kernel switches for ``engine.optimizer_impl``. ``auto`` is the fused kernel on a GPU
-    (a few launches per group instead of several per tensor: on one H200 the step of a ViT-2B on FSDP2, a
-    foreach AdamW over DTensor shards plus a clip pass, took 67 ms) and torch's own choice elsewhere: the CPU recipes, their
-    tests and the documented demo figures were measured with it, and the fused CPU kernel, while equal within
-    rounding, is not bit-identical to it. The fused kernel works on every engine's fp32 storage: plain tensors
-    (single), FSDP2's DTensor shards (its sharding rule is the elementwise one) and ZeRO's flat fp32 partitions,
-    so DeepSpeed needs no JIT-built FusedAdam of its own."""
+def resolve_optimizer_impl(impl: str, on_gpu: bool) -> str:
+    """``engine.optimizer_impl`` as it runs: ``auto`` is the fused kernel on a GPU (a few launches per group
+    instead of several per tensor: on one H200 the step of a ViT-2B on FSDP2, a foreach AdamW over DTensor shards
+    plus a clip pass, took 67 ms) and torch's own choice elsewhere (``default``, the per-tensor loop on the CPU):
+    the CPU recipes, their tests and the documented demo figures were measured with it, and the fused CPU kernel,
+    while equal within rounding, is not bit-identical to it. The engines and the planner's memory model both
+    ask this."""
     if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "default"
+        return "fused" if on_gpu else "default"
+    return impl
+
+
+def adamw_kernel(impl: str, device: torch.device) -> Dict[str, bool]:
+    """torch.optim.AdamW's kernel switches for ``engine.optimizer_impl``. The fused kernel works on every
+    engine's fp32 storage: plain tensors (single), FSDP2's DTensor shards (its sharding rule is the elementwise
+    one) and ZeRO's flat fp32 partitions, so DeepSpeed needs no JIT-built FusedAdam of its own."""
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False},
-            "default": {}}[impl]
+            "default": {}}[resolve_optimizer_impl(impl, device.type == "cuda")]
 
 
 def adamw(groups: List[Dict], betas, device: torch.device, impl: str = "auto") -> torch.optim.AdamW:

@@ -38,15 +38,13 @@ from scale_refiner.partition import fill_partition, is_partitioned, partition_ra
 log = logging.getLogger("scale_refiner")
 
 
+def optimizer_offload_device(ds_config: dict) -> str:
+    """``zero_optimization.offload_optimizer.device`` of the JSON (``none`` when unset)."""
+    return ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+
+
 def offloads_optimizer(ds_config: dict) -> bool:
-    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return device in ("cpu", "nvme")
-
-
-def offloaded_key(ds_config: dict) -> str:
-    """The JSON key that offloads the optimiser, with its value, for messages."""
-    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return f"zero_optimization.offload_optimizer.device={device}"
+    return optimizer_offload_device(ds_config) in ("cpu", "nvme")
 
 
 def load_ds_config(path: str | Path) -> dict:
@@ -196,14 +194,14 @@ class ZeroEngine(Engine):
         if raised is not None and ctx.is_main:
             log.info("zero_optimization.stage3_prefetch_bucket_size raised from %s to %d elements, the largest "
                      "block of this model, so that the next block is prefetched whole", raised[0], raised[1])
-        self.ds_config = config  # what DeepSpeed was given
         # Plain lists of tensors and scalars only: ZeRO rebuilds its own groups from these.
         plain_groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
         if offloads_optimizer(config):
             if optimizer_impl != "auto":
                 from scale_refiner.config import ConfigError
                 raise ConfigError(f"config key 'engine.optimizer_impl': {optimizer_impl} with an offloaded optimiser "
-                                  f"({offloaded_key(config)}); ZeRO-Offload steps with DeepSpeed's CPU Adam "
+                                  f"(zero_optimization.offload_optimizer.device="
+                                  f"{optimizer_offload_device(config)}); ZeRO-Offload steps with DeepSpeed's CPU Adam "
                                   f"only: use auto")
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             optimizer = DeepSpeedCPUAdam(plain_groups, lr=0.0, betas=tuple(betas), adamw_mode=True)

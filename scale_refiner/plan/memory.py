@@ -70,6 +70,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Tuple
 
+from scale_refiner.engine.optim import resolve_optimizer_impl
 from scale_refiner.models.vit import checkpointing_plan
 from scale_refiner.plan.counts import ModelCounts
 from scale_refiner.plan.settings import Setting
@@ -200,13 +201,12 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     policy, checkpointed = checkpointing_plan(setting.checkpointing, trained_blocks)
     reduce_bytes = 4 if (c == 4 or cfg.engine.reduce_dtype == "fp32") else 2
     block = counts.block_params
-    # engine.optimizer_impl as the engines resolve it (engine/optim.py): fused on a GPU unless set otherwise
-    kernel = setting.optimizer_impl if setting.optimizer_impl != "auto" else ("fused" if on_gpu else "loop")
+    kernel = resolve_optimizer_impl(setting.optimizer_impl, on_gpu)  # as the engines resolve it
 
     def step_temporaries(moments: float, largest: float) -> float:
         """What AdamW allocates for itself: nothing fused; foreach, a square-root temporary of every moment
-        (``moments`` bytes of this rank's second moments); the per-tensor loop, about two temporaries of the
-        largest tensor it steps (``largest`` bytes)."""
+        (``moments`` bytes of this rank's second moments); the per-tensor loop (``loop``, or torch's default on
+        the CPU), about two temporaries of the largest tensor it steps (``largest`` bytes)."""
         return {"fused": 0.0, "foreach": moments}.get(kernel, 2 * largest)
 
     st: Dict[str, float] = {}
@@ -280,7 +280,7 @@ def predict_memory(cfg, counts: ModelCounts, setting: Setting, world: int, micro
     st["input micro-batch (fp32 crops)"] = B * crops.pixel_bytes
 
     # ------------------------------------------------------------------------------------ activations
-    a = residual_bytes(c, getattr(cfg.model, "residual_dtype", "compute"))
+    a = residual_bytes(c, cfg.model.residual_dtype)
     saved_block = B * S * block_saved_per_token(c, d, h, r, a)
     residual = B * S * a * d
     selective_saved = B * S * block_selective_saved_per_token(c, d, h, r, a)
