@@ -503,7 +503,7 @@ def _validate_hybrid(cfg, world_size: Optional[int]) -> None:
     if world_size is not None and world_size % replicate:
         _fail("engine.fsdp_replicate", f"{replicate} replica groups do not divide the world size {world_size}: "
                                        f"use the number of nodes, each with the same number of ranks")
-    if getattr(cfg.model, "residual_dtype", "compute") == "fp32" and cfg.engine.kind != "single":
+    if cfg.model.residual_dtype == "fp32" and cfg.engine.kind != "single":
         _fail("model.residual_dtype", f"fp32 needs engine.kind=single (engine.kind is {cfg.engine.kind}: its bf16 "
                                       f"parameters keep the stream in bf16; their LayerNorms take no fp32 input)")
     if cfg.engine.replicate_frozen and cfg.engine.kind == "single":

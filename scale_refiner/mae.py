@@ -128,7 +128,7 @@ class MAEPretrainer(nn.Module):
         mask[:, :keep] = 0
         mask = torch.gather(mask, 1, restore)
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(batch, -1, -1)
-        x = enc.norm_pre(torch.cat([cls, kept], dim=1))
+        x = enc.norm_pre(enc.residual_cast(torch.cat([cls, kept], dim=1)))  # model.residual_dtype, as embed
         for block in enc.blocks:
             x = block(x)  # each block checkpoints itself as model.checkpointing says (models/vit.py)
         return enc.norm(x), mask, restore

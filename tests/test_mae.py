@@ -284,3 +284,22 @@ def test_keys_added_later_leave_a_recipe_unchanged_at_their_old_behaviour():
         assert key not in recipe[group]
     other = load_config(ROOT / "configs/demo_mae.yaml", ["engine.optimizer_impl=fused"], schema_class=PretrainConfig)
     assert recipe_of(other)["engine"]["optimizer_impl"] == "fused" and recipe_of(other) != recipe
+
+
+@pytest.mark.parametrize("residual", ["compute", "fp32"])
+def test_mae_encoder_carries_the_configured_residual_stream_under_bf16(residual):
+    """MAE's visible-patch encoding follows model.residual_dtype as the refiner's embed does: bf16 between blocks
+    under bf16 autocast with fp32 weights (the single engine), fp32 when asked."""
+    from scale_refiner.mae import build_mae
+    cfg = load_config(ROOT / "configs/demo_mae.yaml", TINY + [f"model.residual_dtype={residual}"],
+                      schema_class=PretrainConfig)
+    model = build_mae(cfg)
+    seen = set()
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.update({str(args[0].dtype), str(out.dtype)}))
+             for b in model.encoder.blocks]
+    images = torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.encode_visible(images, torch.rand(2, 16))
+    for hook in hooks:
+        hook.remove()
+    assert seen == {"torch.bfloat16" if residual == "compute" else "torch.float32"}

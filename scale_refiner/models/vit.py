@@ -309,9 +309,9 @@ class VisionTransformer(nn.Module):
                                          num_prefix_tokens=1, interpolation="bicubic", antialias=False)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls + pos[:, :1], x + pos[:, 1:]], dim=1)
-        return self.norm_pre(self._residual_cast(x))
+        return self.norm_pre(self.residual_cast(x))
 
-    def _residual_cast(self, x: torch.Tensor) -> torch.Tensor:
+    def residual_cast(self, x: torch.Tensor) -> torch.Tensor:
         """The stream in ``residual_dtype`` under autocast: ``compute``, autocast's dtype (where the weights are
         fp32, the single engine, the position embedding's add would otherwise promote the whole stream to fp32:
         twice the bytes of every saved block input and residual add); ``fp32``, fp32 whatever the weights."""
